@@ -1,0 +1,1 @@
+"""Target models behind the (logits, aux, cache) protocol."""

@@ -1,0 +1,184 @@
+"""Llama-family target as pure functions: parameter table, static KV cache, forward with EAGLE-3 aux taps."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from eagle3_jax import layers
+from eagle3_jax.config import LlamaConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+  """One row of the parameter table: drives init, sharding, checkpoint I/O and eval_shape tests."""
+
+  shape: tuple[int, ...]
+  axes: tuple[str | None, ...]  # logical axis names, see sharding.DEFAULT_RULES
+  init: str = "normal"  # "normal" (std 0.02), "ones", "zeros"
+
+
+def param_specs(cfg: LlamaConfig) -> dict[str, Any]:
+  """The target's parameter table. Layers are a list (unrolled loop: no per-layer weight copies on CPU)."""
+  D, F, N, K, H, V = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
+                      cfg.head_dim, cfg.vocab_size)
+  layer = {
+      "attn_norm": ParamSpec((D,), ("norm",), "ones"),
+      "wq": ParamSpec((D, N, H), ("embed", "heads", "head_dim")),
+      "wk": ParamSpec((D, K, H), ("embed", "kv_heads", "head_dim")),
+      "wv": ParamSpec((D, K, H), ("embed", "kv_heads", "head_dim")),
+      "wo": ParamSpec((N, H, D), ("heads", "head_dim", "embed")),
+      "mlp_norm": ParamSpec((D,), ("norm",), "ones"),
+      "w_gate": ParamSpec((D, F), ("embed", "mlp")),
+      "w_up": ParamSpec((D, F), ("embed", "mlp")),
+      "w_down": ParamSpec((F, D), ("mlp", "embed")),
+  }
+  if cfg.attention_bias:
+    layer |= {"bq": ParamSpec((N, H), ("heads", "head_dim"), "zeros"),
+              "bk": ParamSpec((K, H), ("kv_heads", "head_dim"), "zeros"),
+              "bv": ParamSpec((K, H), ("kv_heads", "head_dim"), "zeros")}
+  if cfg.qk_norm:
+    layer |= {"q_norm": ParamSpec((H,), ("norm",), "ones"), "k_norm": ParamSpec((H,), ("norm",), "ones")}
+  specs = {
+      "embed": ParamSpec((V, D), ("vocab", "embed")),
+      "layers": [dict(layer) for _ in range(cfg.num_layers)],
+      "final_norm": ParamSpec((D,), ("norm",), "ones"),
+  }
+  if not cfg.tie_word_embeddings:
+    specs["lm_head"] = ParamSpec((D, V), ("embed", "vocab"))
+  return specs
+
+
+def _is_spec(x) -> bool:
+  return isinstance(x, ParamSpec)
+
+
+def param_axes(cfg: LlamaConfig) -> Any:
+  return jax.tree.map(lambda s: s.axes, param_specs(cfg), is_leaf=_is_spec)
+
+
+def abstract_params(cfg: LlamaConfig, dtype=jnp.float32) -> Any:
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), param_specs(cfg), is_leaf=_is_spec)
+
+
+def init_params(cfg: LlamaConfig, key: jax.Array, dtype=jnp.float32) -> Any:
+  """Random weights (std 0.02, norms at one); jit it with out_shardings to create them already sharded."""
+  specs, treedef = jax.tree.flatten(param_specs(cfg), is_leaf=_is_spec)
+  keys = jax.random.split(key, len(specs))
+  make: dict[str, Callable] = {
+      "normal": lambda k, s: 0.02 * jax.random.normal(k, s.shape, dtype),
+      "ones": lambda k, s: jnp.ones(s.shape, dtype),
+      "zeros": lambda k, s: jnp.zeros(s.shape, dtype),
+  }
+  return jax.tree.unflatten(treedef, [make[s.init](k, s) for k, s in zip(keys, specs)])
+
+
+def count_params(params_or_abstract: Any) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params_or_abstract))
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Static-shape KV cache: one [B,S,K,H] array per layer; `lengths[b]` = committed tokens of row b.
+
+  New tokens are always written at slots lengths[b] + t; forward never moves `lengths` (the caller commits).
+  Slot index == position for committed tokens, so masks can be built from slot indices alone.
+  """
+
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
+  lengths: jax.Array  # int32[B]
+
+  @property
+  def max_len(self) -> int:
+    return self.k[0].shape[1]
+
+
+def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+  shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+  return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+                 lengths=jnp.zeros((batch,), jnp.int32))
+
+
+def cache_axes(cfg: LlamaConfig) -> KVCache:
+  ax = ("batch", "cache_seq", "kv_heads", "head_dim")
+  return KVCache(k=(ax,) * cfg.num_layers, v=(ax,) * cfg.num_layers, lengths=("batch",))
+
+
+def write_rows(buf_BSKH: jax.Array, new_BTKH: jax.Array, starts_B: jax.Array) -> jax.Array:
+  """Writes new_BTKH[b] at slots starts[b].. of row b (in place when the buffer is donated)."""
+  return jax.vmap(lambda buf, new, s: jax.lax.dynamic_update_slice(buf, new, (s, 0, 0)))(
+      buf_BSKH, new_BTKH.astype(buf_BSKH.dtype), starts_B)
+
+
+def _attention_block(cfg: LlamaConfig, p: dict, x_BTD: jax.Array, positions_BT: jax.Array,
+                     kv: tuple[jax.Array, jax.Array] | None, starts_B: jax.Array | None,
+                     mask: jax.Array, inv_freq: np.ndarray):
+  q = jnp.einsum("BTD,DNH->BTNH", x_BTD, p["wq"])
+  k = jnp.einsum("BTD,DKH->BTKH", x_BTD, p["wk"])
+  v = jnp.einsum("BTD,DKH->BTKH", x_BTD, p["wv"])
+  if cfg.attention_bias:
+    q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
+  if cfg.qk_norm:
+    q = layers.rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
+    k = layers.rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
+  q = layers.apply_rope(q, positions_BT, inv_freq)
+  k = layers.apply_rope(k, positions_BT, inv_freq)
+  if kv is not None:
+    k_cache, v_cache = write_rows(kv[0], k, starts_B), write_rows(kv[1], v, starts_B)
+    out = layers.attention(q, k_cache, v_cache, mask)
+    kv = (k_cache, v_cache)
+  else:
+    out = layers.attention(q, k, v, mask)
+  return jnp.einsum("BTNH,NHD->BTD", out, p["wo"]), kv
+
+
+def forward_hidden(params: Any, tokens_BT: jax.Array, positions_BT: jax.Array, cache: KVCache | None,
+                   mask: jax.Array, *, cfg: LlamaConfig) -> tuple[jax.Array, jax.Array, KVCache | None]:
+  """Runs the decoder stack. Returns (final-normed hidden [B,T,D], aux [B,T,len(aux)*D], cache).
+
+  mask is [B,T,S] boolean: S = cache.max_len with a cache (new K/V go to slots cache.lengths[b] + t),
+  or S = T without one. Aux = residual stream entering each of cfg.aux_layer_ids, concatenated in that order.
+  """
+  inv_freq = layers.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+  x = jnp.take(params["embed"], tokens_BT, axis=0)
+  aux_ids = cfg.aux_layer_ids
+  taps: dict[int, jax.Array] = {}
+  new_k, new_v = [], []
+  for i, p in enumerate(params["layers"]):
+    if i in aux_ids:
+      taps[i] = x
+    with jax.named_scope(f"layer_{i}"):
+      kv = None if cache is None else (cache.k[i], cache.v[i])
+      starts = None if cache is None else cache.lengths
+      h, kv = _attention_block(cfg, p, layers.rms_norm(x, p["attn_norm"], cfg.rms_norm_eps),
+                               positions_BT, kv, starts, mask, inv_freq)
+      x = x + h
+      x = x + layers.swiglu(layers.rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps),
+                            p["w_gate"], p["w_up"], p["w_down"])
+    if kv is not None:
+      new_k.append(kv[0])
+      new_v.append(kv[1])
+  aux = jnp.concatenate([taps[i] for i in aux_ids], axis=-1)
+  if cache is not None:
+    cache = cache.replace(k=tuple(new_k), v=tuple(new_v))
+  return layers.rms_norm(x, params["final_norm"], cfg.rms_norm_eps), aux, cache
+
+
+def lm_head(params: Any, hidden: jax.Array, *, cfg: LlamaConfig) -> jax.Array:
+  """Logits in fp32 from final-normed hidden states (tied embeddings when the config says so)."""
+  w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+  return jnp.einsum("...D,DV->...V", hidden, w, preferred_element_type=jnp.float32)
+
+
+def forward(params: Any, tokens_BT: jax.Array, positions_BT: jax.Array, cache: KVCache | None,
+            mask: jax.Array, *, cfg: LlamaConfig) -> tuple[jax.Array, jax.Array, KVCache | None]:
+  """The target protocol: (logits [B,T,V] fp32, aux [B,T,3D], cache)."""
+  hidden, aux, cache = forward_hidden(params, tokens_BT, positions_BT, cache, mask, cfg=cfg)
+  return lm_head(params, hidden, cfg=cfg), aux, cache
