@@ -173,8 +173,10 @@ def forward_hidden(params: Any, tokens_BT: jax.Array, positions_BT: jax.Array, c
 
 def lm_head(params: Any, hidden: jax.Array, *, cfg: LlamaConfig) -> jax.Array:
   """Logits in fp32 from final-normed hidden states (tied embeddings when the config says so)."""
-  w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-  return jnp.einsum("...D,DV->...V", hidden, w, preferred_element_type=jnp.float32)
+  # Tied: contract against [V,D] directly; an explicit .T may be materialised (a 113 MB copy per step for SmolLM2).
+  if cfg.tie_word_embeddings:
+    return jnp.einsum("...D,VD->...V", hidden, params["embed"], preferred_element_type=jnp.float32)
+  return jnp.einsum("...D,DV->...V", hidden, params["lm_head"], preferred_element_type=jnp.float32)
 
 
 def forward(params: Any, tokens_BT: jax.Array, positions_BT: jax.Array, cache: KVCache | None,
