@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable
+from typing import Any
 
 import flax.struct
 import jax
@@ -12,15 +11,7 @@ import numpy as np
 
 from eagle3_jax import layers
 from eagle3_jax.config import LlamaConfig
-
-
-@dataclasses.dataclass(frozen=True)
-class ParamSpec:
-  """One row of the parameter table: drives init, sharding, checkpoint I/O and eval_shape tests."""
-
-  shape: tuple[int, ...]
-  axes: tuple[str | None, ...]  # logical axis names, see sharding.DEFAULT_RULES
-  init: str = "normal"  # "normal" (std 0.02), "ones", "zeros"
+from eagle3_jax.params import ParamSpec, abstract_of, axes_of, count_params, init_from_specs  # noqa: F401
 
 
 def param_specs(cfg: LlamaConfig) -> dict[str, Any]:
@@ -54,32 +45,17 @@ def param_specs(cfg: LlamaConfig) -> dict[str, Any]:
   return specs
 
 
-def _is_spec(x) -> bool:
-  return isinstance(x, ParamSpec)
-
-
 def param_axes(cfg: LlamaConfig) -> Any:
-  return jax.tree.map(lambda s: s.axes, param_specs(cfg), is_leaf=_is_spec)
+  return axes_of(param_specs(cfg))
 
 
 def abstract_params(cfg: LlamaConfig, dtype=jnp.float32) -> Any:
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), param_specs(cfg), is_leaf=_is_spec)
+  return abstract_of(param_specs(cfg), dtype)
 
 
 def init_params(cfg: LlamaConfig, key: jax.Array, dtype=jnp.float32) -> Any:
   """Random weights (std 0.02, norms at one); jit it with out_shardings to create them already sharded."""
-  specs, treedef = jax.tree.flatten(param_specs(cfg), is_leaf=_is_spec)
-  keys = jax.random.split(key, len(specs))
-  make: dict[str, Callable] = {
-      "normal": lambda k, s: 0.02 * jax.random.normal(k, s.shape, dtype),
-      "ones": lambda k, s: jnp.ones(s.shape, dtype),
-      "zeros": lambda k, s: jnp.zeros(s.shape, dtype),
-  }
-  return jax.tree.unflatten(treedef, [make[s.init](k, s) for k, s in zip(keys, specs)])
-
-
-def count_params(params_or_abstract: Any) -> int:
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params_or_abstract))
+  return init_from_specs(param_specs(cfg), key, dtype)
 
 
 @flax.struct.dataclass

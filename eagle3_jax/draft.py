@@ -1,0 +1,180 @@
+"""The EAGLE-3 draft head as pure functions: fc fusion of three target layers, one 2D-input decoder layer, Vd head."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from eagle3_jax import layers
+from eagle3_jax.config import LlamaConfig
+from eagle3_jax.params import ParamSpec, abstract_of, axes_of, init_from_specs
+from eagle3_jax.target.llama import KVCache, write_rows
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DraftConfig:
+  """Shape of an EAGLE-3 draft. Static (hashable) so it can enter jit."""
+
+  hidden_size: int  # D (draft width; equals the target width in every official checkpoint)
+  target_hidden_size: int  # Dt, width of each aux state
+  intermediate_size: int  # F
+  num_heads: int  # N
+  num_kv_heads: int  # K
+  head_dim: int  # H
+  vocab_size: int  # V, target vocabulary (input tokens are embedded with the target's table)
+  draft_vocab_size: int  # Vd
+  rms_norm_eps: float = 1e-5
+  # The official trainer always uses 10000 regardless of the target's theta (reference a.2).
+  rope_theta: float = 10000.0
+  num_aux: int = 3
+
+  def __post_init__(self):
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"DraftConfig.num_heads={self.num_heads} not a multiple of num_kv_heads={self.num_kv_heads}")
+    if self.draft_vocab_size > self.vocab_size:
+      raise ValueError(f"DraftConfig.draft_vocab_size={self.draft_vocab_size} exceeds vocab_size={self.vocab_size}")
+
+  @classmethod
+  def for_target(cls, target: LlamaConfig, draft_vocab_size: int | None = None, **kw) -> "DraftConfig":
+    """The official recipe: a draft as wide as the target, with the target's attention and MLP shapes."""
+    return cls(hidden_size=target.hidden_size, target_hidden_size=target.hidden_size,
+               intermediate_size=target.intermediate_size, num_heads=target.num_heads,
+               num_kv_heads=target.num_kv_heads, head_dim=target.head_dim, vocab_size=target.vocab_size,
+               draft_vocab_size=draft_vocab_size or target.vocab_size, rms_norm_eps=target.rms_norm_eps,
+               num_aux=len(target.aux_layer_ids), **kw)
+
+
+@flax.struct.dataclass
+class DraftVocab:
+  """Draft-vocab buffers: target_id = i + d2t[i] for draft index i; t2d[v] marks target ids in the draft vocab."""
+
+  d2t: jax.Array  # int32[Vd]
+  t2d: jax.Array  # bool[V]
+
+  @classmethod
+  def identity(cls, vocab_size: int) -> "DraftVocab":
+    return cls(d2t=jnp.zeros((vocab_size,), jnp.int32), t2d=jnp.ones((vocab_size,), bool))
+
+  @classmethod
+  def from_ids(cls, ids_Vd: np.ndarray, vocab_size: int) -> "DraftVocab":
+    """From the sorted target ids kept in the draft vocabulary."""
+    ids = np.asarray(ids_Vd, np.int64)
+    if np.any(np.diff(ids) <= 0) or ids.min() < 0 or ids.max() >= vocab_size:
+      raise ValueError("draft vocabulary ids must be strictly ascending target ids in [0, vocab_size)")
+    t2d = np.zeros((vocab_size,), bool)
+    t2d[ids] = True
+    return cls(d2t=jnp.asarray(ids - np.arange(len(ids)), jnp.int32), t2d=jnp.asarray(t2d))
+
+  def to_target(self, draft_ids: jax.Array) -> jax.Array:
+    return draft_ids + self.d2t[draft_ids]
+
+  def target_ids(self) -> jax.Array:
+    """[Vd] target id of every draft index, ascending."""
+    return jnp.arange(self.d2t.shape[0], dtype=jnp.int32) + self.d2t
+
+
+def param_specs(cfg: DraftConfig) -> dict[str, Any]:
+  """Trainable draft parameters, named exactly as the official checkpoint (kernels stored [in, out])."""
+  D, Dt, F, N, K, H, Vd = (cfg.hidden_size, cfg.target_hidden_size, cfg.intermediate_size, cfg.num_heads,
+                           cfg.num_kv_heads, cfg.head_dim, cfg.draft_vocab_size)
+  return {
+      "fc": ParamSpec((cfg.num_aux * Dt, D), ("aux", "embed")),
+      "midlayer": {
+          "input_layernorm": ParamSpec((D,), ("norm",), "ones"),
+          "hidden_norm": ParamSpec((D,), ("norm",), "ones"),
+          "self_attn": {
+              "q_proj": ParamSpec((2 * D, N, H), (None, "heads", "head_dim")),
+              "k_proj": ParamSpec((2 * D, K, H), (None, "kv_heads", "head_dim")),
+              "v_proj": ParamSpec((2 * D, K, H), (None, "kv_heads", "head_dim")),
+              "o_proj": ParamSpec((N, H, D), ("heads", "head_dim", "embed")),
+          },
+          "post_attention_layernorm": ParamSpec((D,), ("norm",), "ones"),
+          "mlp": {
+              "gate_proj": ParamSpec((D, F), ("embed", "mlp")),
+              "up_proj": ParamSpec((D, F), ("embed", "mlp")),
+              "down_proj": ParamSpec((F, D), ("mlp", "embed")),
+          },
+      },
+      "norm": ParamSpec((D,), ("norm",), "ones"),
+      "lm_head": ParamSpec((D, Vd), ("embed", "draft_vocab")),
+  }
+
+
+def param_axes(cfg: DraftConfig) -> Any:
+  return axes_of(param_specs(cfg))
+
+
+def abstract_params(cfg: DraftConfig, dtype=jnp.float32) -> Any:
+  return abstract_of(param_specs(cfg), dtype)
+
+
+def init_params(cfg: DraftConfig, key: jax.Array, dtype=jnp.float32) -> Any:
+  return init_from_specs(param_specs(cfg), key, dtype)
+
+
+def inv_freq(cfg: DraftConfig) -> np.ndarray:
+  return layers.rope_inv_freq(cfg.head_dim, cfg.rope_theta)
+
+
+def fuse(params: Any, aux_BTA: jax.Array) -> jax.Array:
+  """fc over the concatenated low/mid/high target states: [B,T,3Dt] -> [B,T,D]."""
+  return jnp.einsum("BTA,AD->BTD", aux_BTA.astype(params["fc"].dtype), params["fc"])
+
+
+def qkv(params: Any, emb_BTD: jax.Array, hidden_BTD: jax.Array, positions_BT: jax.Array, *,
+        cfg: DraftConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """q/k/v from [input_layernorm(embedding), hidden_norm(hidden)] (embedding first), RoPE applied."""
+  m = params["midlayer"]
+  u = jnp.concatenate([layers.rms_norm(emb_BTD.astype(hidden_BTD.dtype), m["input_layernorm"], cfg.rms_norm_eps),
+                       layers.rms_norm(hidden_BTD, m["hidden_norm"], cfg.rms_norm_eps)], axis=-1)
+  a = m["self_attn"]
+  q = jnp.einsum("BTE,ENH->BTNH", u, a["q_proj"])
+  k = jnp.einsum("BTE,EKH->BTKH", u, a["k_proj"])
+  v = jnp.einsum("BTE,EKH->BTKH", u, a["v_proj"])
+  freqs = inv_freq(cfg)
+  return layers.apply_rope(q, positions_BT, freqs), layers.apply_rope(k, positions_BT, freqs), v
+
+
+def post_attention(params: Any, hidden_BTD: jax.Array, attn_BTNH: jax.Array, *, cfg: DraftConfig) -> jax.Array:
+  """o_proj with the residual from the un-normalised hidden, then the SwiGLU block: the draft hidden (pre-norm)."""
+  m = params["midlayer"]
+  h = hidden_BTD + jnp.einsum("BTNH,NHD->BTD", attn_BTNH, m["self_attn"]["o_proj"])
+  mlp = m["mlp"]
+  return h + layers.swiglu(layers.rms_norm(h, m["post_attention_layernorm"], cfg.rms_norm_eps),
+                           mlp["gate_proj"], mlp["up_proj"], mlp["down_proj"])
+
+
+def logits(params: Any, out_BTD: jax.Array, *, cfg: DraftConfig) -> jax.Array:
+  """Draft-vocab logits [.., Vd] in fp32."""
+  return jnp.einsum("...D,DV->...V", layers.rms_norm(out_BTD, params["norm"], cfg.rms_norm_eps),
+                    params["lm_head"], preferred_element_type=jnp.float32)
+
+
+def init_cache(cfg: DraftConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+  """The draft's own one-layer KV cache, same conventions as the target's (writes at lengths[b] + t)."""
+  shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  return KVCache(k=(jnp.zeros(shape, dtype),), v=(jnp.zeros(shape, dtype),),
+                 lengths=jnp.zeros((batch,), jnp.int32))
+
+
+def forward(params: Any, emb_BTD: jax.Array, hidden_BTD: jax.Array, positions_BT: jax.Array,
+            cache: KVCache | None, mask: jax.Array, *, cfg: DraftConfig) -> tuple[jax.Array, KVCache | None]:
+  """One masked draft step. hidden is fc(aux) for rows fed by the target, or a previous draft output.
+
+  Returns the draft hidden [B,T,D] (feed back as the next hidden; logits() gives the Vd logits) and the cache with
+  the new K/V written at slots cache.lengths[b] + t (lengths unchanged, as for the target).
+  """
+  with jax.named_scope("draft_step"):
+    q, k, v = qkv(params, emb_BTD, hidden_BTD, positions_BT, cfg=cfg)
+    if cache is not None:
+      kc, vc = write_rows(cache.k[0], k, cache.lengths), write_rows(cache.v[0], v, cache.lengths)
+      attn = layers.attention(q, kc, vc, mask)
+      cache = cache.replace(k=(kc,), v=(vc,))
+    else:
+      attn = layers.attention(q, k, v, mask)
+    return post_attention(params, hidden_BTD, attn, cfg=cfg), cache

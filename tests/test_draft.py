@@ -1,0 +1,50 @@
+"""Draft head: shapes, vocab buffers, and cached steps == one masked pass (the invariant tree drafting relies on)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eagle3_jax import draft, layers
+from eagle3_jax.params import count_params
+
+
+@pytest.fixture
+def dcfg(tiny_cfg):
+  return draft.DraftConfig.for_target(tiny_cfg, draft_vocab_size=48)
+
+
+def test_param_count_matches_official_formula(dcfg):
+  D, F, N, K, H = dcfg.hidden_size, dcfg.intermediate_size, dcfg.num_heads, dcfg.num_kv_heads, dcfg.head_dim
+  expected = 3 * D * D + 2 * D * (N + 2 * K) * H + N * H * D + 3 * D * F + 4 * D + D * dcfg.draft_vocab_size
+  assert count_params(draft.abstract_params(dcfg)) == expected
+
+
+def test_cached_steps_equal_one_pass(dcfg):
+  params = draft.init_params(dcfg, jax.random.key(0))
+  B, T, S = 2, 7, 12
+  emb = jax.random.normal(jax.random.key(1), (B, T, dcfg.hidden_size))
+  aux = jax.random.normal(jax.random.key(2), (B, T, 3 * dcfg.target_hidden_size))
+  pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+  full, _ = draft.forward(params, emb, draft.fuse(params, aux), pos, None,
+                          layers.causal_mask(jnp.full((B,), T), T), cfg=dcfg)
+  cache = draft.init_cache(dcfg, B, S)
+  outs = []
+  for t0, t1 in [(0, 4), (4, 5), (5, 7)]:
+    mask = layers.cache_causal_mask(cache.lengths, t1 - t0, S)
+    out, cache = draft.forward(params, emb[:, t0:t1], draft.fuse(params, aux[:, t0:t1]), pos[:, t0:t1], cache,
+                               mask, cfg=dcfg)
+    cache = cache.replace(lengths=cache.lengths + (t1 - t0))
+    outs.append(out)
+  np.testing.assert_allclose(np.concatenate(outs, 1), full, atol=1e-5)
+  assert draft.logits(params, full, cfg=dcfg).shape == (B, T, 48)
+
+
+def test_vocab_mapping_round_trip():
+  ids = np.array([0, 3, 4, 9, 11])
+  vocab = draft.DraftVocab.from_ids(ids, 16)
+  np.testing.assert_array_equal(vocab.target_ids(), ids)
+  np.testing.assert_array_equal(vocab.to_target(jnp.array([4, 0, 2])), [11, 0, 4])
+  assert int(vocab.t2d.sum()) == 5 and bool(vocab.t2d[9]) and not bool(vocab.t2d[10])
+  with pytest.raises(ValueError, match="ascending"):
+    draft.DraftVocab.from_ids(np.array([3, 1]), 16)
