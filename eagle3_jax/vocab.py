@@ -1,0 +1,174 @@
+"""Draft vocabulary: the Vd target tokens most often at loss-masked training positions, with d2t/t2d and provenance.
+
+As in the official `scandata` (reference a.3): count target ids where loss_mask == 1, keep the Vd most frequent,
+sort them ascending; draft index i stands for target id ``i + d2t[i]`` and ``t2d[v]`` marks the kept ids. Unlike
+it, ties are broken by the lower id (deterministic), a dataset with fewer than Vd distinct masked tokens is
+filled up with the lowest unseen ids (so d2t always has Vd entries; the file records how many were filled), and a
+stored vocabulary is only reused for the same dataset, tokenizer, V and Vd (a mismatch raises, never silently).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from eagle3_jax import data
+
+log = logging.getLogger(__name__)
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class VocabMap:
+  """d2t int64[Vd], t2d bool[V], the masked-token counts int64[V] and the provenance (JSON-able dict)."""
+
+  d2t: np.ndarray
+  t2d: np.ndarray
+  counts: np.ndarray
+  provenance: dict[str, Any]
+
+  @property
+  def ids(self) -> np.ndarray:
+    """int64[Vd] target id of every draft index, strictly ascending (draft.DraftVocab.from_ids takes this)."""
+    return np.arange(len(self.d2t), dtype=np.int64) + self.d2t
+
+  @property
+  def vocab_size(self) -> int:
+    return len(self.t2d)
+
+  @property
+  def draft_vocab_size(self) -> int:
+    return len(self.d2t)
+
+
+def draft_to_target(ids, d2t):
+  """Target ids of draft indices (numpy or jax arrays of any shape): ``ids + d2t[ids]``."""
+  return ids + d2t[ids]
+
+
+def target_to_draft(ids, t2d):
+  """Draft indices of target ids, -1 where an id is outside the draft vocabulary (numpy or jax arrays)."""
+  inside = t2d[ids].astype(np.int32)  # int32: jax without x64 would warn on int64
+  return (t2d.cumsum() - 1)[ids] * inside + inside - 1
+
+
+def count_tokens(examples: Iterable[tuple[np.ndarray, np.ndarray]], vocab_size: int) -> tuple[np.ndarray, int]:
+  """(int64[V] count of each target id at positions with loss_mask == 1, number of examples)."""
+  counts, n = np.zeros((vocab_size,), np.int64), 0
+  for tokens, mask in examples:
+    ids = np.asarray(tokens)[np.asarray(mask) == 1]
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+      raise ValueError(f"token id {int(ids.max())} is outside the target vocabulary of size {vocab_size}")
+    counts += np.bincount(ids, minlength=vocab_size)
+    n += 1
+  return counts, n
+
+
+def vocab_from_counts(counts: np.ndarray, draft_vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """(d2t int64[Vd], t2d bool[V]) keeping the Vd ids with the highest counts, ties and fill by lower id."""
+  counts = np.asarray(counts)
+  V, Vd = len(counts), draft_vocab_size
+  if not 1 <= Vd <= V:
+    raise ValueError(f"draft_vocab_size={Vd} must be in [1, vocab_size={V}]")
+  order = np.lexsort((np.arange(V), -counts))  # last key is primary: count descending, then id ascending
+  ids = np.sort(order[:Vd]).astype(np.int64)
+  t2d = np.zeros((V,), bool)
+  t2d[ids] = True
+  return ids - np.arange(Vd, dtype=np.int64), t2d
+
+
+def tokenizer_fingerprint(tokenizer) -> dict[str, Any]:
+  """Identity of a tokenizer: its size, a hash of its token→id table and of its chat template."""
+  table = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode()
+  template = getattr(tokenizer, "chat_template", None) or ""
+  return {"size": len(tokenizer), "vocab_sha256": hashlib.sha256(table).hexdigest(),
+          "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest()}
+
+
+def vocab_provenance(cfg: data.DataConfig, tokenizer, draft_vocab_size: int, *, vocab_size: int | None = None,
+                     max_examples: int | None = None) -> dict[str, Any]:
+  """What a stored vocabulary must match to be reused (pass it as `load_vocab(..., expect=...)`)."""
+  return {"format": FORMAT_VERSION, "dataset": data.dataset_fingerprint(cfg),
+          "tokenizer": tokenizer_fingerprint(tokenizer), "vocab_size": vocab_size or len(tokenizer),
+          "draft_vocab_size": draft_vocab_size, "max_examples": max_examples}
+
+
+def build_vocab(cfg: data.DataConfig, tokenizer, draft_vocab_size: int, *, vocab_size: int | None = None,
+                max_examples: int | None = None) -> VocabMap:
+  """Counts the training split (the first `max_examples` usable rows, file order) and keeps the top Vd.
+
+  `vocab_size` is the target model's V (its embedding rows; may exceed len(tokenizer)).
+  """
+  expect = vocab_provenance(cfg, tokenizer, draft_vocab_size, vocab_size=vocab_size, max_examples=max_examples)
+  V = expect["vocab_size"]
+  stats = data.DataStats()
+  counts, n = count_tokens(data.iterate_examples(cfg, tokenizer, limit=max_examples, stats=stats), V)
+  d2t, t2d = vocab_from_counts(counts, draft_vocab_size)
+  total, distinct = int(counts.sum()), int((counts > 0).sum())
+  coverage = float(counts[t2d].sum() / total)
+  if distinct < draft_vocab_size:
+    log.warning("only %d distinct masked tokens for a draft vocabulary of %d: filled with %d unseen ids",
+                distinct, draft_vocab_size, draft_vocab_size - distinct)
+  log.info("draft vocabulary: %d of %d ids cover %.4f of %d masked tokens in %d examples", draft_vocab_size, V,
+           coverage, total, n)
+  provenance = expect | {"tokenizer_name": str(getattr(tokenizer, "name_or_path", "")), "examples": n,
+                         "masked_tokens": total, "distinct": distinct,
+                         "filled": max(0, draft_vocab_size - distinct), "coverage": coverage,
+                         "data_stats": stats.as_dict()}
+  return VocabMap(d2t=d2t, t2d=t2d, counts=counts, provenance=provenance)
+
+
+def save_vocab(path: str | os.PathLike, vocab: VocabMap) -> None:
+  """One safetensors file: d2t, t2d, counts, and the provenance JSON in its metadata."""
+  from safetensors.numpy import save_file
+
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.tmp"
+  save_file({"d2t": vocab.d2t.astype(np.int64), "t2d": vocab.t2d.astype(bool), "counts": vocab.counts}, tmp,
+            metadata={"provenance": json.dumps(vocab.provenance)})
+  os.replace(tmp, path)  # a crash never leaves a half-written vocabulary that a later run would trust
+
+
+def _mismatches(stored: Any, expected: Any, key: str = "") -> list[str]:
+  if isinstance(expected, Mapping):
+    stored = stored if isinstance(stored, Mapping) else {}
+    return [m for k in expected for m in _mismatches(stored.get(k), expected[k], f"{key}.{k}" if key else k)]
+  return [] if stored == expected else [f"{key}: stored {stored!r}, expected {expected!r}"]
+
+
+def load_vocab(path: str | os.PathLike, expect: Mapping[str, Any] | None = None) -> VocabMap:
+  """Reads a saved vocabulary; raises ValueError if its provenance differs from `expect` on any given key."""
+  from safetensors import safe_open
+
+  with safe_open(str(path), framework="np") as f:
+    provenance = json.loads((f.metadata() or {}).get("provenance", "null"))
+    arrays = {k: f.get_tensor(k) for k in ("d2t", "t2d", "counts")}
+  if not isinstance(provenance, dict):
+    raise ValueError(f"{path}: no draft-vocabulary provenance in the file")
+  if expect is not None:
+    wrong = _mismatches(provenance, json.loads(json.dumps(expect)))  # JSON round trip: tuples become lists
+    if wrong:
+      raise ValueError(f"{path} was built for another dataset or tokenizer ({'; '.join(wrong)}); "
+                       "delete it or choose another path to rebuild it")
+  vocab = VocabMap(d2t=arrays["d2t"], t2d=arrays["t2d"], counts=arrays["counts"], provenance=provenance)
+  if vocab.t2d.sum() != vocab.draft_vocab_size or not np.array_equal(np.flatnonzero(vocab.t2d), vocab.ids):
+    raise ValueError(f"{path}: d2t and t2d disagree")
+  return vocab
+
+
+def load_or_build_vocab(path: str | os.PathLike, cfg: data.DataConfig, tokenizer, draft_vocab_size: int, *,
+                        vocab_size: int | None = None, max_examples: int | None = None) -> VocabMap:
+  """Loads `path` if it exists (checked against this dataset and tokenizer), else builds and saves it."""
+  expect = vocab_provenance(cfg, tokenizer, draft_vocab_size, vocab_size=vocab_size, max_examples=max_examples)
+  if os.path.exists(path):
+    return load_vocab(path, expect=expect)
+  vocab = build_vocab(cfg, tokenizer, draft_vocab_size, vocab_size=vocab_size, max_examples=max_examples)
+  save_vocab(path, vocab)
+  return vocab
