@@ -84,6 +84,12 @@ def _llama3_scaling_from_freqs(freqs: np.ndarray, head_dim: int, theta: float) -
                    "the converter's default low/high frequency factors")
 
 
+def _f32(x: float) -> float:
+  """GGUF stores floats as float32: 1e-5 comes back as 9.99999974e-06. Take the shortest decimal that is the
+  same float32, which is what the original config.json said."""
+  return float(str(np.float32(x)))
+
+
 class GGUFFile:
   """A GGUF file seen as an HF checkpoint: `.hf_config` (config.json dict), `.shapes`, `.read(hf_name)`."""
 
@@ -136,7 +142,7 @@ class GGUFFile:
     vocab = get("vocab_size", None)
     if vocab is None:
       vocab = self.shapes.get("model.embed_tokens.weight", (len(self._get("tokenizer.ggml.tokens")),))[0]
-    theta = float(get("rope.freq_base", 10000.0))
+    theta = _f32(get("rope.freq_base", 10000.0))
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": theta}
     scaling_type = get("rope.scaling.type", "none")
     if scaling_type != "none":
@@ -149,7 +155,7 @@ class GGUFFile:
         "model_type": GGUF_ARCHITECTURES[a], "vocab_size": vocab, "hidden_size": hidden,
         "intermediate_size": get("feed_forward_length"), "num_hidden_layers": get("block_count"),
         "num_attention_heads": heads, "num_key_value_heads": get("attention.head_count_kv", heads),
-        "head_dim": head_dim, "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon")),
+        "head_dim": head_dim, "rms_norm_eps": _f32(get("attention.layer_norm_rms_epsilon")),
         "max_position_embeddings": context, "rope_parameters": rope,
         "tie_word_embeddings": "lm_head.weight" not in self._tensors,
     }
