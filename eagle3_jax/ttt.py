@@ -1,0 +1,238 @@
+"""The EAGLE-3 training-time test: teacher distribution, and the R-step draft loss as one `jax.lax.scan`."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from eagle3_jax import draft, layers
+from eagle3_jax.config import LlamaConfig
+from eagle3_jax.draft import DraftConfig, DraftVocab
+
+# Same finite "minus infinity" as layers.attention, so both attention paths agree bit for bit on masked entries.
+_MASKED = -1e30
+LOSS_NORMS = ("batch", "tokens")
+
+
+# ----- teacher -------------------------------------------------------------------------------------------------
+
+
+def _head_logits(target_params: Any, hidden_BTD: jax.Array, start: Any, size: int, *,
+                 target_cfg: LlamaConfig) -> jax.Array:
+  """fp32 target logits for vocabulary columns start..start+size-1 (tied or untied head, no transpose)."""
+  if target_cfg.tie_word_embeddings:
+    w_CD = jax.lax.dynamic_slice_in_dim(target_params["embed"], start, size, axis=0)
+    return jnp.einsum("BTD,CD->BTC", hidden_BTD, w_CD, preferred_element_type=jnp.float32)
+  w_DC = jax.lax.dynamic_slice_in_dim(target_params["lm_head"], start, size, axis=1)
+  return jnp.einsum("BTD,DC->BTC", hidden_BTD, w_DC, preferred_element_type=jnp.float32)
+
+
+def _full_argmax(target_params: Any, hidden_BTD: jax.Array, *, target_cfg: LlamaConfig,
+                 vocab_chunk: int) -> jax.Array:
+  """argmax over the full target vocabulary, first index on ties (as jnp.argmax), in chunks of vocab_chunk columns.
+
+  Peak extra memory is B·T·vocab_chunk fp32 instead of B·T·V: for Llama-3 (V=128256) at B·T=4096 that is
+  268 MB per 16384-column chunk against 2.1 GB for the whole row.
+  """
+  V = target_cfg.vocab_size
+  if vocab_chunk >= V:
+    return jnp.argmax(_head_logits(target_params, hidden_BTD, 0, V, target_cfg=target_cfg), axis=-1)
+  B, T, _ = hidden_BTD.shape
+
+  def body(c, best):
+    best_val, best_idx = best
+    # The last chunk's start is clamped to V - chunk (dynamic_slice semantics); re-seen columns never win because
+    # only a strictly larger value replaces the running best, which also keeps the first index on ties.
+    start = jnp.minimum(c * vocab_chunk, V - vocab_chunk)
+    chunk = _head_logits(target_params, hidden_BTD, start, vocab_chunk, target_cfg=target_cfg)
+    val, idx = jnp.max(chunk, axis=-1), jnp.argmax(chunk, axis=-1).astype(jnp.int32) + start
+    better = val > best_val
+    return jnp.where(better, val, best_val), jnp.where(better, idx, best_idx)
+
+  init = (jnp.full((B, T), -jnp.inf, jnp.float32), jnp.zeros((B, T), jnp.int32))
+  return jax.lax.fori_loop(0, -(-V // vocab_chunk), body, init)[1]
+
+
+def teacher(target_params: Any, hidden_BTD: jax.Array, vocab: DraftVocab, *, target_cfg: LlamaConfig,
+            vocab_chunk: int = 16384) -> tuple[jax.Array, jax.Array]:
+  """Soft labels for the draft, from the target's final-normed hidden states (no gradient flows back).
+
+  Returns (probs_BTVd fp32: the target softmax restricted to the draft-vocab columns and renormalised over them,
+  in_vocab_BT bool: the target's full-vocab argmax is a draft-vocab token). Row t is the target's prediction of
+  token t+1. Only the Vd columns are materialised (hidden @ head[:, draft ids]); the full-vocab argmax is taken
+  in chunks of `vocab_chunk` columns, so the [B,T,V] fp32 logits never exist at once.
+  """
+  hidden_BTD = jax.lax.stop_gradient(hidden_BTD)
+  ids_Vd = vocab.target_ids()
+  with jax.named_scope("teacher"):
+    if target_cfg.tie_word_embeddings:
+      head_VdD = jnp.take(target_params["embed"], ids_Vd, axis=0)
+      logits_BTVd = jnp.einsum("BTD,VD->BTV", hidden_BTD, head_VdD, preferred_element_type=jnp.float32)
+    else:
+      head_DVd = jnp.take(target_params["lm_head"], ids_Vd, axis=1)
+      logits_BTVd = jnp.einsum("BTD,DV->BTV", hidden_BTD, head_DVd, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(logits_BTVd, axis=-1)
+    in_vocab = vocab.t2d[_full_argmax(target_params, hidden_BTD, target_cfg=target_cfg, vocab_chunk=vocab_chunk)]
+  return jax.lax.stop_gradient(probs), in_vocab
+
+
+# ----- TTT attention -------------------------------------------------------------------------------------------
+
+
+def ttt_attention(q_BTNH: jax.Array, k_RBTKH: jax.Array, v_RBTKH: jax.Array, step: Any) -> jax.Array:
+  """Attention of TTT step `step` (corrected mask): row t sees step-0 keys s <= t and its own chain of keys
+  from steps 1..step at row t (the diagonal). Buffer slot 0 holds the step-0 K/V over all T positions, slot i
+  the keys step i wrote; slots beyond `step` are ignored whatever they hold.
+
+  Equals layers.attention over the keys [K_0; K_1; ...; K_step] with the mask causal ⊕ identity per extra step,
+  at O(T·R) instead of O(T²·R) extra cost.
+  """
+  B, T, N, H = q_BTNH.shape
+  R, K = k_RBTKH.shape[0], k_RBTKH.shape[3]
+  q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+  with jax.named_scope("ttt_attention"):
+    scale = 1.0 / math.sqrt(H)
+    causal_TS = jnp.arange(T)[:, None] >= jnp.arange(T)[None, :]
+    s0 = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_RBTKH[0]).astype(jnp.float32) * scale
+    s0 = jnp.where(causal_TS, s0, _MASKED)
+    sd = jnp.einsum("BTKGH,RBTKH->BKGTR", q_BTKGH, k_RBTKH).astype(jnp.float32) * scale
+    slot = jnp.arange(R)
+    sd = jnp.where((slot >= 1) & (slot <= step), sd, _MASKED)
+    probs = jax.nn.softmax(jnp.concatenate([s0, sd], axis=-1), axis=-1).astype(v_RBTKH.dtype)
+    out = (jnp.einsum("BKGTS,BSKH->BTKGH", probs[..., :T], v_RBTKH[0])
+           + jnp.einsum("BKGTR,RBTKH->BTKGH", probs[..., T:], v_RBTKH))
+  return out.reshape(B, T, N, H)
+
+
+# ----- loss ----------------------------------------------------------------------------------------------------
+
+
+def _shift_pad(x: jax.Array, shift: int, total: int) -> jax.Array:
+  """x[:, shift:] right-padded with zeros to length `total` along axis 1."""
+  x = x[:, shift:]
+  pad = [(0, 0)] * x.ndim
+  pad[1] = (0, total - x.shape[1])
+  return jnp.pad(x, pad)
+
+
+def _step_terms(logits_BTVd, p_BTVd, target_BT, w_BT):
+  """(masked CE sum, correct count, weight sum) of one step; w is the position mask as float."""
+  logq = jax.nn.log_softmax(logits_BTVd, axis=-1)
+  ce_BT = -jnp.sum(p_BTVd * logq, axis=-1)
+  correct = jnp.sum((jnp.argmax(logits_BTVd, axis=-1) == target_BT) * w_BT)
+  return jnp.sum(ce_BT * w_BT), correct, jnp.sum(w_BT)
+
+
+def _finish(ce_sum, correct, weight_sum, mask_sum, *, B, T, decay, loss_norm):
+  if loss_norm not in LOSS_NORMS:
+    raise ValueError(f"loss_norm={loss_norm!r}; expected one of {LOSS_NORMS}")
+  denom = jnp.float32(B * T) if loss_norm == "batch" else jnp.maximum(weight_sum, 1.0)
+  loss_R = ce_sum / denom
+  weights_R = decay ** jnp.arange(loss_R.shape[0], dtype=jnp.float32)
+  metrics = {"loss": loss_R, "acc": correct / jnp.maximum(weight_sum, 1.0), "correct": correct,
+             "weight_sum": weight_sum, "ce_sum": ce_sum, "mask_sum": mask_sum}
+  return jnp.sum(weights_R * loss_R), metrics
+
+
+def _aligned_targets(probs_BTVd, in_vocab_BT, loss_mask_BT, tokens_BT, steps):
+  """Teacher-row-aligned arrays, right-padded by `steps` + 1 rows so that step j reads rows j+1..j+T.
+
+  Teacher row u predicts token u+1, so its weight is loss_mask[u+1] · in_vocab[u]: a position counts iff the
+  token being predicted is an assistant token (the official code uses loss_mask[t+j], two tokens earlier).
+  """
+  T = tokens_BT.shape[1]
+  total = T + steps + 1
+  lm_next = _shift_pad(loss_mask_BT.astype(jnp.float32), 1, T)  # [B,T]: loss_mask[u+1]
+  pos_w = lm_next * in_vocab_BT.astype(jnp.float32)
+  return (_shift_pad(probs_BTVd, 0, total), _shift_pad(jnp.argmax(probs_BTVd, -1).astype(jnp.int32), 0, total),
+          _shift_pad(pos_w, 0, total), _shift_pad(lm_next, 0, total), _shift_pad(tokens_BT, 0, total))
+
+
+def ttt_loss(draft_params: Any, embed_VD: jax.Array, aux_BTA: jax.Array, tokens_BT: jax.Array,
+             loss_mask_BT: jax.Array, probs_BTVd: jax.Array, in_vocab_BT: jax.Array, *, cfg: DraftConfig,
+             steps: int = 7, decay: float = 0.8, remat: bool = False, loss_norm: str = "batch"
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Training-time-test loss over R = `steps` draft steps, as one lax.scan with a fixed-shape carry.
+
+  Step j, row t: hidden = fc(aux[t]) at j=0 else the (non-detached) draft output of step j-1 at row t; input
+  token x[t+j+1] (0 beyond the end); RoPE position t+j; attention per `ttt_attention`; target = teacher row
+  t+j+1 (predicts x[t+j+2]); counted iff loss_mask[t+j+2] and in_vocab[t+j+1]. Right padding is assumed: with
+  loss_mask 0 on padding no counted position can see a padding key, so no padding mask is needed.
+
+  loss_j = Σ_t w·(−Σ_v p·log q) / denom. loss_norm="batch" (default, the official recipe) divides by B·T: a
+  constant, so every assistant token weighs the same whichever batch, microbatch or data shard it falls in, and
+  the official lr / clip-0.5 tuning carries over. loss_norm="tokens" divides each step by its own counted
+  positions (issue #340): loss values read as per-token cross-entropy, but tokens in sparse batches weigh more.
+  Returns Σ_j decay^j loss_j and metrics of shape [R]: loss, acc (argmax match over counted positions),
+  correct, weight_sum (counted positions), ce_sum, mask_sum (assistant positions incl. out-of-vocab targets;
+  correct/mask_sum is the official acc). remat=True recomputes each step in the backward pass (jax.checkpoint).
+  Memory: the backward pass keeps per step the [R,B,T,K,H] K/V buffers and the [B,T,Vd] fp32 logits/targets.
+  """
+  B, T = tokens_BT.shape
+  p_pad, tgt_pad, w_pad, lm_pad, tok_pad = _aligned_targets(probs_BTVd, in_vocab_BT, loss_mask_BT, tokens_BT,
+                                                            steps)
+  embed_VD = jax.lax.stop_gradient(embed_VD)
+  t_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  hidden0 = draft.fuse(draft_params, aux_BTA)
+
+  def body(carry, j):
+    hidden, kbuf, vbuf = carry
+    with jax.named_scope("ttt_step"):
+      emb = jnp.take(embed_VD, jax.lax.dynamic_slice_in_dim(tok_pad, j + 1, T, axis=1), axis=0)
+      q, k, v = draft.qkv(draft_params, emb, hidden, t_BT + j, cfg=cfg)
+      kbuf = jax.lax.dynamic_update_index_in_dim(kbuf, k.astype(kbuf.dtype), j, 0)
+      vbuf = jax.lax.dynamic_update_index_in_dim(vbuf, v.astype(vbuf.dtype), j, 0)
+      out = draft.post_attention(draft_params, hidden, ttt_attention(q, kbuf, vbuf, j), cfg=cfg)
+      sl = lambda x: jax.lax.dynamic_slice_in_dim(x, j + 1, T, axis=1)  # noqa: E731
+      terms = _step_terms(draft.logits(draft_params, out, cfg=cfg), sl(p_pad), sl(tgt_pad), sl(w_pad))
+    return (out.astype(hidden.dtype), kbuf, vbuf), terms + (jnp.sum(sl(lm_pad)),)
+
+  if remat:
+    body = jax.checkpoint(body, prevent_cse=False)
+  q_s, k_s, v_s = jax.eval_shape(lambda: draft.qkv(draft_params, jnp.take(embed_VD, tokens_BT, axis=0), hidden0,
+                                                   t_BT, cfg=cfg))
+  kbuf = jnp.zeros((steps,) + k_s.shape, k_s.dtype)
+  vbuf = jnp.zeros((steps,) + v_s.shape, v_s.dtype)
+  _, (ce_sum, correct, weight_sum, mask_sum) = jax.lax.scan(body, (hidden0, kbuf, vbuf),
+                                                            jnp.arange(steps, dtype=jnp.int32))
+  return _finish(ce_sum, correct, weight_sum, mask_sum, B=B, T=T, decay=decay, loss_norm=loss_norm)
+
+
+def ttt_loss_reference(draft_params: Any, embed_VD: jax.Array, aux_BTA: jax.Array, tokens_BT: jax.Array,
+                       loss_mask_BT: jax.Array, probs_BTVd: jax.Array, in_vocab_BT: jax.Array, *, cfg: DraftConfig,
+                       steps: int = 7, decay: float = 0.8, remat: bool = False, loss_norm: str = "batch"
+                       ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """ttt_loss written the obvious way for tests: a Python loop, explicit shifts, and dense attention over the
+  concatenated keys of all steps so far under the extended mask (causal ⊕ identity per extra step)."""
+  del remat
+  B, T = tokens_BT.shape
+  hidden = draft.fuse(draft_params, aux_BTA)
+  pos_w = _shift_pad(loss_mask_BT.astype(jnp.float32), 1, T) * in_vocab_BT
+  target_BT = jnp.argmax(probs_BTVd, axis=-1)
+  ks, vs, terms = [], [], []
+  for j in range(steps):
+    emb = embed_VD[_shift_pad(tokens_BT, j + 1, T)]
+    q, k, v = draft.qkv(draft_params, emb, hidden, jnp.broadcast_to(jnp.arange(T) + j, (B, T)), cfg=cfg)
+    ks, vs = ks + [k], vs + [v]
+    mask = extended_mask(T, j)
+    attn = layers.attention(q, jnp.concatenate(ks, 1), jnp.concatenate(vs, 1), jnp.broadcast_to(mask, (B,) + mask.shape))
+    hidden = draft.post_attention(draft_params, hidden, attn, cfg=cfg)
+    lm = _shift_pad(loss_mask_BT.astype(jnp.float32), j + 2, T)
+    terms.append(_step_terms(draft.logits(draft_params, hidden, cfg=cfg), _shift_pad(probs_BTVd, j + 1, T),
+                             _shift_pad(target_BT, j + 1, T), _shift_pad(pos_w, j + 1, T)) + (jnp.sum(lm),))
+  ce_sum, correct, weight_sum, mask_sum = (jnp.stack(x) for x in zip(*terms))
+  return _finish(ce_sum, correct, weight_sum, mask_sum, B=B, T=T, decay=decay, loss_norm=loss_norm)
+
+
+def extended_mask(T: int, step: int) -> jax.Array:
+  """[T, (step+1)·T] dense TTT mask: causal over the step-0 keys, then an identity block per extra step."""
+  eye = jnp.eye(T, dtype=bool)
+  return jnp.concatenate([jnp.tril(jnp.ones((T, T), bool))] + [eye] * step, axis=1)
+
+
+def simulated_tau(acc_R: jax.Array) -> jax.Array:
+  """Acceptance length a chain draft would reach with these per-step accuracies: 1 + Σ_j Π_{i<=j} acc_i."""
+  return 1.0 + jnp.sum(jnp.cumprod(acc_R, axis=-1), axis=-1)
