@@ -1,0 +1,232 @@
+"""Target features for draft training: one function shared by the online step and the offline dumper, and an on-disk store."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+from typing import Any, Iterable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import safetensors.numpy
+from safetensors import safe_open
+
+from eagle3_jax import layers
+from eagle3_jax.config import LlamaConfig
+from eagle3_jax.target import llama
+
+FORMAT = "eagle3-jax-features/1"
+INDEX = "index.json"
+_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
+
+
+def target_features(target_params: Any, tokens_BT: jax.Array, lengths_B: jax.Array, *, target_cfg: LlamaConfig
+                    ) -> tuple[jax.Array, jax.Array]:
+  """(aux_BTA, final-normed hidden_BTD) of the frozen target on right-padded rows; no gradient flows back.
+
+  Positions past lengths[b] hold values of no meaning (nothing valid can attend to them); the TTT loss never
+  reads them as long as the loss mask is 0 there.
+  """
+  B, T = tokens_BT.shape
+  positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  hidden, aux, _ = llama.forward_hidden(target_params, tokens_BT, positions, None,
+                                        layers.causal_mask(lengths_B, T), cfg=target_cfg)
+  return jax.lax.stop_gradient(aux), jax.lax.stop_gradient(hidden)
+
+
+def target_fingerprint(target_params: Any, target_cfg: LlamaConfig) -> str:
+  """Short hash of the target config and a corner of every weight, rounded to bf16 so that bf16 and fp32
+  loads of the same checkpoint agree while different checkpoints (or random inits) do not."""
+  h = hashlib.sha256(json.dumps(dataclasses.asdict(target_cfg), sort_keys=True).encode())
+  for path, x in sorted(jax.tree_util.tree_leaves_with_path(target_params), key=lambda kv: jax.tree_util.keystr(kv[0])):
+    corner = np.asarray(x[tuple(slice(0, 4) for _ in range(x.ndim))].astype(jnp.bfloat16).astype(jnp.float32))
+    h.update(jax.tree_util.keystr(path).encode() + str(x.shape).encode() + corner.tobytes())
+  return h.hexdigest()[:16]
+
+
+def _atomic_write(path: pathlib.Path, write) -> None:
+  """write(tmp_path) then rename: readers never see a half-written file, even if the dumper is killed."""
+  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  try:
+    write(tmp)
+    os.replace(tmp, path)
+  finally:
+    if tmp.exists():
+      tmp.unlink()
+
+
+def _check(index: dict, field: str, expected: Any, path: pathlib.Path) -> None:
+  if index.get(field) != expected:
+    raise ValueError(f"feature store {path} was built with {field}={index.get(field)!r}, but this run has "
+                     f"{field}={expected!r}; rebuild the store (or point to the right one)")
+
+
+class FeatureWriter:
+  """Appends examples (valid tokens only, no padding) to shards of `examples_per_shard` safetensors files.
+
+  Each shard holds aux [N,A], hidden [N,D], tokens [N] int32, loss_mask [N] uint8 over the N tokens of its
+  examples, plus offsets [n+1]; the index is rewritten atomically after every shard, so a killed dump leaves a
+  consistent store that `resume=True` continues.
+  """
+
+  def __init__(self, path: str | os.PathLike, *, target_cfg: LlamaConfig, fingerprint: str, target_name: str,
+               dataset: str, seq_len: int, dtype: str = "bfloat16", examples_per_shard: int = 1024,
+               resume: bool = False):
+    if dtype not in _DTYPES:
+      raise ValueError(f"dtype={dtype!r}; expected one of {sorted(_DTYPES)}")
+    self.path = pathlib.Path(path)
+    self.path.mkdir(parents=True, exist_ok=True)
+    self.examples_per_shard = examples_per_shard
+    header = {"format": FORMAT, "target": target_name, "target_fingerprint": fingerprint,
+              "target_config": json.loads(json.dumps(dataclasses.asdict(target_cfg))),
+              "aux_layers": list(target_cfg.aux_layer_ids), "hidden_size": target_cfg.hidden_size,
+              "aux_size": target_cfg.hidden_size * len(target_cfg.aux_layer_ids), "dataset": dataset,
+              "seq_len": seq_len, "dtype": dtype}
+    existing = self.path / INDEX
+    if existing.exists():
+      old = json.loads(existing.read_text())
+      for field, value in header.items():
+        if field != "target":
+          _check(old, field, value, self.path)
+      if old["num_examples"] and not resume:
+        raise ValueError(f"feature store {self.path} already holds {old['num_examples']} examples; "
+                         "pass resume=True to continue it or choose an empty directory")
+      self.index = old
+    else:
+      self.index = header | {"num_examples": 0, "num_tokens": 0, "shards": []}
+    self._pending: list[tuple[np.ndarray, ...]] = []
+
+  @property
+  def num_examples(self) -> int:
+    return self.index["num_examples"] + len(self._pending)
+
+  def add(self, tokens_T: Any, loss_mask_T: Any, aux_TA: Any, hidden_TD: Any) -> None:
+    """One example, already cut to its valid length."""
+    dt = _DTYPES[self.index["dtype"]]
+    self._pending.append((np.asarray(tokens_T, np.int32), np.asarray(loss_mask_T, np.uint8),
+                          np.asarray(aux_TA).astype(dt), np.asarray(hidden_TD).astype(dt)))
+    if len(self._pending) >= self.examples_per_shard:
+      self.flush()
+
+  def add_batch(self, batch: dict, aux_BTA: Any, hidden_BTD: Any, skip: int = 0) -> None:
+    """The rows of a {tokens, loss_mask, lengths} batch with their features, from row `skip` on."""
+    aux, hidden = np.asarray(aux_BTA), np.asarray(hidden_BTD)
+    for b, n in enumerate(np.asarray(batch["lengths"])[skip:], start=skip):
+      self.add(np.asarray(batch["tokens"])[b, :n], np.asarray(batch["loss_mask"])[b, :n], aux[b, :n],
+               hidden[b, :n])
+
+  def flush(self) -> None:
+    if not self._pending:
+      return
+    tokens, loss_mask, aux, hidden = (np.concatenate(x) for x in zip(*self._pending))
+    offsets = np.cumsum([0] + [len(p[0]) for p in self._pending]).astype(np.int64)
+    name = f"shard-{len(self.index['shards']):05d}.safetensors"
+    tensors = {"tokens": tokens, "loss_mask": loss_mask, "aux": aux, "hidden": hidden, "offsets": offsets}
+    _atomic_write(self.path / name, lambda p: safetensors.numpy.save_file(tensors, str(p)))
+    self.index["shards"].append({"file": name, "num_examples": len(self._pending), "num_tokens": len(tokens)})
+    self.index["num_examples"] += len(self._pending)
+    self.index["num_tokens"] += len(tokens)
+    self._pending = []
+    _atomic_write(self.path / INDEX, lambda p: p.write_text(json.dumps(self.index, indent=1)))
+
+  def close(self) -> dict:
+    self.flush()
+    return self.index
+
+
+def dump_features(path: str | os.PathLike, batches: Iterable[dict], target_params: Any, *,
+                  target_cfg: LlamaConfig, target_name: str, dataset: str, dtype: str = "bfloat16",
+                  examples_per_shard: int = 1024, resume: bool = False) -> dict:
+  """Runs target_features over {tokens [B,T], loss_mask [B,T], lengths [B]} batches and stores the result.
+
+  With resume=True the examples already in the store are skipped (the batches must come in the same order).
+  Returns the index.
+  """
+  fn = jax.jit(target_features, static_argnames="target_cfg")
+  writer = None
+  seen = 0
+  for batch in batches:
+    T = np.shape(batch["tokens"])[1]
+    if writer is None:
+      writer = FeatureWriter(path, target_cfg=target_cfg, fingerprint=target_fingerprint(target_params, target_cfg),
+                             target_name=target_name, dataset=dataset, seq_len=T, dtype=dtype,
+                             examples_per_shard=examples_per_shard, resume=resume)
+      done = writer.num_examples
+    elif T != writer.index["seq_len"]:
+      raise ValueError(f"batch tokens have length {T}, earlier batches {writer.index['seq_len']}")
+    B = np.shape(batch["tokens"])[0]
+    if seen + B > done:
+      aux, hidden = fn(target_params, jnp.asarray(batch["tokens"]), jnp.asarray(batch["lengths"]),
+                       target_cfg=target_cfg)
+      writer.add_batch(batch, aux, hidden, skip=max(done - seen, 0))
+    seen += B
+  if writer is None:
+    raise ValueError("dump_features got no batches")
+  return writer.close()
+
+
+class FeatureStore:
+  """Random-access reader (len / getitem, so grain can shuffle it) yielding the online batch layout.
+
+  Refuses a store built for another target (config, weights fingerprint) or other aux layers when told which
+  target this run uses.
+  """
+
+  def __init__(self, path: str | os.PathLike, *, target_cfg: LlamaConfig | None = None,
+               target_params: Any = None, dataset: str | None = None):
+    self.path = pathlib.Path(path)
+    if not (self.path / INDEX).exists():
+      raise FileNotFoundError(f"no feature store at {self.path} ({INDEX} missing)")
+    self.index = json.loads((self.path / INDEX).read_text())
+    _check(self.index, "format", FORMAT, self.path)
+    if target_cfg is not None:
+      _check(self.index, "aux_layers", list(target_cfg.aux_layer_ids), self.path)
+      _check(self.index, "target_config", json.loads(json.dumps(dataclasses.asdict(target_cfg))), self.path)
+      if target_params is not None:
+        _check(self.index, "target_fingerprint", target_fingerprint(target_params, target_cfg), self.path)
+    if dataset is not None:
+      _check(self.index, "dataset", dataset, self.path)
+    counts = [s["num_examples"] for s in self.index["shards"]]
+    self._starts = np.cumsum([0] + counts)
+    self._files: dict[int, Any] = {}
+
+  @property
+  def seq_len(self) -> int:
+    return self.index["seq_len"]
+
+  def __len__(self) -> int:
+    return int(self._starts[-1])
+
+  def _shard(self, s: int):
+    if s not in self._files:
+      self._files[s] = safe_open(str(self.path / self.index["shards"][s]["file"]), "numpy")
+    return self._files[s]
+
+  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    """One example right-padded to seq_len: tokens, loss_mask, lengths (scalar), aux, hidden."""
+    if not 0 <= i < len(self):
+      raise IndexError(f"example {i} outside [0, {len(self)})")
+    s = int(np.searchsorted(self._starts, i, side="right")) - 1
+    f = self._shard(s)
+    lo, hi = (int(x) for x in f.get_slice("offsets")[i - self._starts[s]:i - self._starts[s] + 2])
+    T, n = self.seq_len, hi - lo
+    out = {"lengths": np.int32(n)}
+    for name, dtype in (("tokens", np.int32), ("loss_mask", np.int32), ("aux", None), ("hidden", None)):
+      x = f.get_slice(name)[lo:hi]
+      x = x.astype(dtype) if dtype else x
+      out[name] = np.pad(x, [(0, T - n)] + [(0, 0)] * (x.ndim - 1))
+    return out
+
+  def batches(self, batch_size: int, *, seed: int | None = None, drop_remainder: bool = True
+              ) -> Iterator[dict[str, np.ndarray]]:
+    """Batches {tokens [B,T], loss_mask [B,T], lengths [B], aux [B,T,A], hidden [B,T,D]}, in order or shuffled."""
+    order = np.arange(len(self)) if seed is None else np.random.default_rng(seed).permutation(len(self))
+    stop = len(order) - len(order) % batch_size if drop_remainder else len(order)
+    for b in range(0, stop, batch_size):
+      rows = [self[int(i)] for i in order[b:b + batch_size]]
+      yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}
