@@ -1,0 +1,63 @@
+"""CLI: convert an EAGLE-3 draft between layouts, e.g. `python -m eagle3_jax.convert SRC DST --to speculators`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from eagle3_jax import interop
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog="python -m eagle3_jax.convert",
+      description="Read an EAGLE-3 draft in any supported layout (official EAGLE .bin/.safetensors, SGLang / "
+                  "SpecForge, ModelOpt, speculators) and write it in the official/SGLang ('eagle') or the "
+                  "speculators (vLLM) layout. Aux-layer ids are renumbered for the destination layout.")
+  p.add_argument("src", help="source draft directory (config.json + weights)")
+  p.add_argument("dst", help="destination directory (created atomically)")
+  p.add_argument("--to", required=True, choices=interop.WRITE_LAYOUTS, help="destination layout")
+  p.add_argument("--num-target-layers", type=int, default=None,
+                 help="the target's num_hidden_layers; required when SRC states no aux layer ids (official "
+                      "EAGLE files), which then default to (2, L//2, L-3)")
+  p.add_argument("--verifier", default=None,
+                 help="target model HF id or path (required for --to speculators unless SRC names one)")
+  p.add_argument("--verifier-arch", action="append", default=None, dest="verifier_architectures",
+                 help="target architecture for speculators_config.verifier, e.g. LlamaForCausalLM (repeatable)")
+  p.add_argument("--speculative-tokens", type=int, default=None,
+                 help="speculators proposal length (default: SRC's, else 3)")
+  p.add_argument("--max-position-embeddings", type=int, default=None,
+                 help="max_position_embeddings of the draft config (default: SRC's, else 2048)")
+  p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                 help="float dtype of the written weights; auto keeps SRC's")
+  p.add_argument("--no-embed", action="store_true", help="drop embed_tokens.weight (serving reuses the target's)")
+  p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+  return p
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  try:
+    ckpt = interop.read_draft(args.src, num_target_layers=args.num_target_layers)
+    dtype = ckpt.extra.get("file_dtype", "float32") if args.dtype == "auto" else args.dtype
+    if dtype not in ("float32", "bfloat16", "float16"):
+      dtype = "float32"  # e.g. a float64 source
+    interop.write_draft(args.dst, ckpt, layout=args.to, verifier=args.verifier, dtype=dtype,
+                        verifier_architectures=args.verifier_architectures,
+                        speculative_tokens=args.speculative_tokens,
+                        max_position_embeddings=args.max_position_embeddings, include_embed=not args.no_embed,
+                        overwrite=args.overwrite)
+  except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  aux = ckpt.aux_layer_ids
+  shown = aux if args.to == "speculators" else interop.aux_ids_to_output_numbering(aux)
+  numbering = "input" if args.to == "speculators" else "output"
+  print(f"{args.src} ({ckpt.source_layout}) -> {args.dst} ({args.to}, {dtype}); aux layers {list(aux)} in input "
+        f"numbering, written as {list(shown)} ({numbering} numbering); D={ckpt.cfg.hidden_size} "
+        f"Vd={ckpt.cfg.draft_vocab_size} V={ckpt.cfg.vocab_size}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,247 @@
+"""config.json of each draft layout: parsing (with refusal of unimplemented variants) and writing, aux numbering."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from eagle3_jax.draft import DraftConfig
+
+FORMAT_KEY = "eagle3_jax"  # our own config.json block: records the aux-layer numbering this file uses
+FORMAT_VERSION = 1
+# Copied through write -> read in every layout (in FORMAT_KEY where the layout has no field for them).
+PORTABLE_EXTRA = ("verifier", "verifier_architectures", "speculative_tokens", "max_position_embeddings",
+                  "bos_token_id", "eos_token_id", "pad_token_id")
+DEFAULT_MAX_POSITION_EMBEDDINGS = 2048  # the official EAGLE-3 config's value (its training length)
+DEFAULT_SPECULATIVE_TOKENS = 3
+
+
+# ----- aux-layer numbering ------------------------------------------------------------------------------------
+
+
+def default_aux_layer_ids(num_target_layers: int) -> tuple[int, ...]:
+  """The official taps (2, L//2, L-3) in input numbering, clamped as LlamaConfig.aux_layer_ids clamps them."""
+  L = num_target_layers
+  return (min(2, L - 1), L // 2, max(L - 3, 0))
+
+
+def aux_ids_from_output_numbering(ids) -> tuple[int, ...]:
+  """SGLang / SpecForge / ModelOpt name the layer whose OUTPUT is tapped; that is the input of the next one."""
+  return tuple(int(i) + 1 for i in ids)
+
+
+def aux_ids_to_output_numbering(ids) -> tuple[int, ...]:
+  if any(int(i) < 1 for i in ids):
+    raise ValueError(f"aux layer ids {tuple(ids)} include input 0 (the embeddings), which output numbering "
+                     "cannot express")
+  return tuple(int(i) - 1 for i in ids)
+
+
+def check_aux_ids(ids, field: str, num_target_layers: int | None) -> tuple[int, ...]:
+  if not isinstance(ids, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+    raise ValueError(f"config field {field} must be a list of ints, got {ids!r}")
+  for i in ids:
+    if i < 0 or (num_target_layers is not None and i >= num_target_layers):
+      raise ValueError(f"config field {field}: aux layer {i} (input numbering) is outside "
+                       f"[0, {num_target_layers if num_target_layers is not None else 'L'})")
+  # Engines tap in layer order whatever order the list has (ModelOpt writes list(set(...))), so fc sees them sorted.
+  return tuple(sorted(ids))
+
+
+# ----- config parsing -----------------------------------------------------------------------------------------
+
+# transformers' LlamaConfig defaults: what every engine assumes when a field is absent (speculators writes a diff).
+_LLAMA_DEFAULTS = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                   "num_attention_heads": 32, "hidden_act": "silu", "max_position_embeddings": 2048,
+                   "rms_norm_eps": 1e-6, "rope_theta": 10000.0}
+# Variants of the head that change the math. True means a different network; refuse rather than mis-read.
+REFUSED_FLAGS = {
+    "fc_norm": "EAGLE 3.1 per-layer RMSNorm of the aux states before fc",
+    "use_aux_norm": "per-layer RMSNorm of the aux states before fc",
+    "norm_before_fc": "an RMSNorm of the concatenated aux states before fc",
+    "norm_output": "the post-norm hidden fed back across draft steps (EAGLE 3.1)",
+    "norm_before_residual": "hidden_norm applied before the residual branch",
+    "bias": "a bias on fc",
+    "attention_bias": "biases on q/k/v/o",
+    "mlp_bias": "biases in the MLP",
+    "tie_word_embeddings": "lm_head tied to embed_tokens",
+}
+_EAGLE_ARCHS = ("LlamaForCausalLMEagle3", "LlamaForCausalLM", "Eagle3LlamaForCausalLM")
+
+
+def refuse(what: str, why: str) -> ValueError:
+  return ValueError(f"{what}: {why}; eagle3_jax implements only the plain single-layer EAGLE-3 Llama head and "
+                    "refuses this checkpoint rather than mis-reading it")
+
+
+def _get(c: dict, key: str) -> Any:
+  return c[key] if c.get(key) is not None else _LLAMA_DEFAULTS.get(key)
+
+
+def _refuse_flags(c: dict, where: str) -> None:
+  for flag, meaning in REFUSED_FLAGS.items():
+    if c.get(flag):
+      raise refuse(f"{where}{flag}={c[flag]!r}", meaning)
+
+
+def _llama_shape(c: dict, where: str) -> dict[str, Any]:
+  """Shape and numerics of the draft's decoder layer from a transformers LlamaConfig dict."""
+  _refuse_flags(c, where)
+  if c.get("model_type") not in (None, "llama"):
+    raise refuse(f"{where}model_type={c['model_type']!r}", "only Llama-style draft layers are implemented")
+  if _get(c, "num_hidden_layers") != 1:
+    raise refuse(f"{where}num_hidden_layers={_get(c, 'num_hidden_layers')}", "multi-layer drafts")
+  if _get(c, "hidden_act") != "silu":
+    raise refuse(f"{where}hidden_act={_get(c, 'hidden_act')!r}", "only SiLU-gated MLPs are implemented")
+  rope = c.get("rope_parameters") or {}  # transformers >= 5 nests theta and scaling here
+  scaling = c.get("rope_scaling") or rope
+  if scaling.get("rope_type", scaling.get("type", "default")) not in ("default", None):
+    raise refuse(f"{where}rope_scaling={scaling!r}", "DraftConfig has no scaled RoPE")
+  D, N = _get(c, "hidden_size"), _get(c, "num_attention_heads")
+  return {"hidden_size": D, "intermediate_size": _get(c, "intermediate_size"), "num_heads": N,
+          "num_kv_heads": c.get("num_key_value_heads") or N, "head_dim": c.get("head_dim") or D // N,
+          "vocab_size": _get(c, "vocab_size"), "rms_norm_eps": float(_get(c, "rms_norm_eps")),
+          "rope_theta": float(rope.get("rope_theta") or _get(c, "rope_theta"))}
+
+
+def _aux_from_sources(sources: list[tuple[str, tuple[int, ...]]], num_target_layers: int | None,
+                      missing_hint: str) -> tuple[tuple[int, ...], str]:
+  """Picks the aux ids (input numbering) from every field that states them; they must agree."""
+  if not sources:
+    if num_target_layers is None:
+      raise ValueError(f"config.json states no aux layer ids ({missing_hint}); pass num_target_layers=L (the "
+                       "target's num_hidden_layers) to use the official default (2, L//2, L-3)")
+    return default_aux_layer_ids(num_target_layers), "default"
+  checked = [(field, check_aux_ids(ids, field, num_target_layers)) for field, ids in sources]
+  for field, ids in checked[1:]:
+    if ids != checked[0][1]:
+      raise ValueError(f"aux layer ids disagree: {checked[0][0]} gives {checked[0][1]} but {field} gives {ids} "
+                       "(both shown in input numbering)")
+  return checked[0][1], checked[0][0]
+
+
+def own_block(config: dict) -> dict:
+  own = config.get(FORMAT_KEY) or {}
+  if own and own.get("format_version") != FORMAT_VERSION:
+    raise ValueError(f"config field {FORMAT_KEY}.format_version={own.get('format_version')!r} is not "
+                     f"{FORMAT_VERSION}")
+  return own
+
+
+def parse_eagle(config: dict, num_target_layers: int | None) -> tuple[dict, tuple[int, ...], dict]:
+  archs = config.get("architectures") or []
+  if any(a not in _EAGLE_ARCHS for a in archs):
+    raise refuse(f"architectures={archs}", f"not one of {_EAGLE_ARCHS}")
+  shape = _llama_shape(config, "")
+  ec = config.get("eagle_config") or {}
+  _refuse_flags(ec, "eagle_config.")
+  for key, bad, meaning in (("use_aux_hidden_state", False, "an EAGLE-1/2 head (no aux states)"),
+                            ("use_input_layernorm_in_first_layer", False, "no input_layernorm on the embedding"),
+                            ("use_last_layernorm", False, "no final norm before lm_head"),
+                            ("use_mtp_layernorm", True, "extra MTP layernorms")):
+    if key in ec and bool(ec[key]) == bad:
+      raise refuse(f"eagle_config.{key}={ec[key]!r}", meaning)
+  if (ec.get("parallel_draft_step") or 1) > 1:
+    raise refuse(f"eagle_config.parallel_draft_step={ec['parallel_draft_step']}", "parallel drafting")
+  sources = []
+  if ec.get("eagle_aux_hidden_state_layer_ids"):
+    sources.append(("eagle_config.eagle_aux_hidden_state_layer_ids (output numbering)",
+                    aux_ids_from_output_numbering(check_aux_ids(ec["eagle_aux_hidden_state_layer_ids"],
+                                                                 "eagle_config.eagle_aux_hidden_state_layer_ids",
+                                                                 None))))
+  if config.get("eagle_aux_hidden_state_layer_ids"):  # vLLM reads this top-level field as input numbering
+    sources.append(("eagle_aux_hidden_state_layer_ids (input numbering)", config["eagle_aux_hidden_state_layer_ids"]))
+  own = own_block(config)
+  if own.get("aux_layer_ids_input_numbering"):
+    sources.append((f"{FORMAT_KEY}.aux_layer_ids_input_numbering", own["aux_layer_ids_input_numbering"]))
+  aux, field = _aux_from_sources(sources, num_target_layers, "no eagle_config.eagle_aux_hidden_state_layer_ids")
+  extra = {"aux_ids_field": field}
+  return shape, aux, extra
+
+
+def parse_speculators(config: dict, num_target_layers: int | None) -> tuple[dict, tuple[int, ...], dict]:
+  if config.get("speculators_model_type") != "eagle3":
+    raise refuse(f"speculators_model_type={config.get('speculators_model_type')!r}", "not an eagle3 speculator")
+  if "norm_before_residual" not in config:
+    # vLLM defaults the missing field to true; speculators itself always writes it.
+    raise refuse("speculators config without norm_before_residual", "vLLM serves that as norm_before_residual=true")
+  # Only the speculators flags: top-level transformers fields (e.g. tie_word_embeddings) are not the layer's.
+  _refuse_flags({k: config.get(k) for k in ("fc_norm", "norm_before_fc", "norm_output", "norm_before_residual")}, "")
+  layer_cfg = config.get("transformer_layer_config")
+  if not isinstance(layer_cfg, dict):
+    raise ValueError("speculators config.json has no transformer_layer_config object")
+  shape = _llama_shape(layer_cfg, "transformer_layer_config.")
+  sources = []
+  if config.get("eagle_aux_hidden_state_layer_ids"):
+    sources.append(("eagle_aux_hidden_state_layer_ids (input numbering)", config["eagle_aux_hidden_state_layer_ids"]))
+  own = own_block(config)
+  if own.get("aux_layer_ids_input_numbering"):
+    sources.append((f"{FORMAT_KEY}.aux_layer_ids_input_numbering", own["aux_layer_ids_input_numbering"]))
+  aux, field = _aux_from_sources(sources, num_target_layers, "no eagle_aux_hidden_state_layer_ids")
+  spec = config.get("speculators_config") or {}
+  verifier = spec.get("verifier") or {}
+  methods = spec.get("proposal_methods") or [{}]
+  extra = {"aux_ids_field": field, "verifier": verifier.get("name_or_path"),
+           "verifier_architectures": list(verifier.get("architectures") or []),
+           "speculative_tokens": methods[0].get("speculative_tokens")}
+  for key in ("max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id"):
+    extra[key] = layer_cfg.get(key)
+  return shape, aux, extra
+
+
+# ----- writing ------------------------------------------------------------------------------------------------
+
+
+def _llama_fields(cfg: DraftConfig, extra: dict, torch_dtype: str) -> dict[str, Any]:
+  """A complete transformers LlamaConfig for the draft layer (every field engines read, nothing left to defaults)."""
+  fields = {"hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+            "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+            "num_hidden_layers": 1, "hidden_act": "silu", "rms_norm_eps": cfg.rms_norm_eps,
+            "rope_theta": cfg.rope_theta, "rope_scaling": None,
+            "max_position_embeddings": extra.get("max_position_embeddings", DEFAULT_MAX_POSITION_EMBEDDINGS),
+            "vocab_size": cfg.vocab_size, "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
+            "attention_dropout": 0.0, "pretraining_tp": 1, "initializer_range": 0.02, "use_cache": True,
+            "torch_dtype": torch_dtype}
+  fields.update({k: extra[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in extra})
+  return fields
+
+
+def _own(layout: str, aux: tuple[int, ...], extra: dict) -> dict[str, Any]:
+  return {"format_version": FORMAT_VERSION, "layout": layout,
+          "aux_layer_numbering": "output" if layout == "eagle" else "input",
+          "aux_layer_ids_input_numbering": list(aux), **{k: extra[k] for k in PORTABLE_EXTRA if k in extra}}
+
+
+def eagle_config(cfg: DraftConfig, aux: tuple[int, ...], extra: dict, torch_dtype: str) -> dict[str, Any]:
+  """Official / SGLang config.json: LlamaForCausalLMEagle3 with aux ids in eagle_config, OUTPUT numbering."""
+  config = {"architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama",
+            **_llama_fields(cfg, extra, torch_dtype), "draft_vocab_size": cfg.draft_vocab_size}
+  if cfg.target_hidden_size != cfg.hidden_size:
+    # Only when needed: the official loader takes the mere presence of this field to mean "own embedding".
+    config["target_hidden_size"] = cfg.target_hidden_size
+  config["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": list(aux_ids_to_output_numbering(aux)),
+                            "use_aux_hidden_state": True}
+  config[FORMAT_KEY] = _own("eagle", aux, extra)
+  return config
+
+
+def speculators_config(cfg: DraftConfig, aux: tuple[int, ...], extra: dict, torch_dtype: str) -> dict[str, Any]:
+  """speculators config.json (what `vllm serve DIR` needs): top-level aux ids in INPUT numbering."""
+  if not extra.get("verifier"):
+    raise ValueError("the speculators layout names its verifier: pass verifier=... (the target's HF id or path)")
+  proposal = {"proposal_type": "greedy",
+              "speculative_tokens": extra.get("speculative_tokens", DEFAULT_SPECULATIVE_TOKENS),
+              "verifier_accept_k": 1, "accept_tolerance": 0.0}
+  return {
+      "architectures": ["Eagle3Speculator"], "speculators_model_type": "eagle3",
+      "transformer_layer_config": {"model_type": "llama", **_llama_fields(cfg, extra, torch_dtype)},
+      "draft_vocab_size": cfg.draft_vocab_size,
+      "target_hidden_size": cfg.target_hidden_size if cfg.target_hidden_size != cfg.hidden_size else None,
+      "eagle_aux_hidden_state_layer_ids": list(aux),
+      # Written explicitly: vLLM treats a missing norm_before_residual as true.
+      "norm_before_residual": False, "norm_before_fc": False, "fc_norm": False, "norm_output": False,
+      "embed_requires_grad": False, "torch_dtype": torch_dtype,
+      "speculators_config": {"algorithm": "eagle3", "proposal_methods": [proposal], "default_proposal_method": "greedy",
+                             "verifier": {"name_or_path": extra["verifier"],
+                                          "architectures": list(extra.get("verifier_architectures", []))}},
+      FORMAT_KEY: _own("speculators", aux, extra),
+  }

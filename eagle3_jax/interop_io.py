@@ -1,0 +1,137 @@
+"""File-level helpers for draft checkpoints: tensor loading (safetensors, sharded, torch .bin) and atomic writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import uuid
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import safetensors.numpy
+
+FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64), np.dtype(ml_dtypes.bfloat16))
+WEIGHTS_SAFETENSORS = "model.safetensors"
+WEIGHTS_BIN = "pytorch_model.bin"
+
+
+def as_float_dtype(dtype: Any) -> np.dtype:
+  """np.dtype of a float dtype given as a string ("bfloat16", "fp16"), numpy/ml_dtypes/jnp dtype."""
+  aliases = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "float": "float32"}
+  if isinstance(dtype, str):
+    dtype = aliases.get(dtype, dtype)
+  d = np.dtype(dtype)
+  if d not in FLOAT_DTYPES:
+    raise ValueError(f"dtype {dtype!r} is not one of {[str(f) for f in FLOAT_DTYPES]}")
+  return d
+
+
+def load_json(path: pathlib.Path) -> dict[str, Any]:
+  if not path.is_file():
+    raise FileNotFoundError(f"{path} does not exist")
+  with open(path) as f:
+    data = json.load(f)
+  if not isinstance(data, dict):
+    raise ValueError(f"{path} does not hold a JSON object")
+  return data
+
+
+def _torch_to_numpy(name: str, t: Any) -> np.ndarray:
+  import torch  # only reached when a .bin is read, i.e. torch is installed
+
+  if not isinstance(t, torch.Tensor):
+    raise ValueError(f"checkpoint entry {name!r} is a {type(t).__name__}, not a tensor")
+  t = t.detach().cpu().contiguous()
+  if t.dtype == torch.bfloat16:  # numpy has no bf16: reinterpret the bits, never round
+    return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+  return t.numpy()
+
+
+def _load_bin(file: pathlib.Path) -> dict[str, np.ndarray]:
+  try:
+    import torch
+  except ImportError as e:
+    raise ImportError(f"{file} is a torch pickle; reading it needs torch (pip install 'eagle3-jax[torch]'), "
+                      "or convert it to safetensors elsewhere") from e
+  # weights_only=True: a checkpoint is data, never code (arbitrary pickles can execute anything on load).
+  state = torch.load(file, map_location="cpu", weights_only=True)
+  if not isinstance(state, dict):
+    raise ValueError(f"{file} holds a {type(state).__name__}, expected a state dict")
+  return {str(k): _torch_to_numpy(str(k), v) for k, v in state.items()}
+
+
+def _load_one(file: pathlib.Path) -> dict[str, np.ndarray]:
+  if file.name.endswith(".safetensors"):
+    return safetensors.numpy.load_file(str(file))
+  return _load_bin(file)
+
+
+def load_tensors(path: pathlib.Path) -> tuple[dict[str, np.ndarray], str]:
+  """All tensors of a checkpoint directory, in their file dtypes, and the weight file name they came from.
+
+  Prefers model.safetensors over pytorch_model.bin; follows *.index.json for sharded checkpoints.
+  """
+  for name in (WEIGHTS_SAFETENSORS, WEIGHTS_BIN):
+    if (path / name).is_file():
+      return _load_one(path / name), name
+    index = path / f"{name}.index.json"
+    if index.is_file():
+      weight_map = load_json(index).get("weight_map")
+      if not isinstance(weight_map, dict):
+        raise ValueError(f"{index} has no 'weight_map' object")
+      tensors: dict[str, np.ndarray] = {}
+      for shard in sorted(set(weight_map.values())):
+        for key, value in _load_one(path / shard).items():
+          if key in tensors:
+            raise ValueError(f"key {key!r} appears in more than one shard of {path}")
+          tensors[key] = value
+      return tensors, index.name
+  raise FileNotFoundError(f"{path} holds no {WEIGHTS_SAFETENSORS}, {WEIGHTS_BIN} or sharded index")
+
+
+def write_dir_atomic(dst: pathlib.Path, config: dict[str, Any], tensors: dict[str, np.ndarray], *,
+                     overwrite: bool) -> None:
+  """Writes config.json + model.safetensors into a temporary sibling directory, then renames it into place.
+
+  A crash or an exception leaves either the previous directory or none, never a partial checkpoint.
+  """
+  dst = pathlib.Path(dst)
+  if dst.exists() and not overwrite:
+    raise FileExistsError(f"{dst} already exists (pass overwrite=True / --overwrite to replace it)")
+  if dst.exists() and not dst.is_dir():
+    raise FileExistsError(f"{dst} exists and is not a directory")
+  dst.parent.mkdir(parents=True, exist_ok=True)
+  tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
+  tmp.mkdir()
+  try:
+    with open(tmp / "config.json", "w") as f:
+      json.dump(config, f, indent=2)
+      f.write("\n")
+    # "format": "pt" is what transformers, vLLM and SGLang expect in a safetensors header.
+    safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+                                str(tmp / WEIGHTS_SAFETENSORS), metadata={"format": "pt"})
+    for name in ("config.json", WEIGHTS_SAFETENSORS):
+      fd = os.open(tmp / name, os.O_RDONLY)
+      try:
+        os.fsync(fd)
+      finally:
+        os.close(fd)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  old = None
+  if dst.exists():
+    old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+    os.rename(dst, old)
+  try:
+    os.rename(tmp, dst)
+  except BaseException:
+    if old is not None:
+      os.rename(old, dst)  # put the previous checkpoint back
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  if old is not None:
+    shutil.rmtree(old, ignore_errors=True)

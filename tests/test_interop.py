@@ -1,0 +1,480 @@
+"""Interop: each layout, built exactly as its producer writes it, reads into a draft whose logits match a PyTorch
+reference of the documented forward; write -> read round trips are bit-exact; bad files are refused by name."""
+
+import functools
+import json
+import math
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.numpy
+
+torch = pytest.importorskip("torch")
+import safetensors.torch  # noqa: E402
+
+from eagle3_jax import convert, draft, interop, interop_io, layers  # noqa: E402
+from eagle3_jax.config import LlamaConfig  # noqa: E402
+
+D, F, N, K, H, V, VD = 64, 128, 4, 2, 16, 256, 64
+L = 30  # target layers: official taps (2, 15, 27) in input numbering = (1, 14, 26) in output numbering
+AUX_IN, AUX_OUT = (2, 15, 27), [1, 14, 26]
+VERIFIER = "meta-llama/Llama-3.1-8B-Instruct"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+# ----- checkpoints in their producers' exact layouts ----------------------------------------------------------
+
+
+def make_state(seed, *, dt=D, prefix="midlayer.", dtype=torch.float32, t2d=True, embed=False):
+  """A state dict with the official key names, PyTorch [out, in] weights, int64 d2t and bool t2d."""
+  g = torch.Generator().manual_seed(seed)
+  mat = lambda o, i: (torch.randn(o, i, generator=g) / math.sqrt(i)).to(dtype)  # noqa: E731
+  vec = lambda n: (1 + 0.2 * torch.randn(n, generator=g)).to(dtype)  # noqa: E731
+  a = prefix + "self_attn."
+  sd = {"fc.weight": mat(D, 3 * dt), prefix + "input_layernorm.weight": vec(D), prefix + "hidden_norm.weight": vec(D),
+        a + "q_proj.weight": mat(N * H, 2 * D), a + "k_proj.weight": mat(K * H, 2 * D),
+        a + "v_proj.weight": mat(K * H, 2 * D), a + "o_proj.weight": mat(D, N * H),
+        prefix + "post_attention_layernorm.weight": vec(D), prefix + "mlp.gate_proj.weight": mat(F, D),
+        prefix + "mlp.up_proj.weight": mat(F, D), prefix + "mlp.down_proj.weight": mat(D, F),
+        "norm.weight": vec(D), "lm_head.weight": mat(VD, D)}
+  ids = np.sort(np.random.default_rng(seed).choice(V, VD, replace=False))
+  sd["d2t"] = torch.from_numpy(ids - np.arange(VD)).to(torch.int64)
+  if t2d:
+    sd["t2d"] = torch.zeros(V, dtype=torch.bool)
+    sd["t2d"][ids] = True
+  if embed:
+    sd["embed_tokens.weight"] = torch.randn(V, D, generator=g).to(dtype)
+  return sd, ids
+
+
+def official_config(**kw):
+  """The released EAGLE3-LLaMA3.1 config.json, shrunk: no head_dim, no rope_theta, no aux ids."""
+  c = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "bos_token_id": 1, "eos_token_id": 2,
+       "pad_token_id": 0, "hidden_act": "silu", "hidden_size": D, "intermediate_size": F, "num_attention_heads": N,
+       "num_key_value_heads": K, "num_hidden_layers": 1, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
+       "initializer_range": 0.02, "tie_word_embeddings": False, "torch_dtype": "float16",
+       "transformers_version": "4.28.1", "use_cache": True, "vocab_size": V, "draft_vocab_size": VD}
+  return c | kw
+
+
+def sglang_config(**kw):
+  """A SpecForge export: LlamaForCausalLMEagle3, the target's rope_theta, aux ids nested, output numbering."""
+  return official_config(architectures=["LlamaForCausalLMEagle3"], head_dim=H, rope_theta=500000.0,
+                         rope_scaling=None, torch_dtype="bfloat16",
+                         eagle_config={"eagle_aux_hidden_state_layer_ids": AUX_OUT, "use_aux_hidden_state": True}) | kw
+
+
+def modelopt_config(**kw):
+  """ModelOpt's export template; its aux ids come from list(set(...)), so not necessarily sorted."""
+  return sglang_config(eagle_config={"eagle_aux_hidden_state_layer_ids": [1, 26, 14], "use_aux_hidden_state": True,
+                                     "use_input_layernorm_in_first_layer": True, "use_last_layernorm": True,
+                                     "use_mtp_layernorm": False, "next_layer_regular": True,
+                                     "parallel_draft_step": 1, "parallel_draft_heads_num_layers": None}) | kw
+
+
+def speculators_config(dt=48, **kw):
+  """speculators' Eagle3SpeculatorConfig: transformer_layer_config is a diff against LlamaConfig defaults."""
+  c = {"architectures": ["Eagle3Speculator"], "speculators_model_type": "eagle3", "speculators_version": "0.3.0",
+       "transformer_layer_config": {"model_type": "llama", "hidden_size": D, "intermediate_size": F,
+                                    "num_attention_heads": N, "num_key_value_heads": K, "head_dim": H,
+                                    "num_hidden_layers": 1, "vocab_size": V, "rms_norm_eps": 1e-5,
+                                    "rope_theta": 1000000.0, "max_position_embeddings": 4096},
+       "draft_vocab_size": VD, "norm_before_residual": False, "target_hidden_size": dt,
+       "eagle_aux_hidden_state_layer_ids": list(AUX_IN), "embed_requires_grad": False,
+       "speculators_config": {"algorithm": "eagle3", "default_proposal_method": "greedy",
+                              "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": 5,
+                                                    "verifier_accept_k": 1, "accept_tolerance": 0.0}],
+                              "verifier": {"name_or_path": VERIFIER, "architectures": ["LlamaForCausalLM"]}}}
+  return c | kw
+
+
+def save(path, config, sd, fmt="safetensors"):
+  path.mkdir(parents=True)
+  (path / "config.json").write_text(json.dumps(config))
+  if fmt == "bin":
+    torch.save(sd, path / "pytorch_model.bin")
+  else:
+    safetensors.torch.save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
+  return path
+
+
+CASES = {  # name: (config, torch dtype, file format, extra make_state kwargs, num_target_layers, rope theta, layout)
+    "eagle_safetensors": (official_config(), torch.float16, "safetensors", {}, L, 10000.0, "eagle"),
+    "eagle_bin": (official_config(), torch.float16, "bin", {}, L, 10000.0, "eagle"),
+    "sglang": (sglang_config(), torch.bfloat16, "safetensors", {}, None, 500000.0, "sglang"),
+    "speculators": (speculators_config(), torch.float32, "safetensors",
+                    {"prefix": "layers.0.", "embed": True, "dt": 48}, None, 1000000.0, "speculators"),
+    "modelopt": (modelopt_config(), torch.bfloat16, "safetensors", {"t2d": False}, None, 500000.0, "modelopt"),
+}
+
+
+# ----- the PyTorch reference of the documented draft forward (reference a.2) ----------------------------------
+
+
+def torch_reference(sd, prefix, tokens, aux, embed, *, theta, eps=1e-5):
+  w = {k: v.float() for k, v in sd.items() if v.is_floating_point()}
+  p = lambda k: w[prefix + k]  # noqa: E731
+
+  def rms(x, weight):
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+  B, T = tokens.shape
+  h = aux @ w["fc.weight"].T  # fc over cat(low, mid, high)
+  u = torch.cat([rms(embed[tokens], p("input_layernorm.weight")), rms(h, p("hidden_norm.weight"))], -1)
+  heads = lambda name, n: (u @ p(f"self_attn.{name}.weight").T).view(B, T, n, H).transpose(1, 2)  # noqa: E731
+  q, k, v = heads("q_proj", N), heads("k_proj", K), heads("v_proj", K)
+  inv = 1.0 / theta ** (torch.arange(0, H, 2, dtype=torch.float64) / H)
+  ang = torch.arange(T, dtype=torch.float64)[:, None] * inv[None]
+  cos, sin = torch.cat([ang, ang], -1).cos().float(), torch.cat([ang, ang], -1).sin().float()
+  rot = lambda x: torch.cat([-x[..., H // 2:], x[..., :H // 2]], -1)  # noqa: E731
+  q, k = q * cos + rot(q) * sin, k * cos + rot(k) * sin
+  k, v = k.repeat_interleave(N // K, dim=1), v.repeat_interleave(N // K, dim=1)
+  scores = (q @ k.transpose(-1, -2) / math.sqrt(H)).masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), -math.inf)
+  h1 = h + (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, N * H) @ p("self_attn.o_proj.weight").T
+  x = rms(h1, p("post_attention_layernorm.weight"))
+  mlp = torch.nn.functional.silu(x @ p("mlp.gate_proj.weight").T) * (x @ p("mlp.up_proj.weight").T)
+  h2 = h1 + mlp @ p("mlp.down_proj.weight").T
+  return rms(h2, w["norm.weight"]) @ w["lm_head.weight"].T
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def _jax_logits(params, tokens, aux, embed, *, cfg):
+  B, T = tokens.shape
+  pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+  out, _ = draft.forward(params, embed[tokens], draft.fuse(params, aux), pos, None,
+                         layers.causal_mask(jnp.full((B,), T), T), cfg=cfg)
+  return draft.logits(params, out, cfg=cfg)
+
+
+def jax_logits(ckpt, tokens, aux, embed):
+  return np.asarray(_jax_logits(ckpt.params, tokens, aux, jnp.asarray(embed), cfg=ckpt.cfg))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_each_layout_reads_into_the_reference_logits(tmp_path, case):
+  config, dtype, fmt, kw, num_layers, theta, layout = CASES[case]
+  sd, ids = make_state(1, dtype=dtype, **kw)
+  ckpt = interop.read_draft(save(tmp_path / case, config, sd, fmt), num_target_layers=num_layers)
+  assert ckpt.source_layout == layout
+  assert ckpt.aux_layer_ids == AUX_IN
+  assert ckpt.cfg.rope_theta == theta and ckpt.cfg.target_hidden_size == kw.get("dt", D)
+  assert all(x.dtype == np.float32 for x in jax.tree.leaves(ckpt.params))
+  np.testing.assert_array_equal(ckpt.vocab.target_ids(), ids)
+  np.testing.assert_array_equal(np.flatnonzero(ckpt.vocab.t2d), ids)  # derived from d2t for ModelOpt
+  rng = np.random.default_rng(2)
+  tokens = rng.integers(V, size=(2, 7))
+  aux = rng.standard_normal((2, 7, 3 * ckpt.cfg.target_hidden_size)).astype(np.float32)
+  embed = ckpt.embed if ckpt.embed is not None else rng.standard_normal((V, D)).astype(np.float32)
+  # fp16/bf16 files: the reference runs on the same rounded weights, in fp32.
+  ref = torch_reference(sd, kw.get("prefix", "midlayer."), torch.from_numpy(tokens), torch.from_numpy(aux),
+                        torch.from_numpy(np.asarray(embed, np.float32)), theta=theta)
+  np.testing.assert_allclose(jax_logits(ckpt, tokens, aux, embed), ref.numpy(), atol=1e-4, rtol=1e-4)
+  if case == "speculators":
+    assert ckpt.extra["verifier"] == VERIFIER and ckpt.extra["speculative_tokens"] == 5
+    np.testing.assert_array_equal(ckpt.embed, sd["embed_tokens.weight"].numpy())
+
+
+def test_requested_read_dtype(tmp_path):
+  sd, _ = make_state(1, dtype=torch.bfloat16)
+  ckpt = interop.read_draft(save(tmp_path / "d", sglang_config(), sd), dtype="bfloat16")
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(ckpt.params))
+  np.testing.assert_array_equal(ckpt.params["norm"], sd["norm.weight"].float().numpy().astype(jnp.bfloat16))
+
+
+# ----- write -> read ------------------------------------------------------------------------------------------
+
+
+def random_ckpt(seed=0, *, dt=D, embed=False, extra=None):
+  cfg = draft.DraftConfig(hidden_size=D, target_hidden_size=dt, intermediate_size=F, num_heads=N, num_kv_heads=K,
+                          head_dim=H, vocab_size=V, draft_vocab_size=VD)
+  rng = np.random.default_rng(seed)
+  # Not the init values: every entry distinct, so a transposed or mis-reshaped weight cannot go unnoticed.
+  params = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32) / 4, draft.abstract_params(cfg))
+  vocab = draft.DraftVocab.from_ids(np.sort(rng.choice(V, VD, replace=False)), V)
+  e = rng.standard_normal((V, D)).astype(np.float32) if embed or dt != D else None
+  return interop.DraftCheckpoint(cfg=cfg, params=params, vocab=vocab, aux_layer_ids=AUX_IN, embed=e,
+                                 extra=extra or {})
+
+
+def file_tensors(path):
+  return safetensors.numpy.load_file(str(path / "model.safetensors"))
+
+
+def assert_same_tensors(a, b):
+  assert sorted(a) == sorted(b)
+  for k in a:
+    assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+    assert a[k].tobytes() == b[k].tobytes(), k
+
+
+def assert_same_ckpt(a, b):
+  assert a.cfg == b.cfg and a.aux_layer_ids == b.aux_layer_ids
+  jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
+  np.testing.assert_array_equal(a.vocab.d2t, b.vocab.d2t)
+  np.testing.assert_array_equal(a.vocab.t2d, b.vocab.t2d)
+  assert (a.embed is None) == (b.embed is None)
+  if a.embed is not None:
+    np.testing.assert_array_equal(a.embed, b.embed)
+
+
+@pytest.mark.parametrize("layout", interop.WRITE_LAYOUTS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_write_read_round_trip_is_bit_exact(tmp_path, layout, dtype):
+  ckpt = random_ckpt(dt=48, extra={"eos_token_id": [2, 3]})  # D != Dt: embed_tokens must travel too
+  interop.write_draft(tmp_path / "a", ckpt, layout=layout, dtype=dtype, verifier=VERIFIER)
+  back = interop.read_draft(tmp_path / "a")
+  assert back.source_layout == layout and back.extra["file_dtype"] == dtype
+  assert back.extra["verifier"] == VERIFIER and back.extra["eos_token_id"] == [2, 3]
+  rounded = jax.tree.map(lambda x: x.astype(dtype).astype(np.float32), (ckpt.params, ckpt.embed))
+  assert_same_ckpt(interop.DraftCheckpoint(ckpt.cfg, rounded[0], ckpt.vocab, ckpt.aux_layer_ids, rounded[1]), back)
+  interop.write_draft(tmp_path / "b", back, layout=layout, dtype=dtype)
+  assert_same_tensors(file_tensors(tmp_path / "a"), file_tensors(tmp_path / "b"))
+  assert json.loads((tmp_path / "a/config.json").read_text()) == json.loads((tmp_path / "b/config.json").read_text())
+  t = file_tensors(tmp_path / "a")
+  assert t["d2t"].dtype == np.int64 and t["t2d"].dtype == bool and t["fc.weight"].dtype == np.dtype(dtype)
+
+
+def test_eagle_to_speculators_to_eagle_preserves_everything(tmp_path):
+  ckpt = random_ckpt(embed=True, extra={"verifier": VERIFIER, "verifier_architectures": ["LlamaForCausalLM"],
+                                        "max_position_embeddings": 8192, "bos_token_id": 1})
+  interop.write_draft(tmp_path / "e1", ckpt, layout="eagle")
+  interop.write_draft(tmp_path / "s", interop.read_draft(tmp_path / "e1"), layout="speculators")
+  interop.write_draft(tmp_path / "e2", interop.read_draft(tmp_path / "s"), layout="eagle")
+  first, last = interop.read_draft(tmp_path / "e1"), interop.read_draft(tmp_path / "e2")
+  assert_same_ckpt(ckpt, last)
+  assert {k: last.extra[k] for k in interop.formats.PORTABLE_EXTRA if k in last.extra} == {
+      k: first.extra[k] for k in interop.formats.PORTABLE_EXTRA if k in first.extra}
+  assert last.extra["max_position_embeddings"] == 8192 and last.extra["verifier"] == VERIFIER
+  assert_same_tensors(file_tensors(tmp_path / "e1"), file_tensors(tmp_path / "e2"))
+  assert (tmp_path / "e1/config.json").read_text() == (tmp_path / "e2/config.json").read_text()
+
+
+def test_written_configs_are_complete(tmp_path):
+  ckpt = random_ckpt()
+  interop.write_draft(tmp_path / "e", ckpt, layout="eagle")
+  interop.write_draft(tmp_path / "s", ckpt, layout="speculators", verifier=VERIFIER,
+                      verifier_architectures=["LlamaForCausalLM"], speculative_tokens=4)
+  e = json.loads((tmp_path / "e/config.json").read_text())
+  s = json.loads((tmp_path / "s/config.json").read_text())
+  llama = {"hidden_size": D, "intermediate_size": F, "num_attention_heads": N, "num_key_value_heads": K,
+           "head_dim": H, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "rope_scaling": None,
+           "num_hidden_layers": 1, "vocab_size": V, "hidden_act": "silu", "tie_word_embeddings": False}
+  assert e["architectures"] == ["LlamaForCausalLMEagle3"] and e["model_type"] == "llama"
+  assert llama.items() <= e.items() and e["draft_vocab_size"] == VD and "target_hidden_size" not in e
+  assert e["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == AUX_OUT
+  assert "eagle_aux_hidden_state_layer_ids" not in e  # vLLM would read a top-level list as input numbering
+  assert e["eagle3_jax"]["aux_layer_numbering"] == "output"
+  assert e["eagle3_jax"]["aux_layer_ids_input_numbering"] == list(AUX_IN)
+  assert s["speculators_model_type"] == "eagle3" and s["architectures"] == ["Eagle3Speculator"]
+  assert llama.items() <= s["transformer_layer_config"].items()
+  assert s["eagle_aux_hidden_state_layer_ids"] == list(AUX_IN) and s["norm_before_residual"] is False
+  assert s["speculators_config"]["verifier"] == {"name_or_path": VERIFIER, "architectures": ["LlamaForCausalLM"]}
+  assert s["speculators_config"]["proposal_methods"][0]["speculative_tokens"] == 4
+  assert "embed_tokens.weight" not in file_tensors(tmp_path / "e")
+  assert any(k.startswith("layers.0.") for k in file_tensors(tmp_path / "s"))
+
+
+# ----- aux-layer numbering ------------------------------------------------------------------------------------
+
+
+def test_aux_ids_across_conventions_for_a_30_layer_target(tmp_path):
+  assert interop.aux_ids_from_output_numbering([1, 14, 26]) == (2, 15, 27)
+  assert interop.aux_ids_to_output_numbering((2, 15, 27)) == (1, 14, 26)
+  target = LlamaConfig(vocab_size=V, hidden_size=D, intermediate_size=F, num_layers=L, num_heads=N, num_kv_heads=K,
+                       head_dim=H)
+  assert interop.default_aux_layer_ids(L) == target.aux_layer_ids == (2, 15, 27)
+  sd, _ = make_state(0)
+  save(tmp_path / "official", official_config(), sd)
+  with pytest.raises(ValueError, match="num_target_layers"):
+    interop.read_draft(tmp_path / "official")
+  with pytest.raises(ValueError, match="outside"):  # ids must exist in the stated target
+    interop.read_draft(save(tmp_path / "sg", sglang_config(), sd), num_target_layers=20)
+  inconsistent = sglang_config(eagle3_jax={"format_version": 1, "aux_layer_ids_input_numbering": [2, 15, 28]})
+  with pytest.raises(ValueError, match="disagree"):
+    interop.read_draft(save(tmp_path / "bad", inconsistent, sd))
+  with pytest.raises(ValueError, match="input 0"):
+    interop.write_draft(tmp_path / "x", interop.DraftCheckpoint(**{**vars(random_ckpt()), "aux_layer_ids": (0, 2, 5)}))
+  with pytest.raises(ValueError, match="ascending"):
+    interop.write_draft(tmp_path / "x", interop.DraftCheckpoint(**{**vars(random_ckpt()), "aux_layer_ids": (27, 2, 15)}))
+  assert not (tmp_path / "x").exists()
+
+
+# ----- refusals and errors that name the key ------------------------------------------------------------------
+
+
+def _official(tmp_path, mutate_sd=None, **config_kw):
+  sd, _ = make_state(0)
+  if mutate_sd:
+    mutate_sd(sd)
+  return save(tmp_path / "d", official_config(**config_kw), sd)
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda sd: sd.update({"midlayer.self_attn.q_norm.weight": torch.ones(H)}), "midlayer.self_attn.q_norm.weight"),
+    (lambda sd: sd.update({"verifier_lm_head.weight": torch.ones(V, D)}), "verifier_lm_head.weight"),
+    (lambda sd: sd.pop("midlayer.mlp.up_proj.weight"), "midlayer.mlp.up_proj.weight"),
+    (lambda sd: sd.pop("norm.weight"), "'norm.weight'"),
+    (lambda sd: sd.update({"lm_head.weight": torch.ones(VD + 1, D)}), "lm_head.weight"),
+    (lambda sd: sd.update({"midlayer.self_attn.o_proj.weight": torch.ones(N * H, D + 1)}), "o_proj.weight"),
+    (lambda sd: sd.update({"fc.weight": torch.ones(D, 3 * D, dtype=torch.int32)}), "'fc.weight' has dtype"),
+    (lambda sd: sd.update({"d2t": sd["d2t"][:-1]}), "'d2t'"),
+    (lambda sd: sd.update({"d2t": sd["d2t"].flip(0)}), "'d2t'"),
+    (lambda sd: sd["t2d"].__setitem__(0, ~sd["t2d"][0]), "'t2d'"),
+    (lambda sd: [sd.pop("d2t"), sd.pop("t2d")], "'d2t'"),
+    (lambda sd: sd.update({"layers.0.norm.weight": torch.ones(D)}), "mixes"),
+])
+def test_bad_keys_raise_naming_the_key(tmp_path, mutate, match):
+  with pytest.raises(ValueError, match=match):
+    interop.read_draft(_official(tmp_path, mutate), num_target_layers=L)
+
+
+@pytest.mark.parametrize("config_kw, mutate, match", [
+    ({"fc_norm": True}, None, "fc_norm"),
+    ({}, lambda sd: sd.update({f"fc_norm.{i}.weight": torch.ones(D) for i in range(3)}), "fc_norm"),
+    ({"norm_output": True}, None, "norm_output"),
+    ({"norm_before_fc": True}, lambda sd: sd.update({"input_norm.weight": torch.ones(3 * D)}), "norm_before_fc"),
+    ({"num_hidden_layers": 2}, lambda sd: sd.update({"layers.1.hidden_norm.weight": torch.ones(D)}),
+     "num_hidden_layers"),
+    ({}, lambda sd: sd.update({"layers.1.input_layernorm.weight": torch.ones(D)}), "multi-layer"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, None, "rope_scaling"),
+    ({"tie_word_embeddings": True}, None, "tie_word_embeddings"),
+    ({"attention_bias": True}, None, "attention_bias"),
+    ({"architectures": ["LlamaForCausalLMEagle"]}, None, "architectures"),
+    ({"eagle_config": {"use_aux_hidden_state": False}}, None, "use_aux_hidden_state"),
+    ({"eagle_config": {"use_mtp_layernorm": True}}, None, "use_mtp_layernorm"),
+    ({"target_hidden_size": 48}, lambda sd: sd.update({"fc.weight": torch.ones(D, 144)}), "embed_tokens"),
+])
+def test_unimplemented_eagle_variants_are_refused(tmp_path, config_kw, mutate, match):
+  with pytest.raises(ValueError, match=match):
+    interop.read_draft(_official(tmp_path, mutate, **config_kw), num_target_layers=L)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"norm_before_residual": True}, "norm_before_residual"),
+    ({"norm_output": True}, "norm_output"),
+    ({"fc_norm": True}, "fc_norm"),
+    ({"speculators_model_type": "eagle"}, "speculators_model_type"),
+    ({"transformer_layer_config": {"model_type": "qwen3", "num_hidden_layers": 1}}, "model_type"),
+    ({"transformer_layer_config": {"model_type": "llama", "num_hidden_layers": 3}}, "num_hidden_layers"),
+])
+def test_unimplemented_speculators_variants_are_refused(tmp_path, change, match):
+  sd, _ = make_state(0, prefix="layers.0.", embed=True, dt=48)
+  with pytest.raises(ValueError, match=match):
+    interop.read_draft(save(tmp_path / "s", speculators_config() | change, sd))
+  config = speculators_config()
+  del config["norm_before_residual"]  # vLLM would serve it with norm_before_residual=true
+  with pytest.raises(ValueError, match="norm_before_residual"):
+    interop.read_draft(save(tmp_path / "missing", config, sd))
+
+
+def test_write_validates_before_writing(tmp_path):
+  ckpt = random_ckpt()
+  with pytest.raises(ValueError, match="verifier"):
+    interop.write_draft(tmp_path / "s", ckpt, layout="speculators")
+  with pytest.raises(ValueError, match="layout"):
+    interop.write_draft(tmp_path / "s", ckpt, layout="modelopt")
+  bad = dict(ckpt.params, norm=np.ones(D + 1, np.float32))
+  with pytest.raises(ValueError, match="'norm'"):
+    interop.write_draft(tmp_path / "s", interop.DraftCheckpoint(**{**vars(ckpt), "params": bad}))
+  with pytest.raises(ValueError, match="embed_tokens"):
+    interop.write_draft(tmp_path / "s", random_ckpt(dt=48), include_embed=False)
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_write_is_atomic(tmp_path, monkeypatch):
+  first, second = random_ckpt(0), random_ckpt(1)
+
+  def disk_full(*args, **kwargs):
+    raise OSError("disk full")
+
+  with monkeypatch.context() as m:
+    m.setattr(interop_io.safetensors.numpy, "save_file", disk_full)
+    with pytest.raises(OSError):
+      interop.write_draft(tmp_path / "d", first)
+  assert list(tmp_path.iterdir()) == []  # no half-written directory, no temp left behind
+  interop.write_draft(tmp_path / "d", first)
+  with pytest.raises(FileExistsError):
+    interop.write_draft(tmp_path / "d", second)
+  with monkeypatch.context() as m:
+    m.setattr(interop_io.safetensors.numpy, "save_file", disk_full)
+    with pytest.raises(OSError):
+      interop.write_draft(tmp_path / "d", second, overwrite=True)
+  assert [p.name for p in tmp_path.iterdir()] == ["d"]
+  assert_same_ckpt(first, interop.read_draft(tmp_path / "d"))
+  interop.write_draft(tmp_path / "d", second, overwrite=True)
+  assert_same_ckpt(second, interop.read_draft(tmp_path / "d"))
+  assert [p.name for p in tmp_path.iterdir()] == ["d"]
+
+
+# ----- the CLI, and a converted draft drafting the same tokens -------------------------------------------------
+
+
+def test_convert_cli(tmp_path, capsys):
+  sd, _ = make_state(3, dtype=torch.float16)
+  src = save(tmp_path / "official", official_config(), sd, fmt="bin")
+  assert convert.main([str(src), str(tmp_path / "spec"), "--to", "speculators"]) == 2
+  assert "num_target_layers" in capsys.readouterr().err
+  assert convert.main([str(src), str(tmp_path / "spec"), "--to", "speculators", "--num-target-layers", str(L),
+                       "--verifier", VERIFIER, "--verifier-arch", "LlamaForCausalLM"]) == 0
+  assert "[2, 15, 27]" in capsys.readouterr().out
+  spec = json.loads((tmp_path / "spec/config.json").read_text())
+  assert spec["eagle_aux_hidden_state_layer_ids"] == list(AUX_IN)
+  assert spec["speculators_config"]["verifier"]["name_or_path"] == VERIFIER
+  assert file_tensors(tmp_path / "spec")["fc.weight"].dtype == np.float16  # --dtype auto keeps the source's
+  result = subprocess.run([sys.executable, "-m", "eagle3_jax.convert", str(tmp_path / "spec"),
+                           str(tmp_path / "back"), "--to", "eagle"], cwd=ROOT, capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr
+  back = json.loads((tmp_path / "back/config.json").read_text())
+  assert back["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == AUX_OUT
+  assert_same_ckpt(interop.read_draft(src, num_target_layers=L), interop.read_draft(tmp_path / "back"))
+
+
+_forward = jax.jit(draft.forward, static_argnames="cfg")
+_logits = jax.jit(draft.logits, static_argnames="cfg")
+
+
+def draft_chain(ckpt, embed, tokens, aux, steps):
+  """Greedy draft-only continuation: prompt rows from target features, then the draft's own hidden fed back."""
+  B, T = tokens.shape
+  S = T + steps
+  embed = jnp.asarray(embed)
+  cache = draft.init_cache(ckpt.cfg, B, S)
+  pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+  out, cache = _forward(ckpt.params, embed[tokens], draft.fuse(ckpt.params, aux), pos, cache,
+                        layers.cache_causal_mask(cache.lengths, T, S), cfg=ckpt.cfg)
+  cache = cache.replace(lengths=cache.lengths + T)
+  hidden, chain = out[:, -1:], []
+  for i in range(steps):
+    tok = ckpt.vocab.to_target(jnp.argmax(_logits(ckpt.params, hidden, cfg=ckpt.cfg), -1))
+    chain.append(np.asarray(tok))
+    hidden, cache = _forward(ckpt.params, embed[tok], hidden, jnp.full((B, 1), T + i), cache,
+                             layers.cache_causal_mask(cache.lengths, 1, S), cfg=ckpt.cfg)
+    cache = cache.replace(lengths=cache.lengths + 1)
+  return np.concatenate(chain, 1)
+
+
+def test_converted_draft_drafts_the_same_tokens(tmp_path):
+  ckpt = random_ckpt(5, embed=True)
+  interop.write_draft(tmp_path / "e", ckpt)
+  assert convert.main([str(tmp_path / "e"), str(tmp_path / "s"), "--to", "speculators", "--verifier", VERIFIER]) == 0
+  assert convert.main([str(tmp_path / "s"), str(tmp_path / "e2"), "--to", "eagle"]) == 0
+  rng = np.random.default_rng(6)
+  tokens = rng.integers(V, size=(2, 5))
+  aux = jnp.asarray(rng.standard_normal((2, 5, 3 * D)), jnp.float32)
+  chains = [draft_chain(c, c.embed, tokens, aux, 4)
+            for c in (ckpt, interop.read_draft(tmp_path / "s"), interop.read_draft(tmp_path / "e2"))]
+  assert len({c.tobytes() for c in chains}) == 1 and len(np.unique(chains[0])) > 1
+
+
+def test_trained_draft_exports_converts_and_generates_same_tokens():
+  # Needs the training loop and the speculative decoder (other issues); the draft-level version is just above.
+  missing = [p for p in ("train.py", "eagle3_jax/train_lib.py", "eagle3_jax/tree.py") if not (ROOT / p).exists()]
+  if missing:
+    pytest.skip(f"end-to-end export check waits for {missing} (training loop and speculative decoder)")
+  pytest.fail("train.py and the speculative decoder exist now: replace this placeholder with the end-to-end check "
+              "(train tiny config -> write_draft -> convert to speculators and back -> same generated tokens)")
