@@ -39,6 +39,9 @@ def target_features(target_params: Any, tokens_BT: jax.Array, lengths_B: jax.Arr
   return jax.lax.stop_gradient(aux), jax.lax.stop_gradient(hidden)
 
 
+_target_features_jit = jax.jit(target_features, static_argnames="target_cfg")
+
+
 def target_fingerprint(target_params: Any, target_cfg: LlamaConfig) -> str:
   """Short hash of the target config and a corner of every weight, rounded to bf16 so that bf16 and fp32
   loads of the same checkpoint agree while different checkpoints (or random inits) do not."""
@@ -147,7 +150,6 @@ def dump_features(path: str | os.PathLike, batches: Iterable[dict], target_param
   With resume=True the examples already in the store are skipped (the batches must come in the same order).
   Returns the index.
   """
-  fn = jax.jit(target_features, static_argnames="target_cfg")
   writer = None
   seen = 0
   for batch in batches:
@@ -161,7 +163,7 @@ def dump_features(path: str | os.PathLike, batches: Iterable[dict], target_param
       raise ValueError(f"batch tokens have length {T}, earlier batches {writer.index['seq_len']}")
     B = np.shape(batch["tokens"])[0]
     if seen + B > done:
-      aux, hidden = fn(target_params, jnp.asarray(batch["tokens"]), jnp.asarray(batch["lengths"]),
+      aux, hidden = _target_features_jit(target_params, jnp.asarray(batch["tokens"]), jnp.asarray(batch["lengths"]),
                        target_cfg=target_cfg)
       writer.add_batch(batch, aux, hidden, skip=max(done - seen, 0))
     seen += B

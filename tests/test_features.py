@@ -1,0 +1,137 @@
+"""Offline feature store: what is read back equals the online features, the loss agrees, provenance is enforced."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eagle3_jax import draft, features, ttt
+from eagle3_jax.config import LlamaConfig
+from eagle3_jax.target import llama
+
+B, T, PAD = 2, 12, 5  # pad id 5 (not 0): the offline reader pads with 0, which must not matter
+CFG = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=6, num_heads=4,
+                  num_kv_heads=2, head_dim=16, rope_theta=10000.0)  # conftest's tiny_cfg
+
+
+def _batches(vocab_size, n=3, seed=0):
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(n):
+    lengths = rng.integers(3, T + 1, B).astype(np.int32)
+    valid = np.arange(T)[None, :] < lengths[:, None]
+    out.append({"tokens": np.where(valid, rng.integers(0, vocab_size, (B, T)), PAD).astype(np.int32),
+                "loss_mask": (valid & (rng.random((B, T)) < 0.6)).astype(np.int32), "lengths": lengths})
+  return out
+
+
+@pytest.fixture(scope="module")
+def target_and_batches():
+  """Module-scoped so the target is built once."""
+  return CFG, llama.init_params(CFG, jax.random.key(0)), _batches(CFG.vocab_size)
+
+
+def _dump(path, cfg, params, batches, dtype, **kw):
+  return features.dump_features(path, batches, params, target_cfg=cfg, target_name="tiny-random",
+                                dataset="unit-test", dtype=dtype, examples_per_shard=4, **kw)
+
+
+_online = jax.jit(features.target_features, static_argnames="target_cfg")
+
+
+@jax.jit
+def _loss_from(params, aux, hidden, tokens, loss_mask):
+  """Teacher + TTT loss of a random draft: the part of a train step that consumes the features."""
+  dcfg = draft.DraftConfig.for_target(CFG, draft_vocab_size=64)
+  vocab = draft.DraftVocab.from_ids(np.arange(0, 128, 2), 128)
+  probs, in_vocab = ttt.teacher(params, hidden.astype(jnp.float32), vocab, target_cfg=CFG)
+  return ttt.ttt_loss(draft.init_params(dcfg, jax.random.key(1)), params["embed"], aux.astype(jnp.float32),
+                      tokens, loss_mask, probs, in_vocab, cfg=dcfg, steps=3)
+
+
+def _loss(params, batch, aux, hidden):
+  return _loss_from(params, jnp.asarray(aux), jnp.asarray(hidden), jnp.asarray(batch["tokens"]),
+                    jnp.asarray(batch["loss_mask"]))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_offline_features_equal_online(tmp_path, target_and_batches, dtype):
+  cfg, params, batches = target_and_batches
+  index = _dump(tmp_path, cfg, params, batches, dtype)
+  assert index["num_examples"] == 6 and [s["num_examples"] for s in index["shards"]] == [4, 2]
+  assert index["aux_layers"] == list(cfg.aux_layer_ids) and index["dtype"] == dtype
+  assert index["num_tokens"] == sum(int(b["lengths"].sum()) for b in batches)
+  assert not list(tmp_path.glob(".*tmp*"))  # atomic writes leave no temporaries
+  store = features.FeatureStore(tmp_path, target_cfg=cfg, target_params=params, dataset="unit-test")
+  assert len(store) == 6
+  exact = dtype == "float32"
+  for batch, got in zip(batches, store.batches(B)):
+    aux, hidden = _online(params, jnp.asarray(batch["tokens"]), jnp.asarray(batch["lengths"]), target_cfg=cfg)
+    assert got["aux"].shape == (B, T, 3 * cfg.hidden_size) and got["hidden"].shape == (B, T, cfg.hidden_size)
+    np.testing.assert_array_equal(got["lengths"], batch["lengths"])
+    valid = np.arange(T)[None, :] < batch["lengths"][:, None]
+    np.testing.assert_array_equal(got["tokens"][valid], batch["tokens"][valid])
+    np.testing.assert_array_equal(got["loss_mask"], batch["loss_mask"])
+    for name, online in (("aux", aux), ("hidden", hidden)):
+      stored = np.asarray(got[name], np.float32)[valid]
+      if exact:
+        np.testing.assert_array_equal(stored, np.asarray(online)[valid], err_msg=name)
+      else:  # bf16 keeps 8 mantissa bits: relative error <= 2^-9
+        np.testing.assert_allclose(stored, np.asarray(online)[valid], rtol=2 ** -8, atol=1e-6, err_msg=name)
+      assert not np.any(np.asarray(got[name])[~valid].astype(np.float32))
+    loss_on, m_on = _loss(params, batch, aux, hidden)
+    loss_off, m_off = _loss(params, got, got["aux"], got["hidden"])
+    assert float(m_on["weight_sum"].sum()) > 0
+    if exact:
+      assert float(loss_off) == float(loss_on)
+      np.testing.assert_array_equal(m_off["acc"], m_on["acc"])
+    else:
+      np.testing.assert_allclose(loss_off, loss_on, rtol=1e-2)
+
+
+def test_store_for_another_target_or_aux_layers_is_refused(tmp_path, target_and_batches):
+  cfg, params, batches = target_and_batches
+  _dump(tmp_path, cfg, params, batches[:1], "bfloat16")
+  other_params = llama.init_params(cfg, jax.random.key(7))
+  with pytest.raises(ValueError, match="target_fingerprint"):
+    features.FeatureStore(tmp_path, target_cfg=cfg, target_params=other_params)
+  with pytest.raises(ValueError, match="aux_layers"):
+    features.FeatureStore(tmp_path, target_cfg=dataclasses.replace(cfg, aux_layers=(1, 2, 3)))
+  with pytest.raises(ValueError, match="dataset"):
+    features.FeatureStore(tmp_path, dataset="sharegpt")
+  with pytest.raises(ValueError, match="target_fingerprint"):  # the writer refuses to mix targets too
+    _dump(tmp_path, cfg, other_params, batches, "bfloat16", resume=True)
+  with pytest.raises(ValueError, match="resume=True"):
+    _dump(tmp_path, cfg, params, batches, "bfloat16")
+  with pytest.raises(FileNotFoundError):
+    features.FeatureStore(tmp_path / "missing")
+
+
+def test_fingerprint_ignores_storage_dtype_but_not_weights(target_and_batches):
+  cfg, params, _ = target_and_batches
+  fp = features.target_fingerprint(params, cfg)
+  assert features.target_fingerprint(jax.tree.map(lambda x: x.astype(jnp.bfloat16), params), cfg) == fp
+  assert features.target_fingerprint(llama.init_params(cfg, jax.random.key(9)), cfg) != fp
+  assert features.target_fingerprint(params, dataclasses.replace(cfg, rope_theta=5e5)) != fp
+
+
+def test_resume_continues_an_interrupted_dump(tmp_path, target_and_batches):
+  cfg, params, batches = target_and_batches
+  _dump(tmp_path / "full", cfg, params, batches, "float32")
+  # A dump killed after one shard (4 examples = 2 batches): the index lists only what was fully written.
+  _dump(tmp_path / "part", cfg, params, batches[:2], "float32")
+  index = _dump(tmp_path / "part", cfg, params, batches, "float32", resume=True)
+  assert index["num_examples"] == 6
+  full = features.FeatureStore(tmp_path / "full")
+  part = features.FeatureStore(tmp_path / "part")
+  for i in range(6):
+    for k, v in full[i].items():
+      np.testing.assert_array_equal(part[i][k], v, err_msg=f"{i}:{k}")
+  assert json.loads((tmp_path / "part" / "index.json").read_text())["num_examples"] == 6
+  shuffled = list(part.batches(B, seed=0))
+  assert len(shuffled) == 3
+  assert sorted(np.concatenate([b["lengths"] for b in shuffled])) == sorted(
+      np.concatenate([b["lengths"] for b in batches]))
