@@ -11,6 +11,7 @@ the token itself: a trainer that predicts token t from position t-1 shifts it.
 from __future__ import annotations
 
 import codecs
+import copy
 import dataclasses
 import functools
 import glob
@@ -255,8 +256,7 @@ def split_rows(cfg: DataConfig, split: str) -> Rows:
 def dataset_fingerprint(cfg: DataConfig) -> dict[str, Any]:
   """What determines the tokens and masks of the training split (for the draft-vocab provenance)."""
   files = [[os.path.basename(p), os.path.getsize(p)] for p in resolve_source(cfg.source)]
-  keys = ("source", "eval_source", "eval_fraction", "split_seed", "max_rows", "max_length", "overflow",
-          "system_prompt")
+  keys = ("source", "eval_fraction", "split_seed", "max_rows", "max_length", "overflow", "system_prompt")
   return {"files": files, **{k: getattr(cfg, k) for k in keys}}
 
 
@@ -288,7 +288,8 @@ def normalize_conversation(row: Any) -> list[dict[str, str]]:
   for turn in turns:
     if not isinstance(turn, dict):
       raise MalformedRow("turn_not_an_object")
-    role = _ROLES.get(turn.get("role") or turn.get("from"))
+    role = turn.get("role") or turn.get("from")
+    role = _ROLES.get(role) if isinstance(role, str) else None
     content = turn.get("content") if turn.get("content") is not None else turn.get("value")
     if role is None:
       raise MalformedRow("unknown_role")
@@ -297,12 +298,14 @@ def normalize_conversation(row: Any) -> list[dict[str, str]]:
     messages.append({"role": role, "content": content})
   system = messages[:1] if messages[0]["role"] == "system" else []
   body = messages[len(system):]
-  while body and body[0]["role"] != "user":
+  while body and body[0]["role"] == "assistant":
     body = body[1:]
   if body and body[-1]["role"] == "user":
     body = body[:-1]
   if not body:
     raise MalformedRow("no_assistant_turn")
+  if any(m["role"] == "system" for m in body):
+    raise MalformedRow("misplaced_system")
   for k, m in enumerate(body):
     if m["role"] != ("user", "assistant")[k % 2]:
       raise MalformedRow("roles_not_alternating")
@@ -326,11 +329,12 @@ class ChatEncoder:
       raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no chat_template")
     self.tokenizer, self.max_length, self.overflow = tokenizer, max_length, overflow
     self.system_prompt = system_prompt
-    # Thread-safe: the Rust tokenizer's encode borrows immutably; the transformers wrapper mutates
-    # truncation/padding state on every call ("Already borrowed" under grain's threads).
-    self._backend = getattr(tokenizer, "backend_tokenizer", None)
-    if self._backend is not None and (self._backend.truncation or self._backend.padding):
-      self._backend = None
+    # The Rust tokenizer's encode borrows immutably, so grain's threads can share it; the transformers wrapper
+    # resets truncation/padding on every call ("RuntimeError: Already borrowed" under threads).
+    self._backend = copy.deepcopy(getattr(tokenizer, "backend_tokenizer", None))
+    if self._backend is not None:
+      self._backend.no_truncation()
+      self._backend.no_padding()
     specials = set(getattr(tokenizer, "all_special_ids", ()))
     specials |= {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special}
     head, tail = self._turn_framing()

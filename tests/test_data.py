@@ -152,6 +152,14 @@ def test_normalize_sharegpt_rules():
   assert [m["role"] for m in norm[0]] == ["user", "assistant", "user", "assistant"]
   assert norm[1][0] == {"role": "user", "content": "Name a long river."}  # leading gpt turn dropped
   assert [m["role"] for m in norm[2]] == ["system", "user", "assistant"]  # system kept, trailing user dropped
+  turns = [{"from": "system", "value": "S"}, {"from": "gpt", "value": "x"}, {"from": "human", "value": "q"},
+           {"from": "chatgpt", "value": "a"}]
+  assert [m["role"] for m in data.normalize_conversation({"conversations": turns})] == ["system", "user",
+                                                                                         "assistant"]
+  with pytest.raises(data.MalformedRow, match="misplaced_system"):
+    data.normalize_conversation({"conversations": turns[:1] + turns})
+  with pytest.raises(data.MalformedRow, match="unknown_role"):
+    data.normalize_conversation({"messages": [{"role": ["user"], "content": "q"}]})
 
 
 def test_malformed_rows_are_counted_and_skipped(tmp_path):
@@ -160,8 +168,9 @@ def test_malformed_rows_are_counted_and_skipped(tmp_path):
   batches = list(it)
   assert len(batches) == 1 and batches[0]["lengths"].min() > 0
   assert (it.stats.rows_seen, it.stats.used, it.stats.malformed) == (10, 2, 8)
-  assert it.stats.reasons == {"invalid_json": 1, "roles_not_alternating": 2, "unknown_role": 1, "no_turns": 1,
-                              "no_assistant_turn": 1, "content_not_a_string": 1, "not_an_object": 1}
+  assert it.stats.reasons == {"invalid_json": 1, "roles_not_alternating": 1, "unknown_role": 1, "no_turns": 1,
+                              "no_assistant_turn": 1, "content_not_a_string": 1, "not_an_object": 1,
+                              "misplaced_system": 1}
 
 
 def test_all_malformed_source_raises_naming_it(tmp_path):
@@ -192,6 +201,16 @@ def test_batches_are_static_padded_and_masked(tmp_path):
   pad = np.arange(160)[None, :] >= batch["lengths"][:, None]
   assert np.all(batch["tokens"][pad] == tok.pad_token_id) and np.all(batch["loss_mask"][pad] == 0)
   assert batch["loss_mask"].sum() > 0
+
+
+def test_thread_count_does_not_change_the_stream(tmp_path):
+  tok = make_tokenizer("llama3")
+  streams = []
+  for threads in (0, 4):
+    it = data.make_iterator(_cfg(tmp_path, num_threads=threads), tok, shard_index=0, shard_count=1)
+    streams.append([next(it) for _ in range(8)])
+  for a, b in zip(*streams):
+    assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
 def test_shuffle_is_deterministic_per_seed_and_reshuffles_each_epoch(tmp_path):
