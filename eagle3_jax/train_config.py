@@ -1,0 +1,116 @@
+"""Frozen dataclasses describing one training run: target, draft, data, optimiser, TTT, mesh, checkpoints, logging."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from eagle3_jax.config import LlamaConfig
+from eagle3_jax.data import DataConfig
+from eagle3_jax.sharding import MeshConfig
+
+_DTYPES = ("float32", "bfloat16")
+
+
+def _check_choice(owner: str, name: str, value: str, choices: tuple[str, ...]) -> None:
+  if value not in choices:
+    raise ValueError(f"{owner}.{name}={value!r}; expected one of {choices}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TargetSpec:
+  """Which frozen target to train against."""
+
+  path: str | None = None  # HF directory or .gguf; None: the embedded SmolLM2-135M-Instruct GGUF
+  random: LlamaConfig | None = None  # a random target of this shape, built locally (tests, CI); overrides path
+  random_init_std: float = 0.02  # larger values give the random target peaked (learnable) distributions
+  seed: int = 0
+  dtype: str = "bfloat16"  # storage and compute dtype of the frozen target
+  tokenizer: str | None = None  # defaults to the target path (or the embedded SmolLM2 tokenizer)
+
+  def __post_init__(self):
+    _check_choice("TargetSpec", "dtype", self.dtype, _DTYPES)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DraftSpec:
+  """The draft head, shaped from the target by DraftConfig.for_target."""
+
+  draft_vocab_size: int = 32000  # Vd; clipped to the target vocabulary
+  rope_theta: float = 10000.0  # the official checkpoints use 10000 whatever the target's theta
+  init_seed: int = 0
+  vocab_max_examples: int | None = None  # count draft-vocab frequencies over the first N training rows (None: all)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimSpec:
+  """AdamW with warmup then decay, global-norm clipping and gradient accumulation (reference c.5)."""
+
+  lr: float = 5e-5
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  weight_decay: float = 0.0
+  warmup_steps: int = 1000
+  warmup: str = "linear"  # "linear", or "log" (DeepSpeed WarmupDecayLR's default, used by the official run)
+  decay: str = "linear"  # "linear", "cosine" or "constant", down to lr * end_lr_ratio at TrainConfig.num_steps
+  end_lr_ratio: float = 0.0
+  clip_norm: float = 0.5  # 0 disables clipping
+  grad_accum: int = 1  # micro-batches per optimiser step (a scan inside the jitted step)
+
+  def __post_init__(self):
+    _check_choice("OptimSpec", "warmup", self.warmup, ("linear", "log"))
+    _check_choice("OptimSpec", "decay", self.decay, ("linear", "cosine", "constant"))
+    if self.grad_accum < 1:
+      raise ValueError(f"OptimSpec.grad_accum={self.grad_accum} must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TTTSpec:
+  """Training-time test: R unrolled draft steps with weights decay**j."""
+
+  steps: int = 7
+  decay: float = 0.8
+  remat: bool = False  # jax.checkpoint around each draft step (memory for compute)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+  """A whole run. Static: the pieces that shape the jitted step are hashable."""
+
+  target: TargetSpec = TargetSpec()
+  draft: DraftSpec = DraftSpec()
+  data: DataConfig = DataConfig()  # data.batch_size is per process: global batch = it × process count
+  optim: OptimSpec = OptimSpec()
+  ttt: TTTSpec = TTTSpec()
+  mesh: MeshConfig = MeshConfig()
+  compute_dtype: str = "float32"  # draft forward/backward dtype; master weights and Adam moments stay fp32
+  features: str = "online"  # "online": target inside the step; "offline": read a feature store
+  feature_dir: str = ""  # offline feature store (eagle3_jax.features)
+  num_steps: int = 1000  # optimiser steps
+  seed: int = 0
+  run_dir: str = "runs/default"  # checkpoints/, tb/, vocab, export/ live here
+  checkpoint_every: int = 500
+  keep_checkpoints: int = 3
+  async_checkpointing: bool = True
+  log_every: int = 10
+  eval_every: int = 500  # 0 disables periodic eval
+  eval_batches: int = 8
+  export_every: int = 0  # 0: export only at the end
+  export: bool = True
+  progress: bool = True  # tqdm bar on stderr
+  # Multi-host: jax.distributed.initialize(); the empty/-1 fields mean "auto-detect" (TPU, SLURM, ...).
+  distributed: bool = False
+  coordinator_address: str = ""
+  num_processes: int = -1
+  process_id: int = -1
+
+  def __post_init__(self):
+    _check_choice("TrainConfig", "compute_dtype", self.compute_dtype, _DTYPES)
+    _check_choice("TrainConfig", "features", self.features, ("online", "offline"))
+    if self.features == "offline" and not self.feature_dir:
+      raise ValueError("TrainConfig.features='offline' needs TrainConfig.feature_dir")
+    if self.num_steps < 1:
+      raise ValueError(f"TrainConfig.num_steps={self.num_steps} must be >= 1")
+    if self.data.batch_size % self.optim.grad_accum:
+      raise ValueError(f"DataConfig.batch_size={self.data.batch_size} is not divisible by "
+                       f"OptimSpec.grad_accum={self.optim.grad_accum}")
