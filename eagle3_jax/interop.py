@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import pathlib
+import re
 from typing import Any
 
 import numpy as np
@@ -87,8 +88,8 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 def _table(cfg: DraftConfig, prefix: str) -> dict[str, tuple[tuple[str, ...], tuple[int, ...], int]]:
   """PyTorch key -> (our param path, our shape, input axes) for this config."""
   specs = _flatten(param_specs(cfg))
-  rows = [(prefix + key, path, n_in) for path, key, n_in in _LAYER_TABLE] + list(
-      (key, path, n_in) for path, key, n_in in _TOP_TABLE)
+  rows = [(prefix + key, path, n_in) for path, key, n_in in _LAYER_TABLE]
+  rows += [(key, path, n_in) for path, key, n_in in _TOP_TABLE]
   return {key: (path, specs[".".join(path)].shape, n_in) for key, path, n_in in rows}
 
 
@@ -106,7 +107,8 @@ def _unknown_key(key: str) -> ValueError:
     return formats.refuse(f"key {key!r}", formats.REFUSED_FLAGS["norm_before_fc"])
   if key == "fc.bias":
     return formats.refuse(f"key {key!r}", formats.REFUSED_FLAGS["bias"])
-  if key.startswith(("layers.", "midlayers.", "additional_layers.")):
+  layer = re.match(r"(?:layers|midlayers|additional_layers)\.(\d+)\.", key)
+  if layer and (int(layer.group(1)) > 0 or key.startswith("additional_layers.")):
     return formats.refuse(f"key {key!r}", "multi-layer drafts")
   return ValueError(f"unknown key {key!r} in the checkpoint (not part of a plain EAGLE-3 draft)")
 

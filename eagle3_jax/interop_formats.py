@@ -92,10 +92,12 @@ def _llama_shape(c: dict, where: str) -> dict[str, Any]:
     raise refuse(f"{where}num_hidden_layers={_get(c, 'num_hidden_layers')}", "multi-layer drafts")
   if _get(c, "hidden_act") != "silu":
     raise refuse(f"{where}hidden_act={_get(c, 'hidden_act')!r}", "only SiLU-gated MLPs are implemented")
-  rope = c.get("rope_parameters") or {}  # transformers >= 5 nests theta and scaling here
-  scaling = c.get("rope_scaling") or rope
-  if scaling.get("rope_type", scaling.get("type", "default")) not in ("default", None):
-    raise refuse(f"{where}rope_scaling={scaling!r}", "DraftConfig has no scaled RoPE")
+  # transformers >= 5 nests theta (and the scaling type) in rope_parameters; older files use rope_scaling.
+  rope = c.get("rope_parameters") or {}
+  for name in ("rope_parameters", "rope_scaling"):
+    scaling = c.get(name) or {}
+    if scaling.get("rope_type", scaling.get("type", "default")) not in ("default", None):
+      raise refuse(f"{where}{name}={scaling!r}", "DraftConfig has no scaled RoPE")
   D, N = _get(c, "hidden_size"), _get(c, "num_attention_heads")
   return {"hidden_size": D, "intermediate_size": _get(c, "intermediate_size"), "num_heads": N,
           "num_kv_heads": c.get("num_key_value_heads") or N, "head_dim": c.get("head_dim") or D // N,

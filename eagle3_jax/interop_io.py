@@ -6,6 +6,7 @@ import json
 import os
 import pathlib
 import shutil
+import stat
 import uuid
 from typing import Any
 
@@ -113,6 +114,8 @@ def write_dir_atomic(dst: pathlib.Path, config: dict[str, Any], tensors: dict[st
     # "format": "pt" is what transformers, vLLM and SGLang expect in a safetensors header.
     safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
                                 str(tmp / WEIGHTS_SAFETENSORS), metadata={"format": "pt"})
+    # safetensors creates its file 0600; give it the umask-derived mode config.json got, so servers can read it.
+    os.chmod(tmp / WEIGHTS_SAFETENSORS, stat.S_IMODE(os.stat(tmp / "config.json").st_mode))
     for name in ("config.json", WEIGHTS_SAFETENSORS):
       fd = os.open(tmp / name, os.O_RDONLY)
       try:
