@@ -246,16 +246,19 @@ def test_gguf_rope_freqs_become_llama3_scaling(tmp_path):
     gguf.GGUFFile(bad)
 
 
-def test_gguf_unknown_architecture_and_tensor(tmp_path):
-  w = gguf_lib.GGUFWriter(str(tmp_path / "foo.gguf"), "foo")
-  w.add_block_count(1)
-  w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
-  w.write_header_to_file()
-  w.write_kv_data_to_file()
-  w.write_tensors_to_file()
-  w.close()
+def test_gguf_unknown_architecture_missing_metadata_bad_tensor(tmp_path):
+  for arch in ("foo", "llama"):
+    w = gguf_lib.GGUFWriter(str(tmp_path / f"{arch}.gguf"), arch)
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
   with pytest.raises(ValueError, match="GGUF architecture 'foo' is not supported"):
     gguf.load_gguf(tmp_path / "foo.gguf")
+  with pytest.raises(ValueError, match="GGUF metadata 'llama.embedding_length' is missing"):
+    gguf.load_gguf(tmp_path / "llama.gguf")
   tensors = _hf_tensors(_CFG) | {"model.layers.0.self_attn.k_proj.weight": np.zeros((32, 32), np.float32)}
   path = _write_gguf(tmp_path / "m.gguf", _CFG, tensors)
   with pytest.raises(ValueError, match="'model.layers.0.self_attn.k_proj.weight' has shape"):

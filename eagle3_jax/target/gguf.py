@@ -126,9 +126,11 @@ class GGUFFile:
     a = self.arch
     get = lambda k, *d: self._get(f"{a}.{k}", *d)
     hidden, heads = get("embedding_length"), get("attention.head_count")
-    for key, value in [("attention.head_count", heads), ("attention.head_count_kv", get("attention.head_count_kv", 0))]:
-      if isinstance(value, list):
-        raise ValueError(f"{self.path}: per-layer {a}.{key} is not supported")
+    kv_heads = get("attention.head_count_kv", heads)
+    for key, value in [("embedding_length", hidden), ("attention.head_count", heads),
+                       ("attention.head_count_kv", kv_heads)]:
+      if not isinstance(value, int) or value <= 0:  # a list here means per-layer head counts
+        raise ValueError(f"{self.path}: {a}.{key} must be one positive int, got {value!r}")
     head_dim = get("attention.key_length", hidden // heads)
     if get("attention.value_length", head_dim) != head_dim:
       raise ValueError(f"{self.path}: {a}.attention.value_length != {a}.attention.key_length")
@@ -140,8 +142,8 @@ class GGUFFile:
       raise ValueError(f"{self.path}: {a}.attention.sliding_window={window} < context_length={context} would "
                        "change attention results; sliding-window attention is not supported")
     vocab = get("vocab_size", None)
-    if vocab is None:
-      vocab = self.shapes.get("model.embed_tokens.weight", (len(self._get("tokenizer.ggml.tokens")),))[0]
+    if vocab is None and "model.embed_tokens.weight" in self.shapes:
+      vocab = self.shapes["model.embed_tokens.weight"][0]
     theta = _f32(get("rope.freq_base", 10000.0))
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": theta}
     scaling_type = get("rope.scaling.type", "none")
@@ -154,7 +156,7 @@ class GGUFFile:
     return {
         "model_type": GGUF_ARCHITECTURES[a], "vocab_size": vocab, "hidden_size": hidden,
         "intermediate_size": get("feed_forward_length"), "num_hidden_layers": get("block_count"),
-        "num_attention_heads": heads, "num_key_value_heads": get("attention.head_count_kv", heads),
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads,
         "head_dim": head_dim, "rms_norm_eps": _f32(get("attention.layer_norm_rms_epsilon")),
         "max_position_embeddings": context, "rope_parameters": rope,
         "tie_word_embeddings": "lm_head.weight" not in self._tensors,

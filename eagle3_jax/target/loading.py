@@ -32,7 +32,7 @@ _MISSING = object()
 def _field(d: Mapping, key: str, kind: type, default: Any = _MISSING, where: str = "config") -> Any:
   """Reads d[key] checking its JSON type; a missing key without a default is an error naming it."""
   value = d.get(key, _MISSING)
-  if value is _MISSING or (value is None and default is not _MISSING):
+  if value is _MISSING or value is None:
     if default is _MISSING:
       raise ValueError(f"{where}: required field {key!r} is missing")
     return default
