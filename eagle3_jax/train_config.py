@@ -86,7 +86,8 @@ class TrainConfig:
   compute_dtype: str = "float32"  # draft forward/backward dtype; master weights and Adam moments stay fp32
   features: str = "online"  # "online": target inside the step; "offline": read a feature store
   feature_dir: str = ""  # offline feature store (eagle3_jax.features)
-  num_steps: int = 1000  # optimiser steps
+  num_steps: int = 1000  # optimiser steps (the lr schedule spans these)
+  stop_after: int = 0  # end this invocation at this step (checkpoint, exit; resume later), 0 = at num_steps
   seed: int = 0
   run_dir: str = "runs/default"  # checkpoints/, tb/, vocab, export/ live here
   checkpoint_every: int = 500

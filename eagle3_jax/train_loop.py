@@ -295,8 +295,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
   previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
   recorder = _Recorder(cfg, run_dir, step, train_lib.lr_schedule(cfg.optim, cfg.num_steps))
   saved_at, stopped, pending, last_eval, export_dir = latest, False, None, None, None
+  end = min(cfg.num_steps, cfg.stop_after or cfg.num_steps)
   try:
-    while step < cfg.num_steps and not stopped:
+    while step < end and not stopped:
       batch = train_lib.global_batch(mesh, next(train_it))
       flags = train_lib.stop_flags(mesh, cfg.data.batch_size, _STOP.is_set())
       state, metrics = step_fn(state, target_params, vocab, batch, flags)
@@ -306,7 +307,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
       pending = (step, metrics)
       if stopped:
         break
-      if step % cfg.checkpoint_every == 0 and step < cfg.num_steps:
+      if step % cfg.checkpoint_every == 0 and step < end:
         ckpt.save(step, state, train_it)
         saved_at = step
       if has_eval and cfg.eval_every and step % cfg.eval_every == 0:
@@ -318,7 +319,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
       stopped = recorder.record(*pending)["stop"] or stopped
     if saved_at != step:
       ckpt.save(step, state, train_it)
-    if not stopped:
+    if not stopped and step >= cfg.num_steps:
       if has_eval and (last_eval is None or cfg.eval_every == 0 or step % cfg.eval_every):
         last_eval = evaluate(eval_fn, state.params, target_params, vocab, cfg, tokenizer, mesh)
         recorder.scalars("eval", last_eval, step)
