@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from eagle3_jax import layers
-from eagle3_jax.config import LlamaConfig
+from eagle3_jax.config import LlamaConfig, RopeScaling
 from eagle3_jax.params import ParamSpec, abstract_of, axes_of, init_from_specs
 from eagle3_jax.target.llama import KVCache, write_rows
 
@@ -31,6 +31,7 @@ class DraftConfig:
   rms_norm_eps: float = 1e-5
   # The official trainer always uses 10000 regardless of the target's theta (reference a.2).
   rope_theta: float = 10000.0
+  rope_scaling: RopeScaling | None = None  # ModelOpt drafts carry llama3 scaling for long contexts.
   num_aux: int = 3
 
   def __post_init__(self):
@@ -118,7 +119,7 @@ def init_params(cfg: DraftConfig, key: jax.Array, dtype=jnp.float32) -> Any:
 
 
 def inv_freq(cfg: DraftConfig) -> np.ndarray:
-  return layers.rope_inv_freq(cfg.head_dim, cfg.rope_theta)
+  return layers.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
 
 
 def fuse(params: Any, aux_BTA: jax.Array) -> jax.Array:
