@@ -1,4 +1,4 @@
-"""Target features for draft training: one function shared by the online step and the offline dumper, and an on-disk store."""
+"""Target features for draft training: one function for the online step and the offline dumper, and a disk store."""
 
 from __future__ import annotations
 
@@ -180,7 +180,7 @@ class FeatureStore:
   """
 
   def __init__(self, path: str | os.PathLike, *, target_cfg: LlamaConfig | None = None,
-               target_params: Any = None, dataset: str | None = None):
+               target_params: Any = None, dataset: str | None = None, seq_len: int | None = None):
     self.path = pathlib.Path(path)
     if not (self.path / INDEX).exists():
       raise FileNotFoundError(f"no feature store at {self.path} ({INDEX} missing)")
@@ -193,6 +193,8 @@ class FeatureStore:
         _check(self.index, "target_fingerprint", target_fingerprint(target_params, target_cfg), self.path)
     if dataset is not None:
       _check(self.index, "dataset", dataset, self.path)
+    if seq_len is not None:
+      _check(self.index, "seq_len", seq_len, self.path)
     counts = [s["num_examples"] for s in self.index["shards"]]
     self._starts = np.cumsum([0] + counts)
     self._files: dict[int, Any] = {}
@@ -200,6 +202,10 @@ class FeatureStore:
   @property
   def seq_len(self) -> int:
     return self.index["seq_len"]
+
+  def __getstate__(self) -> dict:
+    # Open safetensors handles do not pickle; grain worker processes reopen shards lazily.
+    return {k: v for k, v in self.__dict__.items() if k != "_files"} | {"_files": {}}
 
   def __len__(self) -> int:
     return int(self._starts[-1])

@@ -126,9 +126,12 @@ def _step_terms(logits_BTVd, p_BTVd, target_BT, w_BT):
   return jnp.sum(ce_BT * w_BT), correct, jnp.sum(w_BT)
 
 
-def _finish(ce_sum, correct, weight_sum, mask_sum, *, B, T, decay, loss_norm):
+def _check_norm(loss_norm: str) -> None:
   if loss_norm not in LOSS_NORMS:
     raise ValueError(f"loss_norm={loss_norm!r}; expected one of {LOSS_NORMS}")
+
+
+def _finish(ce_sum, correct, weight_sum, mask_sum, *, B, T, decay, loss_norm):
   denom = jnp.float32(B * T) if loss_norm == "batch" else jnp.maximum(weight_sum, 1.0)
   loss_R = ce_sum / denom
   weights_R = decay ** jnp.arange(loss_R.shape[0], dtype=jnp.float32)
@@ -171,6 +174,7 @@ def ttt_loss(draft_params: Any, embed_VD: jax.Array, aux_BTA: jax.Array, tokens_
   correct/mask_sum is the official acc). remat=True recomputes each step in the backward pass (jax.checkpoint).
   Memory: the backward pass keeps per step the [R,B,T,K,H] K/V buffers and the [B,T,Vd] fp32 logits/targets.
   """
+  _check_norm(loss_norm)
   B, T = tokens_BT.shape
   p_pad, tgt_pad, w_pad, lm_pad, tok_pad = _aligned_targets(probs_BTVd, in_vocab_BT, loss_mask_BT, tokens_BT,
                                                             steps)
@@ -208,6 +212,7 @@ def ttt_loss_reference(draft_params: Any, embed_VD: jax.Array, aux_BTA: jax.Arra
   """ttt_loss written the obvious way for tests: a Python loop, explicit shifts, and dense attention over the
   concatenated keys of all steps so far under the extended mask (causal ⊕ identity per extra step)."""
   del remat
+  _check_norm(loss_norm)
   B, T = tokens_BT.shape
   hidden = draft.fuse(draft_params, aux_BTA)
   pos_w = _shift_pad(loss_mask_BT.astype(jnp.float32), 1, T) * in_vocab_BT
@@ -217,8 +222,8 @@ def ttt_loss_reference(draft_params: Any, embed_VD: jax.Array, aux_BTA: jax.Arra
     emb = embed_VD[_shift_pad(tokens_BT, j + 1, T)]
     q, k, v = draft.qkv(draft_params, emb, hidden, jnp.broadcast_to(jnp.arange(T) + j, (B, T)), cfg=cfg)
     ks, vs = ks + [k], vs + [v]
-    mask = extended_mask(T, j)
-    attn = layers.attention(q, jnp.concatenate(ks, 1), jnp.concatenate(vs, 1), jnp.broadcast_to(mask, (B,) + mask.shape))
+    mask = jnp.broadcast_to(extended_mask(T, j), (B, T, (j + 1) * T))
+    attn = layers.attention(q, jnp.concatenate(ks, 1), jnp.concatenate(vs, 1), mask)
     hidden = draft.post_attention(draft_params, hidden, attn, cfg=cfg)
     lm = _shift_pad(loss_mask_BT.astype(jnp.float32), j + 2, T)
     terms.append(_step_terms(draft.logits(draft_params, hidden, cfg=cfg), _shift_pad(probs_BTVd, j + 1, T),

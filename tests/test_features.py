@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import pickle
 
 import jax
 import jax.numpy as jnp
@@ -102,6 +103,8 @@ def test_store_for_another_target_or_aux_layers_is_refused(tmp_path, target_and_
     features.FeatureStore(tmp_path, target_cfg=dataclasses.replace(cfg, aux_layers=(1, 2, 3)))
   with pytest.raises(ValueError, match="dataset"):
     features.FeatureStore(tmp_path, dataset="sharegpt")
+  with pytest.raises(ValueError, match="seq_len"):
+    features.FeatureStore(tmp_path, seq_len=2 * T)
   with pytest.raises(ValueError, match="target_fingerprint"):  # the writer refuses to mix targets too
     _dump(tmp_path, cfg, other_params, batches, "bfloat16", resume=True)
   with pytest.raises(ValueError, match="resume=True"):
@@ -127,6 +130,8 @@ def test_resume_continues_an_interrupted_dump(tmp_path, target_and_batches):
   assert index["num_examples"] == 6
   full = features.FeatureStore(tmp_path / "full")
   part = features.FeatureStore(tmp_path / "part")
+  part[5]  # opens a shard handle, which must not travel through pickle (grain workers get the store pickled)
+  part = pickle.loads(pickle.dumps(part))
   for i in range(6):
     for k, v in full[i].items():
       np.testing.assert_array_equal(part[i][k], v, err_msg=f"{i}:{k}")

@@ -1,4 +1,4 @@
-"""TTT loss: scan == Python-unrolled reference, step 0 == plain soft cross-entropy, the extended mask, gradients, teacher."""
+"""TTT loss: scan == Python-unrolled reference, step 0 == plain soft CE, the extended mask, gradients, teacher."""
 
 import dataclasses
 
@@ -8,16 +8,20 @@ import numpy as np
 import pytest
 
 from eagle3_jax import draft, layers, ttt
+from eagle3_jax.config import LlamaConfig
 from eagle3_jax.features import target_features
 from eagle3_jax.target import llama
 
 B, T = 3, 10
 LENGTHS = np.array([10, 7, 4])
+# conftest's tiny_cfg, at module level so the batch fixture below is built once for the whole file.
+CFG = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=6, num_heads=4,
+                  num_kv_heads=2, head_dim=16, rope_theta=10000.0)
 
 
-@pytest.fixture
-def dcfg(tiny_cfg):
-  return draft.DraftConfig.for_target(tiny_cfg, draft_vocab_size=48)
+@pytest.fixture(scope="module")
+def dcfg():
+  return draft.DraftConfig.for_target(CFG, draft_vocab_size=48)
 
 
 def _perturbed(params, key, scale=0.1):
@@ -27,24 +31,25 @@ def _perturbed(params, key, scale=0.1):
   return jax.tree.unflatten(treedef, [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
 
 
-@pytest.fixture
-def setup(tiny_cfg, dcfg):
+@pytest.fixture(scope="module")
+def setup(dcfg):
   """A right-padded batch (rows of length 10, 7, 4) with real target features and teacher."""
   rng = np.random.default_rng(0)
-  target = _perturbed(llama.init_params(tiny_cfg, jax.random.key(0)), jax.random.key(1), 0.05)
+  target = _perturbed(llama.init_params(CFG, jax.random.key(0)), jax.random.key(1), 0.05)
   params = _perturbed(draft.init_params(dcfg, jax.random.key(2)), jax.random.key(3))
   valid = np.arange(T)[None, :] < LENGTHS[:, None]
-  tokens = jnp.asarray(np.where(valid, rng.integers(1, tiny_cfg.vocab_size, (B, T)), 0), jnp.int32)
+  tokens = jnp.asarray(np.where(valid, rng.integers(1, CFG.vocab_size, (B, T)), 0), jnp.int32)
   loss_mask = jnp.asarray(valid & (rng.random((B, T)) < 0.7), jnp.int32)
-  aux, hidden = target_features(target, tokens, jnp.asarray(LENGTHS), target_cfg=tiny_cfg)
+  aux, hidden = jax.jit(target_features, static_argnames="target_cfg")(target, tokens, jnp.asarray(LENGTHS),
+                                                                     target_cfg=CFG)
   # Keep the target's top-1 tokens in the draft vocab except the rarest one, so in_vocab masks a few positions.
-  top, counts = np.unique(np.asarray(jnp.argmax(llama.lm_head(target, hidden, cfg=tiny_cfg), -1)),
+  top, counts = np.unique(np.asarray(jnp.argmax(llama.lm_head(target, hidden, cfg=CFG), -1)),
                           return_counts=True)
   kept = np.delete(top, np.argmin(counts))
-  others = np.setdiff1d(np.arange(tiny_cfg.vocab_size), top)
+  others = np.setdiff1d(np.arange(CFG.vocab_size), top)
   ids = np.concatenate([kept, rng.choice(others, 48 - len(kept), replace=False)])
-  vocab = draft.DraftVocab.from_ids(np.sort(ids), tiny_cfg.vocab_size)
-  probs, in_vocab = ttt.teacher(target, hidden, vocab, target_cfg=tiny_cfg)
+  vocab = draft.DraftVocab.from_ids(np.sort(ids), CFG.vocab_size)
+  probs, in_vocab = ttt.teacher(target, hidden, vocab, target_cfg=CFG)
   assert 0 < int(in_vocab.sum()) < B * T  # the crafted vocab leaves some targets out, so the mask matters
   return dict(params=params, embed=target["embed"], aux=aux, tokens=tokens, loss_mask=loss_mask, probs=probs,
               in_vocab=in_vocab)
@@ -114,15 +119,21 @@ def test_ttt_attention_equals_dense_extended_mask(step):
   np.testing.assert_allclose(ttt.ttt_attention(q, *garbage, step), got, atol=1e-6)
 
 
-def _grads(s, dcfg, remat, select=None):
-  def f(p):
-    loss, m = ttt.ttt_loss(p, *_args(s)[1:], cfg=dcfg, steps=3, remat=remat)
-    return loss if select is None else m["loss"][select]
-  return jax.jit(jax.grad(f))(s["params"])
+@pytest.fixture(scope="module")
+def grads(setup, dcfg):
+  """Gradients of the total loss and of step 2's loss alone, remat off and on (one compile per remat mode)."""
+  out = {}
+  for remat in (False, True):
+    def per_step(p, remat=remat):
+      loss, m = ttt.ttt_loss(p, *_args(setup)[1:], cfg=dcfg, steps=3, remat=remat)
+      return m["loss"]
+    pullback = jax.jit(lambda p, ct: jax.vjp(per_step, p)[1](ct)[0])
+    out[remat] = (pullback(setup["params"], 0.8 ** jnp.arange(3.0)), pullback(setup["params"], jnp.eye(3)[2]))
+  return out
 
 
-def test_every_trainable_tensor_gets_a_gradient_with_and_without_remat(setup, dcfg):
-  plain, remat = _grads(setup, dcfg, False), _grads(setup, dcfg, True)
+def test_every_trainable_tensor_gets_a_gradient_with_and_without_remat(grads):
+  plain, remat = grads[False][0], grads[True][0]
   names = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(plain)]
   assert len(names) == 13  # fc, 2 input norms, q/k/v/o, post-attn norm, 3 mlp, norm, lm_head
   for name, g, gr in zip(names, jax.tree.leaves(plain), jax.tree.leaves(remat)):
@@ -130,11 +141,12 @@ def test_every_trainable_tensor_gets_a_gradient_with_and_without_remat(setup, dc
     np.testing.assert_allclose(gr, g, rtol=1e-5, atol=1e-8, err_msg=name)
 
 
-def test_later_steps_backpropagate_through_the_chain(setup, dcfg):
+def test_later_steps_backpropagate_through_the_chain(grads):
   """Step 2 alone moves fc: only through step-0/1 hidden states and K_0/V_0 (nothing is detached)."""
-  g = _grads(setup, dcfg, False, select=2)
-  assert float(jnp.abs(g["fc"]).max()) > 0
-  assert float(jnp.abs(g["midlayer"]["hidden_norm"]).max()) > 0
+  for remat in (False, True):
+    g = grads[remat][1]
+    assert float(jnp.abs(g["fc"]).max()) > 0
+    assert float(jnp.abs(g["midlayer"]["hidden_norm"]).max()) > 0
 
 
 def test_simulated_tau():
@@ -145,7 +157,7 @@ def test_simulated_tau():
 # ----- teacher -------------------------------------------------------------------------------------------------
 
 
-def test_teacher_probs_are_the_renormalised_target_softmax(setup, tiny_cfg):
+def test_teacher_probs_are_the_renormalised_target_softmax(tiny_cfg):
   rng = np.random.default_rng(1)
   target = llama.init_params(tiny_cfg, jax.random.key(4))
   hidden = jax.random.normal(jax.random.key(5), (B, T, tiny_cfg.hidden_size))
@@ -163,7 +175,8 @@ def test_teacher_in_vocab_on_crafted_head(tiny_cfg, tied, chunk):
   cfg = dataclasses.replace(tiny_cfg, tie_word_embeddings=tied)
   D, V = cfg.hidden_size, cfg.vocab_size
   ids = np.arange(0, V, 2)  # even ids form the draft vocab
-  # hidden e_d has its argmax at top[d]; d=4 ties ids 15 (out) and 16 (in), across chunks of 16: the first index, 15, must win.
+  # hidden e_d has its argmax at top[d]; d=4 ties ids 15 (out) and 16 (in), across chunks of 16: the first
+  # index, 15, must win (as jnp.argmax).
   top = np.array([10, 11, 100, 127, 15, 0])
   head = np.zeros((D, V), np.float32)
   head[np.arange(len(top)), top] = 5.0
