@@ -1,0 +1,194 @@
+"""Host-side serving loop: chat-template tokenisation, length buckets, static batches, any `Generator`, text out."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from typing import Any, Callable, Protocol, Sequence
+
+import jax
+import numpy as np
+
+from eagle3_jax import decode, sampling
+from eagle3_jax.config import LlamaConfig
+from eagle3_jax.target import llama
+
+
+@dataclasses.dataclass
+class Batch:
+  """Right-padded prompts of one static shape; rows past n_real are dummies whose outputs are dropped."""
+
+  tokens: np.ndarray  # int32[B, T], T = the length bucket
+  lengths: np.ndarray  # int32[B]
+  n_real: int
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+  tokens: np.ndarray  # int32[B, M] emitted tokens, pad after counts
+  counts: np.ndarray  # int32[B]
+  stats: dict[str, float]  # summed over batches by the engine (e.g. target forward passes, compile seconds)
+
+
+class Generator(Protocol):
+  """What the engine drives: vanilla decoding here, speculative decoding (--draft) behind the same call."""
+
+  max_new_tokens: int
+
+  def generate(self, batch: Batch) -> GenerateOutput: ...
+
+  @property
+  def compile_count(self) -> int: ...
+
+
+def bucket_length(n: int, minimum: int = 16) -> int:
+  """Next power of two >= n: few distinct prefill shapes (each one compile) at < 2x padding."""
+  if n < 1:
+    raise ValueError(f"prompt length must be >= 1, got {n}")
+  return max(minimum, 1 << (n - 1).bit_length())
+
+
+class VanillaGenerator:
+  """Target-only greedy/sampled decoding; one compiled executable per (batch, bucket) shape."""
+
+  def __init__(self, params: Any, cfg: LlamaConfig, *, sampling_cfg: sampling.SamplingConfig,
+               max_new_tokens: int, stop_ids: Sequence[int] = (), pad_id: int = 0, seed: int = 0):
+    if max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    self.params, self.cfg, self.max_new_tokens = params, cfg, max_new_tokens
+    self._static = dict(cfg=cfg, sampling_cfg=sampling_cfg, max_new_tokens=max_new_tokens,
+                        stop_ids=tuple(sorted(set(int(i) for i in stop_ids))), pad_id=int(pad_id))
+    self._key = jax.random.key(seed)
+    self._compiled: dict[tuple[int, int], Any] = {}
+    self._caches: dict[tuple[int, int], llama.KVCache] = {}  # donated each call, handed back by the next state
+    self._traces_at_start = decode.TRACE_COUNT["generate"]
+    self._dtype = jax.tree.leaves(params)[0].dtype
+
+  @property
+  def compile_count(self) -> int:
+    """Traces of the generate function since this generator was built (one per new shape if nothing retraces)."""
+    return decode.TRACE_COUNT["generate"] - self._traces_at_start
+
+  def generate(self, batch: Batch) -> GenerateOutput:
+    B, T = batch.tokens.shape
+    S = decode.cache_length(T, self.max_new_tokens)
+    decode.validate(batch.tokens, batch.lengths, cfg=self.cfg, cache_len=S, max_new_tokens=self.max_new_tokens)
+    stats = {"compile_s": 0.0}
+    if (B, T) not in self._compiled:
+      t0 = time.perf_counter()
+      self._caches[B, T] = llama.init_cache(self.cfg, B, S, self._dtype)
+      self._compiled[B, T] = decode.generate_jit.lower(
+          self.params, batch.tokens, batch.lengths, self._caches[B, T], self._key, **self._static).compile()
+      stats["compile_s"] = time.perf_counter() - t0
+    state = self._compiled[B, T](self.params, batch.tokens, batch.lengths, self._caches[B, T], self._key)
+    self._caches[B, T], self._key = state.cache, state.key
+    tokens, counts, steps = jax.device_get((state.tokens, state.counts, state.steps))
+    return GenerateOutput(tokens=tokens, counts=counts, stats=stats | {"target_steps": float(steps) + 1})
+
+
+@dataclasses.dataclass
+class Result:
+  index: int  # position in the request list
+  text: str
+  token_ids: list[int]
+  prompt_tokens: int
+  seconds: float  # generation wall time of the batch that served this request (shared by its rows)
+
+
+def _render(tokenizer: Any, request: dict, where: str) -> list[int]:
+  if not isinstance(request, dict):
+    raise ValueError(f"{where}: a request must be a JSON object, got {type(request).__name__}")
+  if "messages" in request:
+    messages = request["messages"]
+    if not isinstance(messages, list) or not messages or not all(
+        isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+      raise ValueError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
+  elif "prompt" in request:
+    if not isinstance(request["prompt"], str):
+      raise ValueError(f"{where}: 'prompt' must be a string")
+    if not getattr(tokenizer, "chat_template", None):
+      return list(tokenizer.encode(request["prompt"]))
+    messages = [{"role": "user", "content": request["prompt"]}]
+  else:
+    raise ValueError(f"{where}: a request needs 'messages' or 'prompt', got keys {sorted(request)}")
+  # Render to text, then encode without extra specials: the template already places BOS where the model wants it.
+  text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+  return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+class Engine:
+  """Tokenises requests, groups them into static batches by length bucket, runs a Generator, detokenises."""
+
+  def __init__(self, generator: Generator, tokenizer: Any, *, batch_size: int = 1,
+               bucket_fn: Callable[[int], int] = bucket_length, pad_id: int = 0):
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    self.generator, self.tokenizer, self.batch_size = generator, tokenizer, batch_size
+    self.bucket_fn, self.pad_id = bucket_fn, pad_id
+
+  def encode(self, requests: Sequence[dict]) -> list[list[int]]:
+    ids = [_render(self.tokenizer, r, f"request {i}") for i, r in enumerate(requests)]
+    for i, x in enumerate(ids):
+      if not x:
+        raise ValueError(f"request {i} tokenises to an empty prompt")
+    return ids
+
+  def batches(self, prompt_ids: Sequence[list[int]]) -> list[tuple[list[int], Batch]]:
+    """(request indices, Batch) pairs; sorted by length so a batch shares a bucket and wastes little padding."""
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    out = []
+    for start in range(0, len(order), self.batch_size):
+      idx = order[start:start + self.batch_size]
+      T = self.bucket_fn(max(len(prompt_ids[i]) for i in idx))
+      tokens = np.full((self.batch_size, T), self.pad_id, np.int32)
+      lengths = np.ones((self.batch_size,), np.int32)  # dummy rows: one pad token, output dropped
+      for row, i in enumerate(idx):
+        tokens[row, :len(prompt_ids[i])] = prompt_ids[i]
+        lengths[row] = len(prompt_ids[i])
+      out.append((idx, Batch(tokens=tokens, lengths=lengths, n_real=len(idx))))
+    return out
+
+  def run(self, requests: Sequence[dict], *, progress: bool = True,
+          max_compiles: int | None = None) -> tuple[list[Result], dict[str, Any]]:
+    """Serves every request; returns results in request order and a summary (tokens/s excludes compilation).
+
+    max_compiles is the compile-count check: RuntimeError if the generator traced more often than that.
+    """
+    from tqdm import tqdm  # deferred: only the CLI path needs it
+
+    t_start = time.perf_counter()
+    prompt_ids = self.encode(requests)
+    results: list[Result | None] = [None] * len(requests)
+    stats: dict[str, float] = {}
+    gen_seconds = 0.0
+    shapes = set()
+    compiles_before = self.generator.compile_count
+    bar = tqdm(total=len(requests), desc="requests", unit="req", file=sys.stderr, disable=not progress)
+    for idx, batch in self.batches(prompt_ids):
+      shapes.add(batch.tokens.shape)
+      t0 = time.perf_counter()
+      out = self.generator.generate(batch)
+      compile_s = out.stats.get("compile_s", 0.0)
+      seconds = time.perf_counter() - t0 - compile_s
+      gen_seconds += seconds
+      for k, v in out.stats.items():
+        stats[k] = stats.get(k, 0.0) + float(v)
+      for row, i in enumerate(idx):
+        ids = [int(t) for t in out.tokens[row, :int(out.counts[row])]]
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        results[i] = Result(index=i, text=text, token_ids=ids, prompt_tokens=len(prompt_ids[i]), seconds=seconds)
+      bar.update(len(idx))
+    bar.close()
+    compiles = self.generator.compile_count - compiles_before
+    if max_compiles is not None and compiles > max_compiles:
+      raise RuntimeError(f"generator compiled {compiles} times for {len(shapes)} batch shapes "
+                         f"(limit {max_compiles}): something retraces per call")
+    n_tokens = sum(len(r.token_ids) for r in results)
+    summary = {
+        "requests": len(requests), "tokens": n_tokens, "generate_seconds": round(gen_seconds, 4),
+        "tokens_per_s": round(n_tokens / gen_seconds, 3) if gen_seconds > 0 else 0.0,
+        "wall_seconds": round(time.perf_counter() - t_start, 4), "batch_size": self.batch_size,
+        "shapes": sorted(list(s) for s in shapes), "compiles": compiles,
+    } | {k: round(v, 4) for k, v in stats.items()}
+    return results, summary
