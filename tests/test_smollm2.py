@@ -1,6 +1,5 @@
 """The embedded SmolLM2-135M-Instruct GGUF: our logits, aux taps and greedy tokens == transformers' GGUF loader."""
 
-import functools
 import os
 
 import numpy as np
@@ -11,7 +10,7 @@ import transformers
 import jax
 import jax.numpy as jnp
 
-from eagle3_jax import layers
+from eagle3_jax import decode, layers, sampling
 from eagle3_jax.target import llama, loading
 
 pytestmark = pytest.mark.slow
@@ -71,39 +70,12 @@ def test_config(ours):
   assert llama.count_params(params) == 134_515_008
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "n"))
-def _greedy(params, prompt_1T, *, cfg, n):
-  """Prefill then n-1 single-token steps over a static cache: (prefill logits, prefill aux, n tokens [1, n]).
-
-  One compiled program serves both tests (compiling the 30-layer forward dominates this file's runtime).
-  """
-  T = prompt_1T.shape[1]
-  S = T + n
-  cache = llama.init_cache(cfg, 1, S)
-  logits, aux, cache = llama.forward(params, prompt_1T, jnp.arange(T)[None], cache,
-                                     layers.cache_causal_mask(cache.lengths, T, S), cfg=cfg)
-  cache = cache.replace(lengths=cache.lengths + T)
-
-  def step(carry, _):
-    tok, cache = carry
-    logits, _, cache = llama.forward(params, tok[:, None], cache.lengths[:, None], cache,
-                                     layers.cache_causal_mask(cache.lengths, 1, S), cfg=cfg)
-    return (jnp.argmax(logits[:, -1], -1).astype(jnp.int32), cache.replace(lengths=cache.lengths + 1)), tok
-
-  first = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
-  _, toks = jax.lax.scan(step, (first, cache), None, length=n)
-  return logits, aux, toks.T
-
-
-@pytest.fixture(scope="module")
-def ours_run(ours, prompt):
+def test_prefill_logits_and_aux_match_transformers(ours, prompt, reference):
   cfg, params = ours
-  return jax.tree.map(np.asarray, _greedy(params, jnp.asarray(prompt), cfg=cfg, n=N_NEW))
-
-
-def test_prefill_logits_and_aux_match_transformers(ours, prompt, reference, ours_run):
-  cfg, _ = ours
-  logits, aux, _ = ours_run
+  T = prompt.shape[1]
+  logits, aux, _ = jax.jit(llama.forward, static_argnames="cfg")(
+      params, jnp.asarray(prompt), jnp.arange(T)[None], None, layers.causal_mask(jnp.array([T]), T), cfg=cfg)
+  logits, aux = np.asarray(logits), np.asarray(aux)
   with torch.no_grad():
     out = reference(torch.tensor(prompt, dtype=torch.long), output_hidden_states=True)
   ref = out.logits.numpy()  # |logits| reach ~38; the max difference measured is 1.1e-4
@@ -113,10 +85,17 @@ def test_prefill_logits_and_aux_match_transformers(ours, prompt, reference, ours
   assert (logits.argmax(-1) == ref.argmax(-1)).all()
 
 
-def test_greedy_tokens_match_transformers(prompt, reference, ours_run):
+def test_greedy_tokens_match_transformers(ours, prompt, reference):
+  cfg, params = ours
+  T = prompt.shape[1]
+  cache = llama.init_cache(cfg, 1, decode.cache_length(T, N_NEW))
+  state = decode.generate_jit(params, jnp.asarray(prompt), jnp.array([T]), cache, jax.random.key(0), cfg=cfg,
+                              sampling_cfg=sampling.SamplingConfig(), max_new_tokens=N_NEW)
+  got = np.asarray(state.tokens)[0]
+  assert int(state.counts[0]) == N_NEW
   with torch.no_grad():
     ref = reference.generate(torch.tensor(prompt, dtype=torch.long), max_new_tokens=N_NEW, do_sample=False,
                              attention_mask=torch.ones_like(torch.tensor(prompt)))
   ref = ref[0, prompt.shape[1]:].numpy()
   assert len(ref) == N_NEW, "the reference stopped early: pick a prompt with a longer answer"
-  np.testing.assert_array_equal(ours_run[2][0], ref)
+  np.testing.assert_array_equal(got, ref)

@@ -240,11 +240,13 @@ def params_from_tensors(cfg: LlamaConfig, shapes: Mapping[str, tuple[int, ...]],
     host = entry.convert(read(key))
     want = _get(specs, entry.path).shape
     assert host.shape == want, (key, host.shape, want)
+    # np.array copies: `host` may be a view of a read-only memory map, which JAX could otherwise alias on CPU
+    # (and a donated buffer would then be written in place).
     if shardings is None:
-      value = jnp.asarray(np.asarray(host, np_dtype))
+      value = jnp.asarray(np.array(host, np_dtype))
     else:
       value = jax.make_array_from_callback(
-          want, _get(shardings, entry.path), lambda index, host=host: np.asarray(host[index], np_dtype))
+          want, _get(shardings, entry.path), lambda index, host=host: np.array(host[index], np_dtype))
     _set(params, entry.path, value)
   return params
 
