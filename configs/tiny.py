@@ -26,6 +26,6 @@ def get_config() -> TrainConfig:
                       prefetch_buffer_size=8),
       optim=OptimSpec(lr=3e-3, warmup_steps=10, decay="cosine", end_lr_ratio=0.1),
       ttt=TTTSpec(steps=3),
-      mesh=MeshConfig(data=1, fsdp=1, tensor=1),
+      mesh=MeshConfig(data=-1, fsdp=1, tensor=1),  # all devices data-parallel (8 fake CPU devices in tests)
       num_steps=200, run_dir="runs/tiny", checkpoint_every=100, keep_checkpoints=2, log_every=10,
       eval_every=100, eval_batches=2)

@@ -267,29 +267,19 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
   vm = draft_vocab(cfg, run_dir, tokenizer, target_cfg)
   vocab = DraftVocab.from_ids(vm.ids, target_cfg.vocab_size)
   statics = train_lib.StepStatics.of(cfg, target_cfg)
-  tx = train_lib.make_optimizer(cfg.optim, cfg.num_steps)
   train_it = train_iterator(cfg, tokenizer, target_cfg, target_params)
-
-  state_sh = train_lib.state_shardings(mesh, statics.draft_cfg, tx)
-  target_sh = train_lib.target_shardings(mesh, target_cfg, jnp.dtype(cfg.target.dtype))
   shapes = batch_shapes(cfg, target_cfg, online=statics.online)
-  batch_sh = {k: sharding.named_sharding(mesh, train_lib.BATCH_AXES[k], s) for k, s in shapes.items()}
-  step_fn = train_lib.jit_train_step(statics, tx, mesh, state_sh, target_sh, batch_sh)
+  steps = train_lib.build_steps(statics, cfg.optim, cfg.num_steps, mesh, cfg.target.dtype, tuple(shapes.items()))
   has_eval = bool(cfg.data.eval_source or cfg.data.eval_fraction)
-  eval_fn = None
-  if has_eval:
-    eval_statics = dataclasses.replace(statics, online=True)  # held-out text goes through the target, always
-    eval_sh = {k: v for k, v in batch_sh.items() if k in ("tokens", "loss_mask", "lengths")}
-    eval_fn = train_lib.jit_eval_step(eval_statics, mesh, state_sh.params, target_sh, eval_sh)
 
   ckpt = checkpoint.Checkpointer(run_dir / "checkpoints", keep=cfg.keep_checkpoints,
                                  async_save=cfg.async_checkpointing)
   latest = ckpt.latest_step()
   if latest is None:
-    state = train_lib.create_state(jax.random.key(cfg.draft.init_seed), mesh, statics.draft_cfg, tx)
+    state = steps.init(jax.random.key(cfg.draft.init_seed))
   else:
     log.info("resuming from %s step %d", ckpt.directory, latest)
-    state = ckpt.restore(latest, train_lib.abstract_state(mesh, statics.draft_cfg, tx), train_it)
+    state = ckpt.restore(latest, train_lib.abstract_state(mesh, statics.draft_cfg, steps.tx), train_it)
   step = int(jax.device_get(state.step))
 
   previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -300,7 +290,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     while step < end and not stopped:
       batch = train_lib.global_batch(mesh, next(train_it))
       flags = train_lib.stop_flags(mesh, cfg.data.batch_size, _STOP.is_set())
-      state, metrics = step_fn(state, target_params, vocab, batch, flags)
+      state, metrics = steps.train(state, target_params, vocab, batch, flags)
       step += 1
       if pending is not None:  # the previous step's metrics: waiting for them overlaps this step's dispatch
         stopped = recorder.record(*pending)["stop"]
@@ -311,7 +301,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         ckpt.save(step, state, train_it)
         saved_at = step
       if has_eval and cfg.eval_every and step % cfg.eval_every == 0:
-        last_eval = evaluate(eval_fn, state.params, target_params, vocab, cfg, tokenizer, mesh)
+        last_eval = evaluate(steps.eval, state.params, target_params, vocab, cfg, tokenizer, mesh)
         recorder.scalars("eval", last_eval, step)
       if cfg.export and cfg.export_every and step % cfg.export_every == 0:
         export_dir = export_draft(run_dir / "export" / f"step_{step}", state.params, vm, statics, cfg, tokenizer)
@@ -321,7 +311,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
       ckpt.save(step, state, train_it)
     if not stopped and step >= cfg.num_steps:
       if has_eval and (last_eval is None or cfg.eval_every == 0 or step % cfg.eval_every):
-        last_eval = evaluate(eval_fn, state.params, target_params, vocab, cfg, tokenizer, mesh)
+        last_eval = evaluate(steps.eval, state.params, target_params, vocab, cfg, tokenizer, mesh)
         recorder.scalars("eval", last_eval, step)
       if cfg.export:
         export_dir = export_draft(run_dir / "export" / "final", state.params, vm, statics, cfg, tokenizer)
