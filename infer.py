@@ -88,6 +88,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   ap.add_argument("--output", default=None, help="write one JSON per request here instead of texts to stdout")
   ap.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+  ap.add_argument("--compile-cache", default="auto",
+                  help="persistent XLA compilation cache dir ('auto': ~/.cache/eagle3_jax/xla, 'none': off)")
   return ap.parse_args(argv)
 
 
@@ -102,10 +104,17 @@ def main(argv=None) -> dict:
   requests = [{"prompt": p} for p in args.prompt] + (read_jsonl(args.prompts) if args.prompts else [])
   requests = requests or default_requests()
 
+  import jax
   import jax.numpy as jnp
 
   from eagle3_jax import engine
   from eagle3_jax.target import loading
+
+  if args.compile_cache != "none":
+    # Each prompt bucket is one compile (~6 s for SmolLM2 on 2 cores); the cache makes re-runs start at once.
+    cache_dir = loading.cache_root() / "xla" if args.compile_cache == "auto" else args.compile_cache
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
   cfg, params = loading.load_target(args.target, dtype=getattr(jnp, args.dtype))
   tokenizer = loading.load_tokenizer(args.target)

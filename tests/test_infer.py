@@ -18,6 +18,7 @@ import infer  # noqa: E402
 _SPECIAL = ["<pad>", "<s>", "</s>", "[UNK]", "<|system|>", "<|user|>", "<|assistant|>"]
 _WORDS = ("the a cat dog sat on mat hello world what is two plus one and blue sky why red green tree house "
           "run jump big small good bad yes no i you we they it this that here there").split()
+_QUIET = ("--no-progress", "--compile-cache", "none")  # no bar, and no XLA cache written under ~/.cache
 _TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} </s> {% endfor %}"
              "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
@@ -64,8 +65,8 @@ def test_end_to_end_greedy_matches_transformers_generate(tiny_target, tmp_path, 
   path, model, tok = tiny_target
   prompts = ["hello world", "the cat sat on the mat and the dog sat on the big mat", "why is the sky blue"]
   out = tmp_path / "out.jsonl"
-  summary = infer.main(["--target", str(path), *sum((["--prompt", p] for p in prompts), []),
-                        "--max-new-tokens", "12", "--batch-size", "2", "--output", str(out), "--no-progress"])
+  summary = infer.main(["--target", str(path), *sum((["--prompt", p] for p in prompts), []), "--max-new-tokens",
+                        "12", "--batch-size", "2", "--output", str(out), *_QUIET])
   last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert last == summary
   assert last["requests"] == 3 and last["tokens_per_s"] > 0 and last["draft"] == "none"
@@ -87,7 +88,7 @@ def test_sampling_flags_are_seeded(tiny_target, tmp_path):
     out = tmp_path / f"{name}.jsonl"
     infer.main(["--target", str(path), "--prompt", "what is two plus one", "--prompt", "hello", "--temperature",
                 "1.5", "--top-k", "20", "--top-p", "0.95", "--max-new-tokens", "16", "--seed", str(seed),
-                "--output", str(out), "--no-progress"])
+                "--output", str(out), *_QUIET])
     runs[name] = [json.loads(line)["token_ids"] for line in out.read_text().splitlines()]
   assert runs["a"] == runs["b"]
   assert runs["a"] != runs["c"]
