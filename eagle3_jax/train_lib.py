@@ -187,7 +187,7 @@ class StepStatics:
                grad_accum=cfg.optim.grad_accum, online=cfg.features == "online")
 
 
-def _teacher_inputs(target_params: Any, vocab: DraftVocab, batch: Batch, s: StepStatics):
+def _teacher_inputs(target_params: Any, vocab: DraftVocab, batch: Batch, s: StepStatics, mesh: Mesh | None):
   """(aux, probs, in_vocab): the frozen target's view of the batch, online or from the stored features."""
   with jax.named_scope("target"):
     if s.online:
@@ -196,12 +196,17 @@ def _teacher_inputs(target_params: Any, vocab: DraftVocab, batch: Batch, s: Step
     else:
       aux, hidden = batch["aux"], batch["hidden"].astype(target_params["embed"].dtype)
     probs, in_vocab = ttt.teacher(target_params, hidden, vocab, target_cfg=s.target_cfg)
+  # Pin the draft's inputs to the batch layout: left free, XLA may lay them out along the weights' fsdp axis.
+  aux = sharding.constrain(aux, mesh, ("batch", "seq", None))
+  probs = sharding.constrain(probs, mesh, ("batch", "seq", None))
+  in_vocab = sharding.constrain(in_vocab, mesh, ("batch", "seq"))
   return jax.lax.stop_gradient(aux), probs, in_vocab
 
 
-def _loss(params: Any, target_params: Any, vocab: DraftVocab, batch: Batch, s: StepStatics, *, remat: bool):
+def _loss(params: Any, target_params: Any, vocab: DraftVocab, batch: Batch, s: StepStatics, mesh: Mesh | None, *,
+          remat: bool):
   """(weighted TTT loss, metric sums) of one (micro-)batch; params are the fp32 master weights."""
-  aux, probs, in_vocab = _teacher_inputs(target_params, vocab, batch, s)
+  aux, probs, in_vocab = _teacher_inputs(target_params, vocab, batch, s, mesh)
   dtype = jnp.dtype(s.compute_dtype)
   # The cast sits inside the differentiated function, so gradients come back in fp32.
   p = jax.tree.map(lambda x: x.astype(dtype), params)
@@ -211,8 +216,9 @@ def _loss(params: Any, target_params: Any, vocab: DraftVocab, batch: Batch, s: S
                 "weight_sum": m["weight_sum"], "mask_sum": m["mask_sum"], "tokens": jnp.sum(batch["lengths"])}
 
 
-def _micro_grads(params: Any, target_params: Any, vocab: DraftVocab, batch: Batch, s: StepStatics):
-  (_, sums), grads = jax.value_and_grad(_loss, has_aux=True)(params, target_params, vocab, batch, s,
+def _micro_grads(params: Any, target_params: Any, vocab: DraftVocab, batch: Batch, s: StepStatics,
+                 mesh: Mesh | None):
+  (_, sums), grads = jax.value_and_grad(_loss, has_aux=True)(params, target_params, vocab, batch, s, mesh,
                                                              remat=s.remat)
   return grads, sums
 
@@ -239,16 +245,16 @@ def train_step(state: TrainState, target_params: Any, vocab: DraftVocab, batch: 
   """One optimiser step over the global batch (grad_accum micro-batches scanned). No host sync inside."""
   n = statics.grad_accum
   if n == 1:
-    grads, sums = _micro_grads(state.params, target_params, vocab, batch, statics)
+    grads, sums = _micro_grads(state.params, target_params, vocab, batch, statics, mesh)
   else:
     micro = {k: _split_micro(v, n, mesh, BATCH_AXES[k]) for k, v in batch.items()}
 
     def body(acc, mb):
-      g, s = _micro_grads(state.params, target_params, vocab, mb, statics)
+      g, s = _micro_grads(state.params, target_params, vocab, mb, statics, mesh)
       return jax.tree.map(jnp.add, acc, (g, s)), None
 
     zero = jax.eval_shape(lambda: _micro_grads(state.params, target_params, vocab,
-                                               jax.tree.map(lambda v: v[0], micro), statics))
+                                               jax.tree.map(lambda v: v[0], micro), statics, mesh))
     zero = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), zero)
     (grads, sums), _ = jax.lax.scan(body, zero, micro)
     grads = jax.tree.map(lambda g: g / n, grads)
@@ -260,10 +266,10 @@ def train_step(state: TrainState, target_params: Any, vocab: DraftVocab, batch: 
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_sums(params: Any, target_params: Any, vocab: DraftVocab, batch: Batch, *, statics: StepStatics
-              ) -> dict[str, jax.Array]:
+def eval_sums(params: Any, target_params: Any, vocab: DraftVocab, batch: Batch, *, statics: StepStatics,
+              mesh: Mesh | None = None) -> dict[str, jax.Array]:
   """Metric sums of one held-out batch (sums, so batches combine exactly; finish_eval turns them into means)."""
-  return _loss(params, target_params, vocab, batch, statics, remat=False)[1]
+  return _loss(params, target_params, vocab, batch, statics, mesh, remat=False)[1]
 
 
 def finish_eval(sums: dict[str, np.ndarray], num_batches: int) -> dict[str, Any]:
@@ -287,7 +293,7 @@ def jit_eval_step(statics: StepStatics, mesh: Mesh, params_sh: Any, target_sh: A
                   batch_sh: dict[str, NamedSharding]) -> Callable:
   replicated = NamedSharding(mesh, P())
   vocab_sh = DraftVocab(d2t=replicated, t2d=replicated)
-  return jax.jit(functools.partial(eval_sums, statics=statics),
+  return jax.jit(functools.partial(eval_sums, statics=statics, mesh=mesh),
                  in_shardings=(params_sh, target_sh, vocab_sh, batch_sh), out_shardings=replicated)
 
 

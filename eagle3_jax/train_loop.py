@@ -309,13 +309,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
       stopped = recorder.record(*pending)["stop"] or stopped
     if saved_at != step:
       ckpt.save(step, state, train_it)
+      log.info("checkpoint of step %d started", step)
     if not stopped and step >= cfg.num_steps:
       if has_eval and (last_eval is None or cfg.eval_every == 0 or step % cfg.eval_every):
         last_eval = evaluate(steps.eval, state.params, target_params, vocab, cfg, tokenizer, mesh)
         recorder.scalars("eval", last_eval, step)
       if cfg.export:
         export_dir = export_draft(run_dir / "export" / "final", state.params, vm, statics, cfg, tokenizer)
+        log.info("draft exported to %s", export_dir)
     ckpt.close()
+    log.info("checkpoints written to %s", ckpt.directory)
   finally:
     recorder.close()
     for s, handler in previous.items():
