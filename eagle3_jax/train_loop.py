@@ -108,6 +108,9 @@ def train_iterator(cfg: TrainConfig, tokenizer, target_cfg: LlamaConfig, target_
   # The fingerprint reads weight corners, which needs every shard on this host: single-process runs only.
   store = features.FeatureStore(cfg.feature_dir, target_cfg=target_cfg,
                                 target_params=target_params if jax.process_count() == 1 else None)
+  if store.seq_len != cfg.data.max_length:
+    raise ValueError(f"feature store {cfg.feature_dir} holds sequences of {store.seq_len} tokens but "
+                     f"data.max_length={cfg.data.max_length}; set data.max_length={store.seq_len}")
   ds = grain.MapDataset.source(store).shuffle(seed=cfg.data.seed).repeat()
   ds = ds[jax.process_index()::jax.process_count()]
   return iter(ds.to_iter_dataset().batch(cfg.data.batch_size, drop_remainder=True))

@@ -150,3 +150,26 @@ def test_bf16_compute_keeps_fp32_master_weights(setup):
   d32 = np.concatenate([(a - b).ravel() for a, b in zip(jax.tree.leaves(setup.full.params),
                                                          jax.tree.leaves(setup.state0.params))])
   assert d16 @ d32 / np.linalg.norm(d16) / np.linalg.norm(d32) > 0.98
+
+
+def test_offline_features_run(tmp_path):
+  """features=offline trains from a store that eagle3_jax.features dumped for the same target and data."""
+  from eagle3_jax import data, features
+
+  cfg = load_config(TINY, [f"run_dir={tmp_path / 'run'}", "data.max_length=48", "data.overflow=truncate",
+                           "data.num_epochs=1", "num_steps=4", "eval_every=0", "export=false", "progress=false",
+                           "log_every=1"])
+  mesh = sharding.make_mesh(cfg.mesh)
+  target_cfg, target = train_loop.load_target(cfg, mesh)
+  tokenizer = train_loop.load_tokenizer(cfg)
+  store = tmp_path / "features"
+  index = features.dump_features(store, data.make_iterator(cfg.data, tokenizer, shard_index=0, shard_count=1),
+                                 jax.device_get(target), target_cfg=target_cfg, target_name="tiny-random",
+                                 dataset=cfg.data.source, dtype="float32")
+  assert index["num_examples"] > 32
+  offline = dataclasses.replace(cfg, features="offline", feature_dir=str(store))
+  summary = train_loop.train(offline)
+  assert summary["step"] == 4 and np.isfinite(summary["loss"])
+  with pytest.raises(ValueError, match="max_length"):
+    train_loop.train(dataclasses.replace(offline, data=dataclasses.replace(cfg.data, max_length=64),
+                                         run_dir=str(tmp_path / "other")))
