@@ -10,6 +10,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from eagle3_jax import sharding, train_lib, train_loop
 from eagle3_jax.checkpoint import Checkpointer
@@ -52,6 +53,9 @@ def test_resume_is_exact(tmp_path):
   for step in range(1, 9):
     assert (ra[step]["loss"], ra[step]["ce_j"]) == (rb[step]["loss"], rb[step]["ce_j"]), step
   assert a["data"] == b["data"]  # the iterator's counters (rows read, tokens) were restored with it
+  # The run's draft vocabulary is reused only for the data it was counted on.
+  with pytest.raises(ValueError, match="another dataset"):
+    train_loop.train(load_config(TINY, COMMON + [f"run_dir={split}", "data.max_rows=100", "num_steps=9"]))
 
 
 def _run(args, **kw):
