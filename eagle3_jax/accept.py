@@ -21,6 +21,13 @@ class Accepted:
   bonus: jax.Array  # int32[B] token the target emits after the accepted path (correction or bonus)
 
 
+def argmax(x: jax.Array) -> jax.Array:
+  """First index of the maximum (as jnp.argmax), as two plain reductions: 5x faster on XLA:CPU for [17, 49152]
+  (1.2 ms against 5.9 ms measured), where the variadic (value, index) reduce does not vectorise."""
+  top = jnp.max(x, axis=-1, keepdims=True)
+  return jnp.min(jnp.where(x == top, jnp.arange(x.shape[-1], dtype=jnp.int32), x.shape[-1]), axis=-1)
+
+
 def _take_node(x_BP: jax.Array, node_B: jax.Array) -> jax.Array:
   return jnp.take_along_axis(x_BP, node_B[:, None], axis=1)[:, 0]
 
@@ -39,7 +46,7 @@ def greedy(logits_BPV: jax.Array, tree: Tree, depth: int) -> Accepted:
   """
   with jax.named_scope("accept_greedy"):
     B = logits_BPV.shape[0]
-    best = jnp.argmax(logits_BPV, axis=-1).astype(jnp.int32)  # [B,P+1]
+    best = argmax(logits_BPV)  # [B,P+1]
     state = (jnp.zeros((B,), jnp.int32), jnp.zeros((B,), jnp.int32), jnp.zeros((B, depth), jnp.int32),
              jnp.ones((B,), jnp.bool_))
     for step in range(depth):

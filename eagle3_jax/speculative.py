@@ -324,7 +324,7 @@ def generate(target: Target, target_params: Any, draft_params: Any, vocab: draft
 
 
 def outputs(state: SpecState, spec: SpecConfig) -> dict[str, np.ndarray]:
-  """Host copies: tokens [B, max_new_tokens] (pad beyond counts), counts, rounds and tau per row."""
-  rounds = np.asarray(state.rounds)
-  return {"tokens": np.asarray(state.tokens)[:, :spec.max_new_tokens], "counts": np.asarray(state.counts),
-          "rounds": rounds, "tau": np.asarray(state.accepted) / np.maximum(rounds, 1)}
+  """Host copies: tokens [B, max_new_tokens] (pad beyond counts), counts, rounds, accepted and tau per row."""
+  tokens, counts, rounds, accepted = jax.device_get((state.tokens, state.counts, state.rounds, state.accepted))
+  return {"tokens": tokens[:, :spec.max_new_tokens], "counts": counts, "rounds": rounds, "accepted": accepted,
+          "tau": accepted / np.maximum(rounds, 1)}

@@ -2,6 +2,7 @@
 and 4, stops), committed KV == a fresh forward, tau bounds, one compile over 50 rounds, clear errors."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +26,8 @@ def _vanilla(cfg, params, tokens, lengths, max_new, stop_ids=()):
   return np.asarray(state.tokens), np.asarray(state.counts)
 
 
-def _speculative(cfg, tparams, dcfg, dparams, vocab, tokens, lengths, spec):
-  state = sp.generate(sp.llama_target(cfg), tparams, dparams, vocab, tokens, lengths, jax.random.key(1), dcfg=dcfg,
+def _speculative(cfg, tparams, dcfg, dparams, vocab, tokens, lengths, spec, target=None):
+  state = sp.generate(target or sp.llama_target(cfg), tparams, dparams, vocab, tokens, lengths, jax.random.key(1), dcfg=dcfg,
                       spec=spec)
   return state, sp.outputs(state, spec)
 
@@ -56,14 +57,19 @@ def test_greedy_equals_vanilla_random_draft(random_pair, tree_cfg):
   assert (out["rounds"] >= 1).all() and (out["tau"] >= 1).all()
 
 
-def test_greedy_single_row_with_stop_id(random_pair):
+def test_greedy_single_row_with_stop_id_through_the_bare_protocol(random_pair):
+  """B = 1, a stop id, and a target given only by the protocol's required parts (no forward_hidden / lm_head, no
+  cache axes): prefill then takes the full-logits path."""
   cfg, tparams, dcfg, dparams, vocab = random_pair
+  bare = sp.Target(forward=functools.partial(llama.forward, cfg=cfg), init_cache=functools.partial(llama.init_cache, cfg),
+                   embed=lambda params: params["embed"], vocab_size=cfg.vocab_size, aux_size=3 * cfg.hidden_size,
+                   max_positions=cfg.max_position_embeddings)
   free, _ = _vanilla(cfg, tparams, PROMPTS, LENGTHS, 16)  # compiled already by the B = 4 test
   stop = int(free[0, 5])  # a token the target really emits mid-way
   tokens, lengths = PROMPTS[:1], LENGTHS[:1]
   want, counts = _vanilla(cfg, tparams, tokens, lengths, 16, stop_ids=(stop,))
   spec = sp.SpecConfig(tree=TREES[1], max_new_tokens=16, stop_ids=(stop,))
-  _, out = _speculative(cfg, tparams, dcfg, dparams, vocab, tokens, lengths, spec)
+  _, out = _speculative(cfg, tparams, dcfg, dparams, vocab, tokens, lengths, spec, target=bare)
   assert counts[0] <= 6 and want[0, counts[0] - 1] == stop
   np.testing.assert_array_equal(out["tokens"], want)
   np.testing.assert_array_equal(out["counts"], counts)

@@ -1,0 +1,239 @@
+"""Speculative decoding on SmolLM2: tau and tokens/s against vanilla per tree shape and batch size, the cost of one
+round against one vanilla decode step, and the verify cost per node count (which tree size pays on this machine).
+
+    python benchmarks/bench_spec.py [--target PATH] [--draft PATH|random] [--max-new-tokens 32] [--prompts 4]
+        [--trees 1x4x4,4x4x16,8x5x32,10x5x60] [--batch-sizes 1,4] [--repeats 2]
+
+Greedy, fp32, EOS ignored (exactly max_new_tokens per prompt), compilation and a warm-up call excluded; speculative
+and vanilla runs are interleaved in the same process so machine noise hits both alike. Tree shapes are
+top_k x depth x total_tokens (depth = draft levels; the official EAGLE `depth` is ours minus one). With a random
+draft nothing is accepted (tau = 1): the speedup column is then the price of a round, not a forecast.
+Prints a markdown summary and, as the last line, one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import json
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+
+def _median_ms(fn, repeats: int) -> float:
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return 1e3 * statistics.median(times)
+
+
+def load_draft(arg: str, cfg, params):
+  """(cfg with the draft's aux layers, dcfg, draft params, vocab, embed) from a checkpoint, or a random draft."""
+  import jax
+
+  from eagle3_jax import draft, interop
+
+  if arg != "random":
+    ckpt = interop.read_draft(arg, num_target_layers=cfg.num_layers)
+    cfg = dataclasses.replace(cfg, aux_layers=tuple(ckpt.aux_layer_ids))
+    return cfg, ckpt.cfg, jax.tree.map(jax.numpy.asarray, ckpt.params), ckpt.vocab, ckpt.embed
+  # Vd = 16384 as configs/smollm2_135m.py trains it; the lowest ids stand in for the frequency-ranked ones.
+  dcfg = draft.DraftConfig.for_target(cfg, draft_vocab_size=min(16384, cfg.vocab_size))
+  return (cfg, dcfg, draft.init_params(dcfg, jax.random.key(0)),
+          draft.DraftVocab.from_ids(np.arange(dcfg.draft_vocab_size), cfg.vocab_size), None)
+
+
+def main(argv=None) -> dict:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--target", default=None, help="HF dir or .gguf (default: embedded SmolLM2-135M-Instruct)")
+  ap.add_argument("--draft", default="random", help="draft checkpoint directory, or 'random'")
+  ap.add_argument("--max-new-tokens", type=int, default=32)
+  ap.add_argument("--prompts", type=int, default=4, help="first N of infer.py's built-in prompts")
+  ap.add_argument("--trees", default="1x4x4,4x4x16,8x5x32,10x5x60")
+  ap.add_argument("--batch-sizes", default="1,4")
+  ap.add_argument("--repeats", type=int, default=2)
+  ap.add_argument("--verify-nodes", default="1,2,4,8,16,32,64")
+  ap.add_argument("--context", type=int, default=256, help="committed tokens in the cache for the cost curves")
+  args = ap.parse_args(argv)
+
+  import jax
+  import jax.numpy as jnp
+
+  import infer
+  from eagle3_jax import decode, draft, engine, layers, sampling, speculative as sp
+  from eagle3_jax.target import llama, loading
+  from eagle3_jax.tree import TreeConfig
+
+  cfg, tparams = loading.load_target(args.target, dtype=jnp.float32)
+  tokenizer = loading.load_tokenizer(args.target)
+  cfg, dcfg, dparams, vocab, embed = load_draft(args.draft, cfg, tparams)
+  embed = tparams["embed"] if embed is None else jnp.asarray(embed)
+  target = sp.llama_target(cfg)
+  M = args.max_new_tokens
+  trees = [TreeConfig(top_k=k, depth=d, total_tokens=n)
+           for k, d, n in (map(int, t.split("x")) for t in args.trees.split(","))]
+  batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+  prompts = engine.Engine(None, tokenizer).encode(infer.default_requests())[:args.prompts]
+  greedy = sampling.SamplingConfig()
+
+  # ----- end to end: tokens/s and tau, speculative against vanilla on the same prompts ---------------------------
+  runs: dict[str, dict] = {}
+  for B in batch_sizes:
+    batches = [b for _, b in engine.Engine(None, tokenizer, batch_size=B).batches(prompts)]
+
+    def vanilla(batch):
+      S = decode.cache_length(batch.tokens.shape[1], M)
+      st = decode.generate_jit(tparams, batch.tokens, batch.lengths, llama.init_cache(cfg, B, S), jax.random.key(0),
+                               cfg=cfg, sampling_cfg=greedy, max_new_tokens=M)
+      return np.asarray(st.tokens)[:batch.n_real], None
+
+    def speculative(batch, tree):
+      spec = sp.SpecConfig(tree=tree, max_new_tokens=M)
+      st = sp.generate(target, tparams, dparams, vocab, batch.tokens, batch.lengths, jax.random.key(0), embed,
+                       dcfg=dcfg, spec=spec)
+      out = sp.outputs(st, spec)
+      return out["tokens"][:batch.n_real], (out["rounds"][:batch.n_real], out["accepted"][:batch.n_real])
+
+    kinds = {"vanilla": vanilla} | {f"{t.top_k}x{t.depth}x{t.total_tokens}": (lambda b, t=t: speculative(b, t))
+                                    for t in trees}
+    for name, fn in kinds.items():  # compile + warm up
+      t0 = time.perf_counter()
+      for batch in batches:
+        fn(batch)
+      print(f"[B={B}] {name}: compiled and warmed up in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+    for _ in range(args.repeats):
+      for name, fn in kinds.items():
+        r = runs.setdefault(f"{name}_b{B}", {"seconds": [], "tokens": None, "rounds": 0, "accepted": 0})
+        seconds, toks, rounds, accepted = 0.0, [], 0, 0
+        for batch in batches:
+          t0 = time.perf_counter()
+          out, extra = fn(batch)
+          seconds += time.perf_counter() - t0
+          toks.append(out)
+          if extra is not None:
+            rounds, accepted = rounds + int(extra[0].sum()), accepted + int(extra[1].sum())
+        r["seconds"].append(seconds)
+        r["tokens"], r["rounds"], r["accepted"] = np.concatenate(toks), rounds, accepted
+
+  table = []
+  for key, r in runs.items():
+    name, B = key.rsplit("_b", 1)
+    base = runs[f"vanilla_b{B}"]
+    tok_s = r["tokens"].size / statistics.median(r["seconds"])
+    row = {"run": name, "batch": int(B), "tokens_per_s": round(tok_s, 2),
+           "speedup": round(tok_s / (base["tokens"].size / statistics.median(base["seconds"])), 3)}
+    if name != "vanilla":
+      row |= {"tau": round(r["accepted"] / max(r["rounds"], 1), 3),
+              "identical_to_vanilla": bool(np.array_equal(r["tokens"], base["tokens"]))}
+    table.append(row)
+
+  # ----- cost curves at a fixed context: one decode step, one verify per node count, one full round --------------
+  curves: dict[str, dict] = {}
+  L = args.context
+  for B in batch_sizes:
+    S = L + M + 128
+    cache = llama.init_cache(cfg, B, S)
+    fresh = lambda: jnp.full((B,), L, jnp.int32)  # a new buffer each time: calls below donate their state
+
+    @jax.jit
+    def fill(cache):  # a realistic committed prefix (the cost of attention grows with it)
+      _, _, cache = llama.forward(tparams, jnp.ones((B, L), jnp.int32), jnp.broadcast_to(jnp.arange(L), (B, L)),
+                                  cache, layers.cache_causal_mask(cache.lengths, L, S), cfg=cfg)
+      return cache.replace(lengths=fresh())
+
+    cache = fill(cache)
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def verify(cache, tokens):
+      T = tokens.shape[1]
+      tree_mask = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T))
+      logits, _, cache = llama.forward(tparams, tokens, cache.lengths[:, None] + jnp.arange(T)[None],
+                                       cache, layers.tree_cache_mask(cache.lengths, tree_mask, S), cfg=cfg)
+      return jnp.argmax(logits, -1), cache
+
+    step = jax.jit(lambda st: decode.decode_step(tparams, st, cfg=cfg, sampling_cfg=greedy, max_new_tokens=10 ** 6),
+                   donate_argnums=0)
+    state = decode.DecodeState(cache=cache, last=jnp.ones((B,), jnp.int32), tokens=jnp.zeros((B, 8), jnp.int32),
+                               counts=jnp.zeros((B,), jnp.int32), done=jnp.zeros((B,), bool),
+                               key=jax.random.key(0), steps=jnp.zeros((), jnp.int32))
+    holder = {"state": step(state)}
+
+    def one_step():
+      holder["state"] = step(holder["state"].replace(cache=holder["state"].cache.replace(lengths=fresh())))
+      jax.block_until_ready(holder["state"].last)
+
+    one_step()
+    step_ms = _median_ms(one_step, 10)
+    verify_ms = {}
+    box = {"cache": holder["state"].cache.replace(lengths=fresh())}  # donated along from call to call
+    for P in [int(p) for p in args.verify_nodes.split(",")]:
+      toks = jnp.ones((B, P + 1), jnp.int32)
+
+      def one_verify():
+        out, box["cache"] = verify(box["cache"], toks)
+        jax.block_until_ready(out)
+
+      one_verify()
+      verify_ms[P] = round(_median_ms(one_verify, 5), 2)
+    cache = box["cache"]
+    round_ms = {}
+    for tree in trees:
+      # max_new_tokens sizes the draft cache like the target's (S slots); the rounds below never emit that many.
+      spec = sp.SpecConfig(tree=tree, max_new_tokens=L + M, cache_len=S)
+      R, zeros = spec.rows, lambda: jnp.zeros((B,), jnp.int32)
+      # A mid-generation state without a prefill compile: target context of L tokens, draft prefix of L - 1.
+      st = sp.SpecState(cache=cache.replace(lengths=fresh()),
+                        draft_cache=draft.init_cache(dcfg, B, spec.cache_lengths(16)[1]).replace(lengths=fresh() - 1),
+                        pending_hidden=jnp.zeros((B, R, dcfg.hidden_size)), pending_tokens=jnp.ones((B, R), jnp.int32),
+                        pending_count=zeros() + 1, tokens=jnp.zeros((B, spec.max_new_tokens + R), jnp.int32),
+                        counts=zeros(), done=jnp.zeros((B,), bool), key=jax.random.key(0), rounds=zeros(),
+                        accepted=zeros(), steps=jnp.zeros((), jnp.int32))
+      box = {"st": sp.round_jit(target, tparams, dparams, embed, vocab, st, dcfg=dcfg, spec=spec)}
+
+      def one_round():
+        s = box["st"]
+        # Rewind so that every timed round sees the same context length.
+        s = s.replace(cache=s.cache.replace(lengths=fresh()), draft_cache=s.draft_cache.replace(lengths=fresh() - 1),
+                      pending_count=jnp.ones((B,), jnp.int32), done=jnp.zeros((B,), bool),
+                      counts=jnp.zeros((B,), jnp.int32))
+        box["st"] = sp.round_jit(target, tparams, dparams, embed, vocab, s, dcfg=dcfg, spec=spec)
+        jax.block_until_ready(box["st"].counts)
+
+      one_round()
+      round_ms[f"{tree.top_k}x{tree.depth}x{tree.total_tokens}"] = round(_median_ms(one_round, 5), 2)
+      cache = box["st"].cache
+    curves[f"b{B}"] = {"decode_step_ms": round(step_ms, 2), "verify_ms": verify_ms, "round_ms": round_ms,
+                       "round_over_step": {k: round(v / step_ms, 2) for k, v in round_ms.items()},
+                       "verify_over_step": {p: round(v / step_ms, 2) for p, v in verify_ms.items()}}
+
+  result = {
+      "date": datetime.date.today().isoformat(), "machine": f"{os.cpu_count()}-core {platform.machine()} CPU",
+      "backend": jax.default_backend(), "jax": jax.__version__, "target": args.target or "SmolLM2-135M-Instruct fp32",
+      "draft": args.draft, "draft_vocab": dcfg.draft_vocab_size, "prompts": len(prompts), "max_new_tokens": M,
+      "repeats": args.repeats, "context_for_costs": L, "runs": table, "costs": curves,
+  }
+  print("| run | batch | tokens/s | speedup | tau | identical |\n|---|---|---|---|---|---|")
+  for r in table:
+    print(f"| {r['run']} | {r['batch']} | {r['tokens_per_s']} | {r['speedup']} | {r.get('tau', '')} | "
+          f"{r.get('identical_to_vanilla', '')} |")
+  for b, c in curves.items():
+    print(f"\n{b}: decode step {c['decode_step_ms']} ms; verify ms by nodes {c['verify_ms']}; "
+          f"round ms {c['round_ms']}; round / step {c['round_over_step']}")
+  print(json.dumps(result), flush=True)
+  return result
+
+
+if __name__ == "__main__":
+  main()
