@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from eagle3_jax import draft, features, sharding, ttt
 from eagle3_jax.config import LlamaConfig
 from eagle3_jax.draft import DraftConfig, DraftVocab
-from eagle3_jax.params import ParamSpec
+from eagle3_jax.params import ParamSpec, init_from_specs
 from eagle3_jax.target import llama
 from eagle3_jax.train_config import OptimSpec, TrainConfig
 
@@ -79,12 +79,23 @@ def make_optimizer(o: OptimSpec, num_steps: int) -> optax.GradientTransformation
 # ----- state and shardings ------------------------------------------------------------------------------------
 
 
+_ONE_DRAW_MAX = 1 << 24  # elements: 64 MB of fp32 noise, which may be replicated on every device
+
+
 def init_from_table(specs: Any, key: jax.Array, dtype=jnp.float32, normal_std: float = 0.02) -> Any:
-  """Weights of a parameter table ("normal" std normal_std, "ones", "zeros"), all normal leaves cut from ONE
-  random draw: on CPU this compiles in 1.3 s where a draw per leaf (params.init_from_specs) takes 7.9 s for the
-  tiny 4-layer target, and training starts (tests, CI) are dominated by such compiles."""
-  leaves, treedef = jax.tree.flatten(specs, is_leaf=lambda s: isinstance(s, ParamSpec))
+  """Weights of a parameter table ("normal" std normal_std, "ones", "zeros").
+
+  Small tables cut all normal leaves from ONE random draw: on CPU that compiles in 1.3 s where a draw per leaf
+  (params.init_from_specs) takes 7.9 s for the tiny 4-layer target, and test / CI starts are dominated by such
+  compiles. Large tables draw per leaf, so that each draw is generated already sharded like its weight.
+  """
+  is_spec = lambda s: isinstance(s, ParamSpec)  # noqa: E731
+  leaves, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
   n = sum(math.prod(s.shape) for s in leaves if s.init == "normal")
+  if n > _ONE_DRAW_MAX:
+    params = init_from_specs(specs, key, jnp.float32)
+    return jax.tree.map(lambda s, x: (x * (normal_std / 0.02) if s.init == "normal" else x).astype(dtype),
+                        specs, params, is_leaf=is_spec)
   z = normal_std * jax.random.normal(key, (n,), jnp.float32)
   out, offset = [], 0
   for s in leaves:
@@ -158,7 +169,7 @@ def global_batch(mesh: Mesh, local: dict[str, np.ndarray]) -> Batch:
 
 def stop_flags(mesh: Mesh, local_rows: int, stop: bool) -> jax.Array:
   """bool[B] that is `stop` on this process's rows: the step reduces it, so every host learns any host's SIGTERM
-  from the (one step late) metrics, at the same step, without an extra collective."""
+  from the (one step late) metrics, at the same step, with no extra host round trip."""
   shape = (local_rows * jax.process_count(),)
   return jax.make_array_from_process_local_data(sharding.named_sharding(mesh, ("batch",), shape),
                                                 np.full((local_rows,), stop), shape)
