@@ -246,7 +246,7 @@ def export_draft(path: pathlib.Path, params: Any, vm: vocab_lib.VocabMap, static
     ckpt = interop.DraftCheckpoint(cfg=statics.draft_cfg, params=params,
                                    vocab=DraftVocab(d2t=np.asarray(vm.d2t, np.int64), t2d=np.asarray(vm.t2d)),
                                    aux_layer_ids=tuple(tcfg.aux_layer_ids), source_layout="jax", extra=extra)
-    interop.write_draft(path, ckpt, layout="eagle")
+    interop.write_draft(path, ckpt, layout="eagle", overwrite=True)  # a resumed run re-exports
   return str(path)
 
 
@@ -307,7 +307,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         last_eval = evaluate(steps.eval, state.params, target_params, vocab, cfg, tokenizer, mesh)
         recorder.scalars("eval", last_eval, step)
       if cfg.export and cfg.export_every and step % cfg.export_every == 0:
-        export_dir = export_draft(run_dir / "export" / f"step_{step}", state.params, vm, statics, cfg, tokenizer)
+        export_dir = export_draft(run_dir / f"export_step_{step}", state.params, vm, statics, cfg, tokenizer)
     if pending is not None:
       stopped = recorder.record(*pending)["stop"] or stopped
     if saved_at != step:
@@ -318,7 +318,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         last_eval = evaluate(steps.eval, state.params, target_params, vocab, cfg, tokenizer, mesh)
         recorder.scalars("eval", last_eval, step)
       if cfg.export:
-        export_dir = export_draft(run_dir / "export" / "final", state.params, vm, statics, cfg, tokenizer)
+        export_dir = export_draft(run_dir / "export", state.params, vm, statics, cfg, tokenizer)
         log.info("draft exported to %s", export_dir)
     ckpt.close()
     log.info("checkpoints written to %s", ckpt.directory)
