@@ -1,7 +1,11 @@
 """Generates text with a target model: `python infer.py [--target PATH] [--prompt TEXT ...] [--prompts FILE.jsonl]`.
 
 With no prompts it serves a built-in set (HumanEval problems and chat questions) on the embedded SmolLM2 default.
-Texts go to stdout (or --output FILE.jsonl); the last stdout line is one JSON summary with tokens_per_s.
+`--draft DIR` (an EAGLE-3 draft in our export, the official EAGLE / SGLang or the speculators layout) decodes
+speculatively with a (--draft-top-k, --draft-depth, --draft-tokens) tree; `--compare` also runs plain decoding on the
+same requests in the same run. Texts go to stdout (or --output FILE.jsonl, one JSON per request, with tau and rounds
+under a draft); the last stdout line is one JSON summary with tau, tokens_per_s and requests (plus
+vanilla_tokens_per_s, speedup and, when greedy, identical_to_vanilla with --compare).
 """
 
 from __future__ import annotations
@@ -78,7 +82,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--target", default=None, help="HF directory or .gguf file (default: embedded SmolLM2-135M)")
   ap.add_argument("--prompt", action="append", default=[], help="a user message (repeatable)")
   ap.add_argument("--prompts", default=None, help="JSONL of requests: {'messages': [...]} or {'prompt': '...'}")
-  ap.add_argument("--draft", default="none", help="EAGLE-3 draft checkpoint; only 'none' (target only) so far")
+  ap.add_argument("--draft", default="none", help="EAGLE-3 draft checkpoint directory, or 'none' (target only)")
+  ap.add_argument("--draft-top-k", type=int, default=4, help="children kept per tree node and level")
+  ap.add_argument("--draft-depth", type=int, default=4, help="draft levels per round (official EAGLE depth + 1)")
+  ap.add_argument("--draft-tokens", type=int, default=16, help="tree nodes verified per round (root excluded)")
+  ap.add_argument("--compare", action="store_true", help="also decode without the draft, same requests and run")
   ap.add_argument("--max-new-tokens", type=int, default=128)
   ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
   ap.add_argument("--top-p", type=float, default=1.0)
@@ -93,14 +101,36 @@ def parse_args(argv=None) -> argparse.Namespace:
   return ap.parse_args(argv)
 
 
+def load_draft(path: str, cfg: Any) -> tuple[Any, Any]:
+  """(target config with the draft's aux layers, DraftCheckpoint); the taps must be those the draft was trained on."""
+  import dataclasses
+
+  from eagle3_jax import interop
+
+  if not (pathlib.Path(path) / "config.json").is_file():
+    raise FileNotFoundError(f"--draft {path}: not a draft checkpoint directory (no config.json)")
+  ckpt = interop.read_draft(path, num_target_layers=cfg.num_layers)
+  aux = tuple(int(i) for i in ckpt.aux_layer_ids)
+  if aux != cfg.aux_layer_ids:
+    logging.info("--draft %s reads target layers %s (target default %s)", path, aux, cfg.aux_layer_ids)
+    cfg = dataclasses.replace(cfg, aux_layers=aux)
+  return cfg, ckpt
+
+
 def main(argv=None) -> dict:
   args = parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-  if args.draft != "none":
-    raise SystemExit(f"--draft {args.draft}: speculative decoding is not wired into infer.py yet; use --draft none")
-  from eagle3_jax import sampling  # validates the sampling flags before the slow model load
+  from eagle3_jax import sampling  # validates the sampling and tree flags before the slow model load
+  from eagle3_jax.tree import TreeConfig
 
   sampling_cfg = sampling.SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+  speculative = args.draft != "none"
+  if speculative:
+    tree_cfg = TreeConfig(top_k=args.draft_top_k, depth=args.draft_depth, total_tokens=args.draft_tokens)
+    if not pathlib.Path(args.draft).is_dir():
+      raise FileNotFoundError(f"--draft {args.draft}: no such draft directory")
+  elif args.compare:
+    raise ValueError("--compare compares speculative with plain decoding: it needs --draft")
   requests = [{"prompt": p} for p in args.prompt] + (read_jsonl(args.prompts) if args.prompts else [])
   requests = requests or default_requests()
 
@@ -116,24 +146,44 @@ def main(argv=None) -> dict:
     jax.config.update("jax_compilation_cache_dir", str(cache_dir))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
-  cfg, params = loading.load_target(args.target, dtype=getattr(jnp, args.dtype))
+  dtype = getattr(jnp, args.dtype)
+  cfg, params = loading.load_target(args.target, dtype=dtype)
   tokenizer = loading.load_tokenizer(args.target)
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-  generator = engine.VanillaGenerator(params, cfg, sampling_cfg=sampling_cfg, max_new_tokens=args.max_new_tokens,
-                                      stop_ids=stop_ids(tokenizer, args.target), pad_id=pad_id, seed=args.seed)
-  eng = engine.Engine(generator, tokenizer, batch_size=args.batch_size, pad_id=pad_id)
-  results, summary = eng.run(requests, progress=not args.no_progress)
+  common = dict(sampling_cfg=sampling_cfg, max_new_tokens=args.max_new_tokens,
+                stop_ids=stop_ids(tokenizer, args.target), pad_id=pad_id, seed=args.seed)
+  vanilla = lambda: engine.VanillaGenerator(params, cfg, **common)
+  if speculative:
+    cfg, ckpt = load_draft(args.draft, cfg)
+    cast = lambda x: jnp.asarray(x, dtype)
+    generator = engine.SpeculativeGenerator(
+        params, cfg, jax.tree.map(cast, ckpt.params), ckpt.vocab, dcfg=ckpt.cfg, tree_cfg=tree_cfg,
+        embed=None if ckpt.embed is None else cast(ckpt.embed), **common)
+  else:
+    generator = vanilla()
+  run = lambda gen: engine.Engine(gen, tokenizer, batch_size=args.batch_size, pad_id=pad_id).run(
+      requests, progress=not args.no_progress)
+  results, summary = run(generator)
 
   if args.output:
     with open(args.output, "w", encoding="utf-8") as f:
       for req, r in zip(requests, results):
         f.write(json.dumps({"id": req.get("id", r.index), "text": r.text, "tokens": len(r.token_ids),
                             "token_ids": r.token_ids, "prompt_tokens": r.prompt_tokens,
-                            "seconds": round(r.seconds, 4)}) + "\n")
+                            "seconds": round(r.seconds, 4)} | {k: round(v, 4) for k, v in r.stats.items()}) + "\n")
   else:
     for req, r in zip(requests, results):
-      print(f"### {req.get('id', r.index)} ({len(r.token_ids)} tokens, {r.seconds:.2f} s)\n{r.text}\n")
+      extra = "".join(f", {k} {v:.3g}" for k, v in r.stats.items())
+      print(f"### {req.get('id', r.index)} ({len(r.token_ids)} tokens, {r.seconds:.2f} s{extra})\n{r.text}\n")
   summary = {"target": args.target or "embedded SmolLM2-135M-Instruct", "draft": args.draft} | summary
+  if speculative:
+    summary["tree"] = {"top_k": tree_cfg.top_k, "depth": tree_cfg.depth, "total_tokens": tree_cfg.total_tokens}
+  if args.compare:
+    base_results, base = run(vanilla())
+    summary["vanilla_tokens_per_s"] = base["tokens_per_s"]
+    summary["speedup"] = round(summary["tokens_per_s"] / base["tokens_per_s"], 3) if base["tokens_per_s"] else None
+    if sampling_cfg.greedy:
+      summary["identical_to_vanilla"] = all(a.token_ids == b.token_ids for a, b in zip(results, base_results))
   print(json.dumps(summary), flush=True)
   return summary
 

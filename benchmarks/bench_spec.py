@@ -66,6 +66,7 @@ def main(argv=None) -> dict:
   ap.add_argument("--repeats", type=int, default=2)
   ap.add_argument("--verify-nodes", default="1,2,4,8,16,32,64")
   ap.add_argument("--context", type=int, default=256, help="committed tokens in the cache for the cost curves")
+  ap.add_argument("--skip", default="", help="comma list of parts to skip: e2e, costs")
   args = ap.parse_args(argv)
 
   import jax
@@ -90,7 +91,8 @@ def main(argv=None) -> dict:
 
   # ----- end to end: tokens/s and tau, speculative against vanilla on the same prompts ---------------------------
   runs: dict[str, dict] = {}
-  for B in batch_sizes:
+  skip = set(args.skip.split(",")) - {""}
+  for B in ([] if "e2e" in skip else batch_sizes):
     batches = [b for _, b in engine.Engine(None, tokenizer, batch_size=B).batches(prompts)]
 
     def vanilla(batch):
@@ -142,36 +144,37 @@ def main(argv=None) -> dict:
   # ----- cost curves at a fixed context: one decode step, one verify per node count, one full round --------------
   curves: dict[str, dict] = {}
   L = args.context
-  for B in batch_sizes:
+  for B in ([] if "costs" in skip else batch_sizes):
     S = L + M + 128
     cache = llama.init_cache(cfg, B, S)
     fresh = lambda: jnp.full((B,), L, jnp.int32)  # a new buffer each time: calls below donate their state
 
+    # Weights are arguments, never closed over: a closure would embed 540 MB of constants in the program.
     @jax.jit
-    def fill(cache):  # a realistic committed prefix (the cost of attention grows with it)
+    def fill(tparams, cache):  # a realistic committed prefix (the cost of attention grows with it)
       _, _, cache = llama.forward(tparams, jnp.ones((B, L), jnp.int32), jnp.broadcast_to(jnp.arange(L), (B, L)),
                                   cache, layers.cache_causal_mask(cache.lengths, L, S), cfg=cfg)
       return cache.replace(lengths=fresh())
 
-    cache = fill(cache)
+    cache = fill(tparams, cache)
 
-    @functools.partial(jax.jit, donate_argnums=0)
-    def verify(cache, tokens):
+    @functools.partial(jax.jit, donate_argnums=1)
+    def verify(tparams, cache, tokens):
       T = tokens.shape[1]
       tree_mask = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T))
       logits, _, cache = llama.forward(tparams, tokens, cache.lengths[:, None] + jnp.arange(T)[None],
                                        cache, layers.tree_cache_mask(cache.lengths, tree_mask, S), cfg=cfg)
       return jnp.argmax(logits, -1), cache
 
-    step = jax.jit(lambda st: decode.decode_step(tparams, st, cfg=cfg, sampling_cfg=greedy, max_new_tokens=10 ** 6),
-                   donate_argnums=0)
+    step = jax.jit(lambda p, st: decode.decode_step(p, st, cfg=cfg, sampling_cfg=greedy, max_new_tokens=10 ** 6),
+                   donate_argnums=1)
     state = decode.DecodeState(cache=cache, last=jnp.ones((B,), jnp.int32), tokens=jnp.zeros((B, 8), jnp.int32),
                                counts=jnp.zeros((B,), jnp.int32), done=jnp.zeros((B,), bool),
                                key=jax.random.key(0), steps=jnp.zeros((), jnp.int32))
-    holder = {"state": step(state)}
+    holder = {"state": step(tparams, state)}
 
     def one_step():
-      holder["state"] = step(holder["state"].replace(cache=holder["state"].cache.replace(lengths=fresh())))
+      holder["state"] = step(tparams, holder["state"].replace(cache=holder["state"].cache.replace(lengths=fresh())))
       jax.block_until_ready(holder["state"].last)
 
     one_step()
@@ -182,7 +185,7 @@ def main(argv=None) -> dict:
       toks = jnp.ones((B, P + 1), jnp.int32)
 
       def one_verify():
-        out, box["cache"] = verify(box["cache"], toks)
+        out, box["cache"] = verify(tparams, box["cache"], toks)
         jax.block_until_ready(out)
 
       one_verify()

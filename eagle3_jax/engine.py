@@ -10,9 +10,10 @@ from typing import Any, Callable, Protocol, Sequence
 import jax
 import numpy as np
 
-from eagle3_jax import decode, sampling
+from eagle3_jax import decode, draft, sampling, speculative
 from eagle3_jax.config import LlamaConfig
 from eagle3_jax.target import llama
+from eagle3_jax.tree import TreeConfig
 
 
 @dataclasses.dataclass
@@ -29,6 +30,7 @@ class GenerateOutput:
   tokens: np.ndarray  # int32[B, M] emitted tokens, pad after counts
   counts: np.ndarray  # int32[B]
   stats: dict[str, float]  # summed over batches by the engine (e.g. target forward passes, compile seconds)
+  row_stats: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # [B] per row, e.g. tau and rounds
 
 
 class Generator(Protocol):
@@ -87,6 +89,53 @@ class VanillaGenerator:
     return GenerateOutput(tokens=tokens, counts=counts, stats=stats | {"target_steps": float(steps) + 1})
 
 
+class SpeculativeGenerator:
+  """EAGLE-3 speculative decoding (speculative.generate_jit) behind the same call; one executable per batch shape.
+
+  Per row it reports rounds and tau (tokens emitted per draft-verify round, bonus included); stats carry the sums
+  over real rows (`rounds`, `accepted`), so the engine's summary tau is accepted / rounds over all requests.
+  """
+
+  def __init__(self, params: Any, cfg: LlamaConfig, draft_params: Any, vocab: draft.DraftVocab, *,
+               dcfg: draft.DraftConfig, tree_cfg: TreeConfig, sampling_cfg: sampling.SamplingConfig,
+               max_new_tokens: int, stop_ids: Sequence[int] = (), pad_id: int = 0, seed: int = 0,
+               embed: Any = None, mesh: Any = None):
+    self.params, self.draft_params, self.vocab, self.embed = params, draft_params, vocab, embed
+    self.cfg, self.dcfg, self.mesh, self.max_new_tokens = cfg, dcfg, mesh, max_new_tokens
+    self.target = speculative.llama_target(cfg)
+    self.spec = speculative.SpecConfig(tree=tree_cfg, sampling=sampling_cfg, max_new_tokens=max_new_tokens,
+                                       stop_ids=tuple(sorted(set(int(i) for i in stop_ids))), pad_id=int(pad_id))
+    self._key = jax.random.key(seed)
+    self._compiled: dict[tuple[int, int], Any] = {}
+    self._traces_at_start = speculative.TRACE_COUNT["generate"]
+
+  @property
+  def compile_count(self) -> int:
+    return speculative.TRACE_COUNT["generate"] - self._traces_at_start
+
+  def generate(self, batch: Batch) -> GenerateOutput:
+    B, T = batch.tokens.shape
+    speculative.validate(self.target, self.params, self.draft_params, self.vocab, batch.tokens, batch.lengths,
+                         self.embed, dcfg=self.dcfg, spec=self.spec)
+    args = (self.params, self.draft_params, self.vocab, batch.tokens, batch.lengths)
+    stats = {"compile_s": 0.0}
+    if (B, T) not in self._compiled:
+      t0 = time.perf_counter()
+      self._compiled[B, T] = speculative.generate_jit.lower(
+          self.target, *args, self._key, self.embed, dcfg=self.dcfg, spec=self.spec, mesh=self.mesh).compile()
+      stats["compile_s"] = time.perf_counter() - t0
+    state = self._compiled[B, T](*args, self._key, self.embed)
+    self._key = state.key
+    out = speculative.outputs(state, self.spec)
+    steps = float(jax.device_get(state.steps))
+    real = slice(0, batch.n_real)
+    return GenerateOutput(
+        tokens=out["tokens"], counts=out["counts"],
+        stats=stats | {"target_steps": steps + 1, "rounds": float(out["rounds"][real].sum()),
+                       "accepted": float(out["accepted"][real].sum())},
+        row_stats={"tau": out["tau"], "rounds": out["rounds"]})
+
+
 @dataclasses.dataclass
 class Result:
   index: int  # position in the request list
@@ -94,6 +143,7 @@ class Result:
   token_ids: list[int]
   prompt_tokens: int
   seconds: float  # generation wall time of the batch that served this request (shared by its rows)
+  stats: dict[str, float] = dataclasses.field(default_factory=dict)  # the generator's row_stats for this row
 
 
 def _render(tokenizer: Any, request: dict, where: str) -> list[int]:
@@ -177,7 +227,8 @@ class Engine:
       for row, i in enumerate(idx):
         ids = [int(t) for t in out.tokens[row, :int(out.counts[row])]]
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        results[i] = Result(index=i, text=text, token_ids=ids, prompt_tokens=len(prompt_ids[i]), seconds=seconds)
+        results[i] = Result(index=i, text=text, token_ids=ids, prompt_tokens=len(prompt_ids[i]), seconds=seconds,
+                            stats={k: v[row].item() for k, v in out.row_stats.items()})
       bar.update(len(idx))
     bar.close()
     compiles = self.generator.compile_count - compiles_before
@@ -191,4 +242,6 @@ class Engine:
         "wall_seconds": round(time.perf_counter() - t_start, 4), "batch_size": self.batch_size,
         "shapes": sorted(list(s) for s in shapes), "compiles": compiles,
     } | {k: round(v, 4) for k, v in stats.items()}
+    # Tokens per draft-verify round, bonus included, over every request; plain decoding emits one per pass.
+    summary["tau"] = round(stats["accepted"] / stats["rounds"], 4) if stats.get("rounds") else 1.0
     return results, summary
