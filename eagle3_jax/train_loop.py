@@ -29,6 +29,8 @@ _STOP = threading.Event()  # set by SIGTERM / SIGINT; the loop saves and exits a
 
 
 def _on_signal(signum, frame):  # noqa: ARG001
+  if signum == signal.SIGINT and _STOP.is_set():
+    raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
   _STOP.set()
 
 
