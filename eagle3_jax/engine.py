@@ -46,10 +46,12 @@ class Generator(Protocol):
 
 
 def bucket_length(n: int, minimum: int = 16) -> int:
-  """Next power of two >= n: few distinct prefill shapes (each one compile) at < 2x padding."""
+  """Smallest 2^k or 3 * 2^(k-1) >= n (16, 24, 32, 48, 64, 96, ...): at most 1/3 padding, two shapes per octave."""
   if n < 1:
     raise ValueError(f"prompt length must be >= 1, got {n}")
-  return max(minimum, 1 << (n - 1).bit_length())
+  n = max(n, minimum)
+  p = 1 << (n - 1).bit_length()  # next power of two
+  return 3 * p // 4 if 3 * p // 4 >= n else p
 
 
 class VanillaGenerator:

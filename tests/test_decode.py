@@ -172,7 +172,8 @@ def test_bad_token_ids_and_generator_raise(params, cfg):
 
 
 def test_bucket_length():
-  assert [engine.bucket_length(n) for n in (1, 16, 17, 64, 65)] == [16, 16, 32, 64, 128]
+  assert [engine.bucket_length(n) for n in (1, 16, 17, 24, 25, 33, 48, 49, 64, 65, 97, 150, 200)] == [
+      16, 16, 24, 24, 32, 48, 48, 64, 64, 96, 128, 192, 256]
   with pytest.raises(ValueError):
     engine.bucket_length(0)
 

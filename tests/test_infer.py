@@ -70,8 +70,8 @@ def test_end_to_end_greedy_matches_transformers_generate(tiny_target, tmp_path, 
   last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert last == summary
   assert last["requests"] == 3 and last["tokens_per_s"] > 0 and last["draft"] == "none"
-  # Sorted by length: the two short prompts share a 16-token bucket, the long one gets 32: one compile each.
-  assert last["shapes"] == [[2, 16], [2, 32]] and last["compiles"] == 2
+  # Sorted by length: the two short prompts share a 16-token bucket, the long one gets 24: one compile each.
+  assert last["shapes"] == [[2, 16], [2, 24]] and last["compiles"] == 2
   rows = [json.loads(line) for line in out.read_text().splitlines()]
   assert len(rows) == 3
   for prompt, row in zip(prompts, rows):
