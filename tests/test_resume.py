@@ -89,3 +89,28 @@ def test_sigterm_saves_and_the_next_run_resumes(tmp_path):
   resumed = json.loads(out.strip().splitlines()[-1])
   assert resumed["resumed_from"] == stopped_at and resumed["step"] == stopped_at + 2
   assert not resumed["stopped_by_signal"]
+
+
+def test_checkpointer_keeps_n_and_restores_the_iterator_position(tmp_path):
+  cfg = load_config(TINY, ["data.max_length=48", "data.overflow=truncate"])
+  tokenizer = train_loop.char_tokenizer()
+  from eagle3_jax import data
+
+  it = data.make_iterator(cfg.data, tokenizer, shard_index=0, shard_count=1)
+  state = {"w": jax.numpy.arange(6.0).reshape(2, 3), "step": jax.numpy.zeros((), jax.numpy.int32)}
+  ckpt = Checkpointer(tmp_path, keep=2)
+  after = {}
+  for step in range(1, 5):
+    next(it)
+    ckpt.save(step, jax.tree.map(lambda x: x + step, state), it)
+    after[step] = next(it)  # drawn after the save: what a restore of this step must yield next
+  ckpt.close()
+  reader = Checkpointer(tmp_path, keep=2)
+  assert reader.all_steps() == [3, 4]  # keep=2: older steps are deleted
+  fresh = data.make_iterator(cfg.data, tokenizer, shard_index=0, shard_count=1)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+  restored = reader.restore(3, abstract, fresh)
+  np.testing.assert_array_equal(restored["w"], np.arange(6.0).reshape(2, 3) + 3)
+  # The iterator resumes where it was when step 3 was saved (the batch drawn right after that save).
+  np.testing.assert_array_equal(next(fresh)["tokens"], after[3]["tokens"])
+  reader.close()
