@@ -30,15 +30,6 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 
-def _median_ms(fn, repeats: int) -> float:
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return 1e3 * statistics.median(times)
-
-
 def load_draft(arg: str, cfg, params):
   """(cfg with the draft's aux layers, dcfg, draft params, vocab, embed) from a checkpoint, or a random draft."""
   import jax
@@ -67,6 +58,7 @@ def main(argv=None) -> dict:
   ap.add_argument("--verify-nodes", default="1,2,4,8,16,32,64")
   ap.add_argument("--context", type=int, default=256, help="committed tokens in the cache for the cost curves")
   ap.add_argument("--skip", default="", help="comma list of parts to skip: e2e, costs")
+  ap.add_argument("--cost-repeats", type=int, default=7, help="interleaved timings per cost item (best is kept)")
   args = ap.parse_args(argv)
 
   import jax
@@ -168,55 +160,60 @@ def main(argv=None) -> dict:
 
     step = jax.jit(lambda p, st: decode.decode_step(p, st, cfg=cfg, sampling_cfg=greedy, max_new_tokens=10 ** 6),
                    donate_argnums=1)
-    state = decode.DecodeState(cache=cache, last=jnp.ones((B,), jnp.int32), tokens=jnp.zeros((B, 8), jnp.int32),
-                               counts=jnp.zeros((B,), jnp.int32), done=jnp.zeros((B,), bool),
-                               key=jax.random.key(0), steps=jnp.zeros((), jnp.int32))
-    holder = {"state": step(tparams, state)}
+    copy = lambda: jax.tree.map(jnp.copy, cache).replace(lengths=fresh())
+    timed = {}  # name -> a callable running one donated step on its own state, rewound to context L each time
 
-    def one_step():
-      holder["state"] = step(tparams, holder["state"].replace(cache=holder["state"].cache.replace(lengths=fresh())))
-      jax.block_until_ready(holder["state"].last)
+    box_step = {"st": decode.DecodeState(cache=copy(), last=jnp.ones((B,), jnp.int32),
+                                         tokens=jnp.zeros((B, 8), jnp.int32), counts=jnp.zeros((B,), jnp.int32),
+                                         done=jnp.zeros((B,), bool), key=jax.random.key(0),
+                                         steps=jnp.zeros((), jnp.int32))}
 
-    one_step()
-    step_ms = _median_ms(one_step, 10)
-    verify_ms = {}
-    box = {"cache": holder["state"].cache.replace(lengths=fresh())}  # donated along from call to call
+    def one_step(box=box_step):
+      box["st"] = step(tparams, box["st"].replace(cache=box["st"].cache.replace(lengths=fresh())))
+      jax.block_until_ready(box["st"].last)
+
+    timed["step"] = one_step
     for P in [int(p) for p in args.verify_nodes.split(",")]:
-      toks = jnp.ones((B, P + 1), jnp.int32)
-
-      def one_verify():
+      def one_verify(box={"cache": copy()}, toks=jnp.ones((B, P + 1), jnp.int32)):
         out, box["cache"] = verify(tparams, box["cache"], toks)
         jax.block_until_ready(out)
 
-      one_verify()
-      verify_ms[P] = round(_median_ms(one_verify, 5), 2)
-    cache = box["cache"]
-    round_ms = {}
+      timed[f"verify_{P}"] = one_verify
     for tree in trees:
       # max_new_tokens sizes the draft cache like the target's (S slots); the rounds below never emit that many.
       spec = sp.SpecConfig(tree=tree, max_new_tokens=L + M, cache_len=S)
       R, zeros = spec.rows, lambda: jnp.zeros((B,), jnp.int32)
       # A mid-generation state without a prefill compile: target context of L tokens, draft prefix of L - 1.
-      st = sp.SpecState(cache=cache.replace(lengths=fresh()),
+      st = sp.SpecState(cache=copy(),
                         draft_cache=draft.init_cache(dcfg, B, spec.cache_lengths(16)[1]).replace(lengths=fresh() - 1),
                         pending_hidden=jnp.zeros((B, R, dcfg.hidden_size)), pending_tokens=jnp.ones((B, R), jnp.int32),
                         pending_count=zeros() + 1, tokens=jnp.zeros((B, spec.max_new_tokens + R), jnp.int32),
                         counts=zeros(), done=jnp.zeros((B,), bool), key=jax.random.key(0), rounds=zeros(),
                         accepted=zeros(), steps=jnp.zeros((), jnp.int32))
-      box = {"st": sp.round_jit(target, tparams, dparams, embed, vocab, st, dcfg=dcfg, spec=spec)}
 
-      def one_round():
+      def one_round(box={"st": st}, spec=spec):
         s = box["st"]
-        # Rewind so that every timed round sees the same context length.
         s = s.replace(cache=s.cache.replace(lengths=fresh()), draft_cache=s.draft_cache.replace(lengths=fresh() - 1),
                       pending_count=jnp.ones((B,), jnp.int32), done=jnp.zeros((B,), bool),
                       counts=jnp.zeros((B,), jnp.int32))
         box["st"] = sp.round_jit(target, tparams, dparams, embed, vocab, s, dcfg=dcfg, spec=spec)
         jax.block_until_ready(box["st"].counts)
 
-      one_round()
-      round_ms[f"{tree.top_k}x{tree.depth}x{tree.total_tokens}"] = round(_median_ms(one_round, 5), 2)
-      cache = box["st"].cache
+      timed[f"round_{tree.top_k}x{tree.depth}x{tree.total_tokens}"] = one_round
+    for fn in timed.values():  # compile and warm up
+      fn()
+      fn()
+    # Interleaved, best of N: on a shared machine the minimum is the least disturbed measurement of each.
+    samples = {name: [] for name in timed}
+    for _ in range(args.cost_repeats):
+      for name, fn in timed.items():
+        t = time.perf_counter()
+        fn()
+        samples[name].append(1e3 * (time.perf_counter() - t))
+    best = {name: round(min(v), 2) for name, v in samples.items()}
+    step_ms = best["step"]
+    verify_ms = {int(k.split("_")[1]): v for k, v in best.items() if k.startswith("verify_")}
+    round_ms = {k.split("_", 1)[1]: v for k, v in best.items() if k.startswith("round_")}
     curves[f"b{B}"] = {"decode_step_ms": round(step_ms, 2), "verify_ms": verify_ms, "round_ms": round_ms,
                        "round_over_step": {k: round(v / step_ms, 2) for k, v in round_ms.items()},
                        "verify_over_step": {p: round(v / step_ms, 2) for p, v in verify_ms.items()}}
