@@ -25,7 +25,7 @@ class TargetSpec:
   random_init_std: float = 0.02  # larger values give the random target peaked (learnable) distributions
   seed: int = 0
   dtype: str = "bfloat16"  # storage and compute dtype of the frozen target
-  tokenizer: str | None = None  # defaults to the target path (or the embedded SmolLM2 tokenizer)
+  tokenizer: str | None = None  # HF dir / .gguf; "char": an in-memory char-level ChatML one; None: the target's
 
   def __post_init__(self):
     _check_choice("TargetSpec", "dtype", self.dtype, _DTYPES)
