@@ -8,7 +8,6 @@ import time
 from typing import Any, Callable, Protocol, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from eagle3_jax import decode, draft, sampling, speculative
@@ -58,15 +57,9 @@ class VanillaGenerator:
   """Target-only greedy/sampled decoding; one compiled executable per (batch, bucket) shape."""
 
   def __init__(self, params: Any, cfg: LlamaConfig, *, sampling_cfg: sampling.SamplingConfig,
-               max_new_tokens: int, stop_ids: Sequence[int] = (), pad_id: int = 0, seed: int = 0,
-               untie_lm_head: bool = True):
+               max_new_tokens: int, stop_ids: Sequence[int] = (), pad_id: int = 0, seed: int = 0):
     if max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if untie_lm_head and cfg.tie_word_embeddings:
-      # XLA:CPU streams a [D,V] matrix-vector product at ~20 GB/s but a [V,D] one at ~14 GB/s (measured on the
-      # 2-core box, SmolLM2's 113 MB head), so decoding keeps one transposed copy of the tied embedding.
-      params = dict(params, lm_head=jnp.asarray(params["embed"].T))
-      cfg = dataclasses.replace(cfg, tie_word_embeddings=False)
     self.params, self.cfg, self.max_new_tokens = params, cfg, max_new_tokens
     self._static = dict(cfg=cfg, sampling_cfg=sampling_cfg, max_new_tokens=max_new_tokens,
                         stop_ids=tuple(sorted(set(int(i) for i in stop_ids))), pad_id=int(pad_id))

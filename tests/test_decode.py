@@ -177,13 +177,3 @@ def test_bucket_length():
   with pytest.raises(ValueError):
     engine.bucket_length(0)
 
-
-def test_generator_untied_head_copy_matches_tied_model(params, cfg):
-  tied = dataclasses.replace(cfg, tie_word_embeddings=True)
-  tied_params = {k: v for k, v in params.items() if k != "lm_head"}
-  tokens, lengths = _prompts([4, 11], T=16, seed=5)
-  expected = np.asarray(_generate(tied_params, tied, tokens, lengths).tokens)
-  gen = engine.VanillaGenerator(tied_params, tied, sampling_cfg=GREEDY, max_new_tokens=M)
-  assert "lm_head" in gen.params and not gen.cfg.tie_word_embeddings
-  out = gen.generate(engine.Batch(tokens=tokens, lengths=lengths, n_real=2))
-  np.testing.assert_array_equal(out.tokens, expected)
