@@ -139,7 +139,10 @@ def main(argv=None) -> dict:
   tok_s = {k: n_tokens[k] / statistics.median(v) for k, v in times.items()}
   if hf is not None:  # the baseline is torch at its best thread count in this run
     tok_s["hf_b1"] = max(v for k, v in tok_s.items() if k.startswith("hf_b1_t"))
-  floor_tok_s = bw["copy_gb_s"] * 1e9 / weight_bytes  # batch 1: all weights stream once per token
+  # Batch 1 reads every fp32 weight once per token and writes almost nothing, so the read-only rate is the floor;
+  # the copy rate (array bytes / time, the brief's "memory copy" measure) gives a looser, lower one.
+  floor_tok_s = bw["read_gb_s"] * 1e9 / weight_bytes
+  copy_floor_tok_s = bw["copy_gb_s"] * 1e9 / weight_bytes
 
   result = {
       "date": datetime.date.today().isoformat(), "machine": f"{os.cpu_count()}-core {platform.machine()} CPU",
@@ -148,7 +151,7 @@ def main(argv=None) -> dict:
       "n_params": n_params, "weight_mb": round(weight_bytes / 1e6, 1), "prompts": len(prompts),
       "max_new_tokens": M, "repeats": args.repeats, "jax": jax.__version__,
       **{k: round(v, 2) for k, v in bw.items()},
-      "floor_tok_s_b1": round(floor_tok_s, 2),
+      "floor_tok_s_b1": round(floor_tok_s, 2), "copy_floor_tok_s_b1": round(copy_floor_tok_s, 2),
       "tokens_per_s": {k: round(v, 2) for k, v in tok_s.items()},
       "pct_of_floor_b1": round(100 * tok_s["jax_b1"] / floor_tok_s, 1) if "jax_b1" in tok_s else None,
   }
@@ -169,7 +172,8 @@ def main(argv=None) -> dict:
   print(f"| run | tokens/s (median of {args.repeats}) |\n|---|---|")
   for k, v in tok_s.items():
     print(f"| {k} | {v:.2f} |")
-  print(f"| floor (batch 1, copy bandwidth) | {floor_tok_s:.2f} |")
+  print(f"| floor (batch 1, weights read once per token at the read-only rate) | {floor_tok_s:.2f} |")
+  print(f"| floor at the copy rate | {copy_floor_tok_s:.2f} |")
   print(json.dumps(result), flush=True)
   return result
 
