@@ -106,19 +106,23 @@ def sample(key: jax.Array, logits_BPV: jax.Array, tree: Tree, depth: int, top_k:
     return Accepted(count=count, path=path, bonus=bonus)
 
 
-def commit(cache: Any, starts_B: jax.Array, acc: Accepted, num_nodes: int) -> Any:
+def commit(cache: Any, starts_B: jax.Array, acc: Accepted, num_nodes: int, slot_axis: int = 1) -> Any:
   """Moves the accepted nodes' K/V from slots starts + path to the contiguous slots starts + 1.. of each row.
 
-  Works on any cache pytree whose rank >= 2 leaves are [B, S, ...] slot-major buffers (rank-1 leaves such as
-  `lengths` are left alone). The root already sits at slot starts; lengths are the caller's to move.
+  Works on any cache pytree whose rank >= 2 leaves are [B, ...] buffers with their slots on `slot_axis` (rank-1
+  leaves such as `lengths` are left alone). The root already sits at slot starts; lengths are the caller's to move.
   """
   depth = acc.path.shape[1]
   keep = jnp.arange(depth)[None, :] < acc.count[:, None]
+  ax = slot_axis - 1  # inside vmap over rows
 
   def move_row(buf, start, path, keep_row):
-    block = jax.lax.dynamic_slice_in_dim(buf, start, num_nodes + 1, axis=0)
-    moved = jnp.where(keep_row.reshape((depth,) + (1,) * (buf.ndim - 1)), block[path], block[1:depth + 1])
-    return jax.lax.dynamic_update_slice_in_dim(buf, moved, start + 1, axis=0)
+    block = jax.lax.dynamic_slice_in_dim(buf, start, num_nodes + 1, axis=ax)
+    shape = [1] * buf.ndim
+    shape[ax] = depth
+    moved = jnp.where(keep_row.reshape(shape), jnp.take(block, path, axis=ax),
+                      jax.lax.slice_in_dim(block, 1, depth + 1, axis=ax))
+    return jax.lax.dynamic_update_slice_in_dim(buf, moved, start + 1, axis=ax)
 
   def move(buf):
     if buf.ndim < 2:

@@ -158,7 +158,7 @@ def logits(params: Any, out_BTD: jax.Array, *, cfg: DraftConfig) -> jax.Array:
 
 def init_cache(cfg: DraftConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
   """The draft's own one-layer KV cache, same conventions as the target's (writes at lengths[b] + t)."""
-  shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
   return KVCache(k=(jnp.zeros(shape, dtype),), v=(jnp.zeros(shape, dtype),),
                  lengths=jnp.zeros((batch,), jnp.int32))
 
@@ -174,7 +174,7 @@ def forward(params: Any, emb_BTD: jax.Array, hidden_BTD: jax.Array, positions_BT
     q, k, v = qkv(params, emb_BTD, hidden_BTD, positions_BT, cfg=cfg)
     if cache is not None:
       kc, vc = write_rows(cache.k[0], k, cache.lengths), write_rows(cache.v[0], v, cache.lengths)
-      attn = layers.attention(q, kc, vc, mask)
+      attn = layers.cache_attention(q, kc, vc, mask)
       cache = cache.replace(k=(kc,), v=(vc,))
     else:
       attn = layers.attention(q, k, v, mask)

@@ -8,7 +8,7 @@ Target protocol
     commits). mask_BTS is boolean over every cache slot: prefill and tree verify are just different masks. aux_BTA is
     the concatenation of the hidden states the draft was trained on (EAGLE-3: inputs of 3 layers).
   init_cache(batch, max_len, dtype) -> cache: a pytree with `lengths` int32[B] and `.replace(lengths=...)`; every
-    rank >= 2 leaf is a slot-major [B, S, ...] buffer (accepted tree slots are moved along axis 1).
+    rank >= 2 leaf is a [B, ...] buffer with its S slots on axis `slot_axis` (accepted tree slots move along it).
   embed(params) -> [V, D]: the input embedding table; EAGLE-3 drafts embed their input tokens with it.
   forward_hidden(params, ...) -> (hidden, aux, cache) and lm_head(params, hidden) -> logits are optional: with them
     prefill computes logits only at each row's last prompt token instead of all [B, T, V].
@@ -51,6 +51,7 @@ class Target:
   forward_hidden: Callable | None = None
   lm_head: Callable | None = None
   cache_axes: Any = None  # logical axes of the cache pytree; None lets XLA choose under a mesh
+  slot_axis: int = 1  # axis of the S cache slots in every rank >= 2 cache leaf
 
 
 @functools.cache
@@ -61,7 +62,8 @@ def llama_target(cfg: LlamaConfig) -> Target:
                 embed=lambda params: params["embed"], vocab_size=cfg.vocab_size,
                 aux_size=len(cfg.aux_layer_ids) * cfg.hidden_size, max_positions=cfg.max_position_embeddings,
                 forward_hidden=functools.partial(llama.forward_hidden, cfg=cfg),
-                lm_head=functools.partial(llama.lm_head, cfg=cfg), cache_axes=llama.cache_axes(cfg))
+                lm_head=functools.partial(llama.lm_head, cfg=cfg), cache_axes=llama.cache_axes(cfg),
+                slot_axis=llama.SLOT_AXIS)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -109,15 +111,15 @@ class SpecState:
   steps: jax.Array  # int32[] loop iterations
 
 
-def cache_slots(cache: Any) -> int:
-  """S of a protocol cache: axis 1 of its first slot-major leaf."""
-  return next(x.shape[1] for x in jax.tree.leaves(cache) if x.ndim >= 2)
+def cache_slots(cache: Any, slot_axis: int = 1) -> int:
+  """S of a protocol cache: the slot axis of its first rank >= 2 leaf."""
+  return next(x.shape[slot_axis] for x in jax.tree.leaves(cache) if x.ndim >= 2)
 
 
 def _state_axes(state: SpecState, target: Target) -> SpecState:
   row = lambda x: ("batch",) + (None,) * (x.ndim - 1)
   axes = jax.tree.map(row, state)
-  dc = ("batch", "cache_seq", "kv_heads", "head_dim")
+  dc = ("batch", "kv_heads", "cache_seq", "head_dim")
   axes = axes.replace(draft_cache=llama.KVCache(k=(dc,), v=(dc,), lengths=("batch",)), key=(), steps=())
   if target.cache_axes is not None:
     axes = axes.replace(cache=target.cache_axes)
@@ -216,7 +218,7 @@ def spec_round(target: Target, target_params: Any, draft_params: Any, embed_VD: 
     root = take_row(state.pending_tokens, state.pending_count - 1)
     block_tokens = jnp.concatenate([root[:, None], draft_tree.tokens], axis=1)  # [B,P+1]
     positions = L[:, None] + jnp.concatenate([jnp.zeros_like(root)[:, None], draft_tree.depths], axis=1)
-    mask = layers.tree_cache_mask(L, draft_tree.mask, cache_slots(state.cache))
+    mask = layers.tree_cache_mask(L, draft_tree.mask, cache_slots(state.cache, target.slot_axis))
     logits, aux, cache = target.forward(target_params, block_tokens, positions, state.cache, mask)
 
   key, sub = jax.random.split(state.key)
@@ -225,7 +227,7 @@ def spec_round(target: Target, target_params: Any, draft_params: Any, embed_VD: 
   else:
     acc = accept.sample(sub, logits, draft_tree, tcfg.max_accept, tcfg.top_k, spec.sampling)
   if not tcfg.is_chain:  # a chain's accepted nodes already sit at contiguous slots
-    cache = accept.commit(cache, L, acc, tcfg.total_tokens)
+    cache = accept.commit(cache, L, acc, tcfg.total_tokens, target.slot_axis)
 
   j = jnp.arange(R)[None, :]
   rows = jnp.concatenate([jnp.zeros_like(root)[:, None], acc.path], axis=1)  # root + accepted, padded with root

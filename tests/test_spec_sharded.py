@@ -35,6 +35,6 @@ def test_sharded_generation_equals_single_device(tiny_cfg):
     np.testing.assert_array_equal(sharded[name], single[name], err_msg=name)
   assert single["tau"].mean() > 1.2
   # Caches really are split: rows over data, kv heads over tensor.
-  split = NamedSharding(mesh, P("data", None, "tensor", None))
+  split = NamedSharding(mesh, P("data", "tensor", None, None))
   assert state.cache.k[0].sharding.is_equivalent_to(split, 4)
   assert state.draft_cache.k[0].sharding.is_equivalent_to(split, 4)

@@ -63,7 +63,7 @@ def test_greedy_single_row_with_stop_id_through_the_bare_protocol(random_pair):
   cfg, tparams, dcfg, dparams, vocab = random_pair
   bare = sp.Target(forward=functools.partial(llama.forward, cfg=cfg), init_cache=functools.partial(llama.init_cache, cfg),
                    embed=lambda params: params["embed"], vocab_size=cfg.vocab_size, aux_size=3 * cfg.hidden_size,
-                   max_positions=cfg.max_position_embeddings)
+                   max_positions=cfg.max_position_embeddings, slot_axis=llama.SLOT_AXIS)
   free, _ = _vanilla(cfg, tparams, PROMPTS, LENGTHS, 16)  # compiled already by the B = 4 test
   stop = int(free[0, 5])  # a token the target really emits mid-way
   tokens, lengths = PROMPTS[:1], LENGTHS[:1]
@@ -110,8 +110,8 @@ def test_greedy_equals_vanilla_accepting_draft_and_commits_kv(context_pair):
     L = int(state.cache.lengths[b])
     assert lengths[b] + out["counts"][b] - tree_cfg.depth - 2 <= L <= len(seqs[b])  # a finished row stops moving
     for i in range(cfg.num_layers):
-      np.testing.assert_allclose(state.cache.k[i][b, :L], fresh.k[i][b, :L], atol=1e-4)
-      np.testing.assert_allclose(state.cache.v[i][b, :L], fresh.v[i][b, :L], atol=1e-4)
+      np.testing.assert_allclose(state.cache.k[i][b, :, :L], fresh.k[i][b, :, :L], atol=1e-4)
+      np.testing.assert_allclose(state.cache.v[i][b, :, :L], fresh.v[i][b, :, :L], atol=1e-4)
 
 
 @pytest.mark.parametrize("tree_cfg", [TREES[0], TREES[2]], ids=tree_id)
