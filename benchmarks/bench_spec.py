@@ -57,7 +57,7 @@ def main(argv=None) -> dict:
   ap.add_argument("--repeats", type=int, default=2)
   ap.add_argument("--verify-nodes", default="1,2,4,8,16,32,64")
   ap.add_argument("--context", type=int, default=256, help="committed tokens in the cache for the cost curves")
-  ap.add_argument("--skip", default="", help="comma list of parts to skip: e2e, costs")
+  ap.add_argument("--skip", default="", help="comma list of parts to skip: e2e, costs, loop, floor")
   ap.add_argument("--cost-repeats", type=int, default=7, help="interleaved timings per cost item (best is kept)")
   args = ap.parse_args(argv)
 
@@ -218,11 +218,73 @@ def main(argv=None) -> dict:
                        "round_over_step": {k: round(v / step_ms, 2) for k, v in round_ms.items()},
                        "verify_over_step": {p: round(v / step_ms, 2) for p, v in verify_ms.items()}}
 
+  # ----- in the loop: ms per vanilla step and per speculative round inside the jitted while_loops ----------------
+  # Differential: (time for M2 new tokens - time for M1) / (loop iterations M2 - M1), so prefill, dispatch and
+  # compilation cancel and what remains is the price of one iteration as generation really pays it.
+  in_loop: dict[str, dict] = {}
+  M1, M2 = 16, 48
+  for B in ([] if "loop" in skip else batch_sizes):
+    batch = next(iter(engine.Engine(None, tokenizer, batch_size=B).batches(prompts)))[1]
+
+    def van_steps(m, batch=batch):
+      S = decode.cache_length(batch.tokens.shape[1], m)
+      return int(decode.generate_jit(tparams, batch.tokens, batch.lengths, llama.init_cache(cfg, B, S),
+                                     jax.random.key(0), cfg=cfg, sampling_cfg=greedy, max_new_tokens=m).steps)
+
+    def spec_steps(m, tree, batch=batch):
+      spec = sp.SpecConfig(tree=tree, max_new_tokens=m)
+      return int(sp.generate(target, tparams, dparams, vocab, batch.tokens, batch.lengths, jax.random.key(0), embed,
+                             dcfg=dcfg, spec=spec).steps)
+
+    kinds = {"step": van_steps} | {f"round_{t.top_k}x{t.depth}x{t.total_tokens}": functools.partial(spec_steps, tree=t)
+                                   for t in trees}
+    for fn in kinds.values():
+      fn(M1), fn(M2)
+    best = {(k, m): float("inf") for k in kinds for m in (M1, M2)}
+    iters = {}
+    for _ in range(args.cost_repeats):
+      for k, fn in kinds.items():
+        for m in (M1, M2):
+          t0 = time.perf_counter()
+          iters[k, m] = fn(m)
+          best[k, m] = min(best[k, m], time.perf_counter() - t0)
+    ms = {k: round(1e3 * (best[k, M2] - best[k, M1]) / max(iters[k, M2] - iters[k, M1], 1), 2) for k in kinds}
+    in_loop[f"b{B}"] = {"ms": ms, "over_step": {k: round(v / ms["step"], 2) for k, v in ms.items() if k != "step"},
+                        "iterations": {k: [iters[k, M1], iters[k, M2]] for k in kinds}}
+
+  # ----- floor: the target's own forward without a cache at 1 and at 1 + P tokens ---------------------------------
+  # Pure weight matmuls + elementwise work: what XLA on this machine charges for running 1 + P rows through the
+  # weights instead of 1, before any tree, mask or KV cache is involved. Eight forwards per call, each depending
+  # on the loop index, so dispatch cost is amortised and nothing is hoisted.
+  floor = {}
+  if "floor" not in skip:
+    @functools.partial(jax.jit, static_argnums=1)
+    def forwards(tparams, T):
+      def body(i, acc):
+        toks = (jnp.arange(T, dtype=jnp.int32)[None] * 7 + i) % cfg.vocab_size
+        logits, _, _ = llama.forward(tparams, toks, jnp.arange(T)[None], None, layers.causal_mask(jnp.full((1,), T), T),
+                                     cfg=cfg)
+        return acc + logits[0, -1, 0]
+      return jax.lax.fori_loop(0, 8, body, 0.0)
+
+    sizes = sorted({1} | {t.total_tokens + 1 for t in trees})
+    for T in sizes:
+      forwards(tparams, T).block_until_ready()
+    samples = {T: [] for T in sizes}
+    for _ in range(args.cost_repeats):
+      for T in sizes:
+        t0 = time.perf_counter()
+        forwards(tparams, T).block_until_ready()
+        samples[T].append((time.perf_counter() - t0) / 8 * 1e3)
+    floor = {"forward_ms": {T: round(min(v), 2) for T, v in samples.items()}}
+    floor["over_1"] = {T: round(v / floor["forward_ms"][1], 2) for T, v in floor["forward_ms"].items()}
+
   result = {
       "date": datetime.date.today().isoformat(), "machine": f"{os.cpu_count()}-core {platform.machine()} CPU",
       "backend": jax.default_backend(), "jax": jax.__version__, "target": args.target or "SmolLM2-135M-Instruct fp32",
       "draft": args.draft, "draft_vocab": dcfg.draft_vocab_size, "prompts": len(prompts), "max_new_tokens": M,
-      "repeats": args.repeats, "context_for_costs": L, "runs": table, "costs": curves,
+      "repeats": args.repeats, "context_for_costs": L, "runs": table, "costs": curves, "in_loop": in_loop,
+      "floor": floor,
   }
   print("| run | batch | tokens/s | speedup | tau | identical |\n|---|---|---|---|---|---|")
   for r in table:
@@ -231,6 +293,10 @@ def main(argv=None) -> dict:
   for b, c in curves.items():
     print(f"\n{b}: decode step {c['decode_step_ms']} ms; verify ms by nodes {c['verify_ms']}; "
           f"round ms {c['round_ms']}; round / step {c['round_over_step']}")
+  for b, c in in_loop.items():
+    print(f"\n{b} in the loop: ms {c['ms']}; round / step {c['over_step']}")
+  if floor:
+    print(f"\nforward without cache, ms by tokens {floor['forward_ms']}; / 1 token {floor['over_1']}")
   print(json.dumps(result), flush=True)
   return result
 

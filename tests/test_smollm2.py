@@ -99,3 +99,30 @@ def test_greedy_tokens_match_transformers(ours, prompt, reference):
   ref = ref[0, prompt.shape[1]:].numpy()
   assert len(ref) == N_NEW, "the reference stopped early: pick a prompt with a longer answer"
   np.testing.assert_array_equal(got, ref)
+
+
+def test_speculative_greedy_equals_vanilla(ours, prompt):
+  """The real target under the speculative engine: B = 2 ragged rows, a (4, 4, 16) tree, a random Vd = 16384 draft
+  (as configs/smollm2_135m.py shapes it). Nearly every proposal is rejected, so almost every round takes the
+  correction path through verify + commit on real SmolLM2 KV; accepting paths are covered on tiny targets."""
+  from eagle3_jax import draft, speculative as sp
+  from eagle3_jax.tree import TreeConfig
+
+  cfg, params = ours
+  n_new, T = 32, prompt.shape[1]
+  short = prompt[:, : T - 9]  # the same chat cut mid-way: a second, shorter row
+  tokens = np.zeros((2, T), np.int32)
+  tokens[0], tokens[1, : T - 9] = prompt[0], short[0]
+  lengths = np.array([T, T - 9], np.int32)
+  want = decode.generate_jit(params, jnp.asarray(tokens), jnp.asarray(lengths),
+                             llama.init_cache(cfg, 2, decode.cache_length(T, n_new)), jax.random.key(0), cfg=cfg,
+                             sampling_cfg=sampling.SamplingConfig(), max_new_tokens=n_new)
+  dcfg = draft.DraftConfig.for_target(cfg, draft_vocab_size=16384)
+  vocab = draft.DraftVocab.from_ids(np.arange(16384), cfg.vocab_size)
+  spec = sp.SpecConfig(tree=TreeConfig(top_k=4, depth=4, total_tokens=16), max_new_tokens=n_new)
+  state = sp.generate(sp.llama_target(cfg), params, draft.init_params(dcfg, jax.random.key(1)), vocab, tokens,
+                      lengths, jax.random.key(0), dcfg=dcfg, spec=spec)
+  out = sp.outputs(state, spec)
+  np.testing.assert_array_equal(out["counts"], [n_new, n_new])
+  np.testing.assert_array_equal(out["tokens"], np.asarray(want.tokens))
+  assert (out["tau"] >= 1).all()
