@@ -41,23 +41,30 @@ def cache_length(bucket: int, max_new_tokens: int) -> int:
   return bucket + max_new_tokens
 
 
-def validate(tokens_BT: np.ndarray, lengths_B: np.ndarray, *, cfg: LlamaConfig, cache_len: int,
-             max_new_tokens: int) -> None:
-  """Host-side checks with clear errors (inside jit these would silently write outside the cache)."""
+def validate_prompts(tokens_BT: Any, lengths_B: Any, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """Shape, emptiness and id-range checks shared by the vanilla and speculative entry points; host arrays back."""
   tokens_BT, lengths_B = np.asarray(tokens_BT), np.asarray(lengths_B)
   if tokens_BT.ndim != 2:
     raise ValueError(f"tokens must be [B, T], got shape {tokens_BT.shape}")
   B, T = tokens_BT.shape
   if lengths_B.shape != (B,):
     raise ValueError(f"lengths must be [B]={B}, got shape {lengths_B.shape}")
-  if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   if (lengths_B < 1).any():
     raise ValueError(f"empty prompt in rows {np.flatnonzero(lengths_B < 1).tolist()}: every row needs >= 1 token")
   if (lengths_B > T).any():
     raise ValueError(f"lengths {lengths_B.tolist()} exceed the padded prompt length T={T}")
-  if ((tokens_BT < 0) | (tokens_BT >= cfg.vocab_size)).any():
-    raise ValueError(f"token ids must lie in [0, {cfg.vocab_size})")
+  if ((tokens_BT < 0) | (tokens_BT >= vocab_size)).any():
+    raise ValueError(f"token ids must lie in [0, {vocab_size})")
+  return tokens_BT, lengths_B
+
+
+def validate(tokens_BT: np.ndarray, lengths_B: np.ndarray, *, cfg: LlamaConfig, cache_len: int,
+             max_new_tokens: int) -> None:
+  """Host-side checks with clear errors (inside jit these would silently write outside the cache)."""
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  tokens_BT, lengths_B = validate_prompts(tokens_BT, lengths_B, cfg.vocab_size)
+  T = tokens_BT.shape[1]
   longest = int(lengths_B.max())
   if T + max_new_tokens > cache_len:
     raise ValueError(f"padded prompt T={T} + max_new_tokens={max_new_tokens} = {T + max_new_tokens} exceeds the "

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from eagle3_jax import accept, draft, layers, sampling, sharding, tree
+from eagle3_jax import accept, decode, draft, layers, sampling, sharding, tree
 from eagle3_jax.config import LlamaConfig
 from eagle3_jax.target import llama
 
@@ -273,18 +273,8 @@ round_jit = jax.jit(spec_round, static_argnames=_STATIC, donate_argnames=("state
 def validate(target: Target, target_params: Any, draft_params: Any, vocab: draft.DraftVocab, tokens_BT: Any,
              lengths_B: Any, embed_VD: Any = None, *, dcfg: draft.DraftConfig, spec: SpecConfig) -> None:
   """Host-side checks with clear errors (inside jit these would silently read or write the wrong slots)."""
-  tokens_BT, lengths_B = np.asarray(tokens_BT), np.asarray(lengths_B)
-  if tokens_BT.ndim != 2:
-    raise ValueError(f"tokens must be [B, T], got shape {tokens_BT.shape}")
-  B, T = tokens_BT.shape
-  if lengths_B.shape != (B,):
-    raise ValueError(f"lengths must be [B]={B}, got shape {lengths_B.shape}")
-  if (lengths_B < 1).any():
-    raise ValueError(f"empty prompt in rows {np.flatnonzero(lengths_B < 1).tolist()}: every row needs >= 1 token")
-  if (lengths_B > T).any():
-    raise ValueError(f"lengths {lengths_B.tolist()} exceed the padded prompt length T={T}")
-  if ((tokens_BT < 0) | (tokens_BT >= target.vocab_size)).any():
-    raise ValueError(f"token ids must lie in [0, {target.vocab_size})")
+  tokens_BT, lengths_B = decode.validate_prompts(tokens_BT, lengths_B, target.vocab_size)
+  T = tokens_BT.shape[1]
   P, M = spec.tree.total_tokens, spec.max_new_tokens
   S_t, _ = spec.cache_lengths(T)
   if T + M + P > S_t:
