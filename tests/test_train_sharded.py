@@ -65,8 +65,8 @@ def test_sharded_step_equals_single_device(runs):
   # update by a visible fraction of lr (1e-2). 1e-4 is 1% of one step's largest move; all else agrees to ~1e-6.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), p1, p8)
   diffs = np.concatenate([np.abs(a - b).ravel() for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8))])
-  # Measured 0.105% of coordinates above 2e-6 in one fresh-clone run after wo became one [N*H, D] contraction (sharded over heads,
-  # moved the summation order); a real sharding bug moves whole tensors, i.e. percents.
+  # Measured 0.105% of coordinates above 2e-6 in one fresh-clone run after wo became one [N*H, D] contraction
+  # (sharded over heads, so the summation order moved); a real sharding bug moves whole tensors, i.e. percents.
   assert np.mean(diffs > 2e-6) < 3e-3
   assert int(s8.step) == 3
   assert not np.allclose(p8["lm_head"], 0.0)
