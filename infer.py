@@ -16,7 +16,6 @@ import json
 import logging
 import pathlib
 import sys
-from typing import Any
 
 _CHAT_QUESTIONS = (
     "What is the capital of France, and what is it famous for?",
@@ -65,18 +64,6 @@ def read_jsonl(path: str) -> list[dict]:
   return requests
 
 
-def stop_ids(tokenizer: Any, target: str | None) -> list[int]:
-  """EOS of the tokenizer plus the eos list of generation_config.json when the target directory has one."""
-  ids = set()
-  if tokenizer.eos_token_id is not None:
-    ids.add(int(tokenizer.eos_token_id))
-  gen = pathlib.Path(target) / "generation_config.json" if target else None
-  if gen is not None and gen.is_file():
-    eos = json.loads(gen.read_text()).get("eos_token_id")
-    ids.update(int(i) for i in (eos if isinstance(eos, list) else [] if eos is None else [eos]))
-  return sorted(ids)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--target", default=None, help="HF directory or .gguf file (default: embedded SmolLM2-135M)")
@@ -99,22 +86,6 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--compile-cache", default="auto",
                   help="persistent XLA compilation cache dir ('auto': ~/.cache/eagle3_jax/xla, 'none': off)")
   return ap.parse_args(argv)
-
-
-def load_draft(path: str, cfg: Any) -> tuple[Any, Any]:
-  """(target config with the draft's aux layers, DraftCheckpoint); the taps must be those the draft was trained on."""
-  import dataclasses
-
-  from eagle3_jax import interop
-
-  if not (pathlib.Path(path) / "config.json").is_file():
-    raise FileNotFoundError(f"--draft {path}: not a draft checkpoint directory (no config.json)")
-  ckpt = interop.read_draft(path, num_target_layers=cfg.num_layers)
-  aux = tuple(int(i) for i in ckpt.aux_layer_ids)
-  if aux != cfg.aux_layer_ids:
-    logging.info("--draft %s reads target layers %s (target default %s)", path, aux, cfg.aux_layer_ids)
-    cfg = dataclasses.replace(cfg, aux_layers=aux)
-  return cfg, ckpt
 
 
 def main(argv=None) -> dict:
@@ -151,14 +122,11 @@ def main(argv=None) -> dict:
   tokenizer = loading.load_tokenizer(args.target)
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   common = dict(sampling_cfg=sampling_cfg, max_new_tokens=args.max_new_tokens,
-                stop_ids=stop_ids(tokenizer, args.target), pad_id=pad_id, seed=args.seed)
+                stop_ids=engine.stop_ids(tokenizer, args.target), pad_id=pad_id, seed=args.seed)
   vanilla = lambda: engine.VanillaGenerator(params, cfg, **common)
   if speculative:
-    cfg, ckpt = load_draft(args.draft, cfg)
-    cast = lambda x: jnp.asarray(x, dtype)
-    generator = engine.SpeculativeGenerator(
-        params, cfg, jax.tree.map(cast, ckpt.params), ckpt.vocab, dcfg=ckpt.cfg, tree_cfg=tree_cfg,
-        embed=None if ckpt.embed is None else cast(ckpt.embed), **common)
+    cfg, ckpt = engine.load_draft(args.draft, cfg)
+    generator = engine.make_generator(params, cfg, draft_ckpt=ckpt, tree_cfg=tree_cfg, **common)
   else:
     generator = vanilla()
   run = lambda gen: engine.Engine(gen, tokenizer, batch_size=args.batch_size, pad_id=pad_id).run(

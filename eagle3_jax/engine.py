@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
+import pathlib
 import sys
 import time
 from typing import Any, Callable, Protocol, Sequence
@@ -74,6 +77,14 @@ class VanillaGenerator:
     """Traces of the generate function since this generator was built (one per new shape if nothing retraces)."""
     return decode.TRACE_COUNT["generate"] - self._traces_at_start
 
+  @property
+  def stop_ids(self) -> tuple[int, ...]:
+    return self._static["stop_ids"]
+
+  def reseed(self, seed: int) -> None:
+    """Restart the PRNG stream (regeneration reseeds per chunk so a resumed run samples what a straight one does)."""
+    self._key = jax.random.key(seed)
+
   def generate(self, batch: Batch) -> GenerateOutput:
     B, T = batch.tokens.shape
     S = decode.cache_length(T, self.max_new_tokens)
@@ -115,6 +126,13 @@ class SpeculativeGenerator:
   def compile_count(self) -> int:
     return speculative.TRACE_COUNT["generate"] - self._traces_at_start
 
+  @property
+  def stop_ids(self) -> tuple[int, ...]:
+    return self.spec.stop_ids
+
+  def reseed(self, seed: int) -> None:
+    self._key = jax.random.key(seed)
+
   def generate(self, batch: Batch) -> GenerateOutput:
     B, T = batch.tokens.shape
     speculative.validate(self.target, self.params, self.draft_params, self.vocab, batch.tokens, batch.lengths,
@@ -136,6 +154,47 @@ class SpeculativeGenerator:
         stats=stats | {"target_steps": steps + 1, "rounds": float(out["rounds"][real].sum()),
                        "accepted": float(out["accepted"][real].sum())},
         row_stats={"tau": out["tau"], "rounds": out["rounds"]})
+
+
+def stop_ids(tokenizer: Any, target: str | None) -> list[int]:
+  """EOS of the tokenizer plus the eos list of generation_config.json when the target directory has one."""
+  ids = set()
+  if tokenizer.eos_token_id is not None:
+    ids.add(int(tokenizer.eos_token_id))
+  gen = pathlib.Path(target) / "generation_config.json" if target else None
+  if gen is not None and gen.is_file():
+    eos = json.loads(gen.read_text()).get("eos_token_id")
+    ids.update(int(i) for i in (eos if isinstance(eos, list) else [] if eos is None else [eos]))
+  return sorted(ids)
+
+
+def load_draft(path: str, cfg: LlamaConfig) -> tuple[LlamaConfig, Any]:
+  """(target config with the draft's aux layers, DraftCheckpoint); the taps must be those the draft was trained on."""
+  from eagle3_jax import interop  # deferred: interop pulls in the checkpoint formats
+
+  if not (pathlib.Path(path) / "config.json").is_file():
+    raise FileNotFoundError(f"--draft {path}: not a draft checkpoint directory (no config.json)")
+  ckpt = interop.read_draft(path, num_target_layers=cfg.num_layers)
+  aux = tuple(int(i) for i in ckpt.aux_layer_ids)
+  if aux != cfg.aux_layer_ids:
+    logging.info("--draft %s reads target layers %s (target default %s)", path, aux, cfg.aux_layer_ids)
+    cfg = dataclasses.replace(cfg, aux_layers=aux)
+  return cfg, ckpt
+
+
+
+def make_generator(params: Any, cfg: LlamaConfig, *, draft_ckpt: Any = None, tree_cfg: TreeConfig | None = None,
+                   dtype: Any = None, **common: Any) -> "VanillaGenerator | SpeculativeGenerator":
+  """Vanilla decoding, or speculative decoding with a DraftCheckpoint (cast to the target's dtype) and a tree."""
+  if draft_ckpt is None:
+    return VanillaGenerator(params, cfg, **common)
+  if tree_cfg is None:
+    raise ValueError("speculative decoding needs a tree_cfg")
+  dtype = dtype or jax.tree.leaves(params)[0].dtype
+  cast = lambda x: jax.numpy.asarray(x, dtype)
+  return SpeculativeGenerator(params, cfg, jax.tree.map(cast, draft_ckpt.params), draft_ckpt.vocab,
+                              dcfg=draft_ckpt.cfg, tree_cfg=tree_cfg,
+                              embed=None if draft_ckpt.embed is None else cast(draft_ckpt.embed), **common)
 
 
 @dataclasses.dataclass

@@ -25,6 +25,7 @@ class TargetSpec:
   random_init_std: float = 0.02  # larger values give the random target peaked (learnable) distributions
   seed: int = 0
   dtype: str = "bfloat16"  # storage and compute dtype of the frozen target
+  aux_layers: tuple[int, ...] | None = None  # target layers whose inputs the draft reads (None: the default taps)
   tokenizer: str | None = None  # HF dir / .gguf; "char": an in-memory char-level ChatML one; None: the target's
 
   def __post_init__(self):
@@ -89,6 +90,10 @@ class TrainConfig:
   num_steps: int = 1000  # optimiser steps (the lr schedule spans these)
   stop_after: int = 0  # end this invocation at this step (checkpoint, exit; resume later), 0 = at num_steps
   seed: int = 0
+  # An exported draft (any readable layout) whose weights and vocabulary start a new run: a curriculum phase
+  # (e.g. ttt.steps=1, then 7 from its export) or a warm start from the shipped draft. Ignored once the run has a
+  # checkpoint (resume wins); the optimiser state starts fresh.
+  init_from: str = ""
   run_dir: str = "runs/default"  # checkpoints/, tb/, vocab, export/ live here
   checkpoint_every: int = 500
   keep_checkpoints: int = 3

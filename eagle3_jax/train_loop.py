@@ -84,22 +84,54 @@ def load_target(cfg: TrainConfig, mesh) -> tuple[LlamaConfig, Any]:
   from eagle3_jax.target import loading
 
   tcfg, params = loading.load_target(cfg.target.path, mesh=mesh, dtype=dtype)
+  if cfg.target.aux_layers is not None:
+    tcfg = dataclasses.replace(tcfg, aux_layers=tuple(cfg.target.aux_layers))
   return tcfg, jax.device_put(params, train_lib.target_shardings(mesh, tcfg, dtype))
 
 
-def draft_vocab(cfg: TrainConfig, run_dir: pathlib.Path, tokenizer, target_cfg: LlamaConfig) -> vocab_lib.VocabMap:
-  """The run's draft vocabulary: built from the training split on the first start, reused (and checked against
-  this dataset and tokenizer) on every later one. Process 0 builds; the others wait and read."""
+def warm_start(cfg: TrainConfig, target_cfg: LlamaConfig, draft_cfg: Any) -> Any:
+  """The DraftCheckpoint named by cfg.init_from, checked against this run's target taps and draft shape."""
+  from eagle3_jax import interop
+
+  ckpt = interop.read_draft(cfg.init_from, num_target_layers=target_cfg.num_layers)
+  if tuple(ckpt.aux_layer_ids) != tuple(target_cfg.aux_layer_ids):
+    raise ValueError(f"init_from={cfg.init_from} reads target layers {tuple(ckpt.aux_layer_ids)}, this run "
+                     f"{tuple(target_cfg.aux_layer_ids)}")
+  if ckpt.cfg != draft_cfg:
+    diff = [f.name for f in dataclasses.fields(draft_cfg) if getattr(ckpt.cfg, f.name) != getattr(draft_cfg, f.name)]
+    raise ValueError(f"init_from={cfg.init_from} is a draft of another shape ({', '.join(diff)} differ from this "
+                     "run's config)")
+  return ckpt
+
+
+def draft_vocab(cfg: TrainConfig, run_dir: pathlib.Path, tokenizer, target_cfg: LlamaConfig,
+                warm: Any = None) -> vocab_lib.VocabMap:
+  """The run's draft vocabulary: built from the training split on the first start (or taken from the init_from
+  draft), reused (and checked against this dataset and tokenizer, or that draft) on every later one. Process 0
+  builds; the others wait and read."""
   V = target_cfg.vocab_size
   Vd = min(cfg.draft.draft_vocab_size, V)
   path = run_dir / "draft_vocab.safetensors"
   kw = dict(vocab_size=V, max_examples=cfg.draft.vocab_max_examples)
+  expect = (vocab_lib.vocab_provenance(cfg.data, tokenizer, Vd, **kw) if not cfg.init_from else
+            {"format": vocab_lib.FORMAT_VERSION, "init_from": str(cfg.init_from), "vocab_size": V,
+             "draft_vocab_size": Vd})
   if jax.process_index() == 0:
-    vm = vocab_lib.load_or_build_vocab(path, cfg.data, tokenizer, Vd, **kw)
+    if cfg.init_from and not path.exists():
+      if warm is None:
+        raise ValueError(f"{run_dir} has checkpoints but no draft vocabulary; it cannot be resumed")
+      t2d = np.asarray(warm.vocab.t2d, bool)
+      vm = vocab_lib.VocabMap(d2t=np.asarray(warm.vocab.d2t, np.int64), t2d=t2d, counts=np.zeros((V,), np.int64),
+                              provenance=expect)
+      vocab_lib.save_vocab(path, vm)
+    elif cfg.init_from:
+      vm = vocab_lib.load_vocab(path, expect=expect)
+    else:
+      vm = vocab_lib.load_or_build_vocab(path, cfg.data, tokenizer, Vd, **kw)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("draft_vocab")
   if jax.process_index() != 0:
-    vm = vocab_lib.load_vocab(path, expect=vocab_lib.vocab_provenance(cfg.data, tokenizer, Vd, **kw))
+    vm = vocab_lib.load_vocab(path, expect=expect)
   return vm
 
 
@@ -240,7 +272,11 @@ def export_draft(path: pathlib.Path, params: Any, vm: vocab_lib.VocabMap, static
   params = host_params(params)
   if jax.process_index() == 0:
     tcfg = statics.target_cfg
-    extra = {"verifier": cfg.target.path or ("random" if cfg.target.random else "SmolLM2-135M-Instruct"),
+    from eagle3_jax.target import loading
+
+    # The verifier by the name peers resolve (speculators calls AutoConfig on it): a hub id and architecture.
+    verifier = cfg.target.path or ("random" if cfg.target.random else loading.DEFAULT_TARGET_HUB_ID)
+    extra = {"verifier": verifier, "verifier_architectures": ["LlamaForCausalLM"],
              "max_position_embeddings": tcfg.max_position_embeddings}
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
       if getattr(tokenizer, name, None) is not None:
@@ -269,19 +305,24 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
   target_cfg, target_params = load_target(cfg, mesh)
   tokenizer = load_tokenizer(cfg)
-  vm = draft_vocab(cfg, run_dir, tokenizer, target_cfg)
-  vocab = DraftVocab.from_ids(vm.ids, target_cfg.vocab_size)
   statics = train_lib.StepStatics.of(cfg, target_cfg)
+  ckpt = checkpoint.Checkpointer(run_dir / "checkpoints", keep=cfg.keep_checkpoints,
+                                 async_save=cfg.async_checkpointing)
+  latest = ckpt.latest_step()
+  warm = warm_start(cfg, target_cfg, statics.draft_cfg) if cfg.init_from and latest is None else None
+  vm = draft_vocab(cfg, run_dir, tokenizer, target_cfg, warm)
+  vocab = DraftVocab.from_ids(vm.ids, target_cfg.vocab_size)
   train_it = train_iterator(cfg, tokenizer, target_cfg, target_params)
   shapes = batch_shapes(cfg, target_cfg, online=statics.online)
   steps = train_lib.build_steps(statics, cfg.optim, cfg.num_steps, mesh, cfg.target.dtype, tuple(shapes.items()))
   has_eval = bool(cfg.data.eval_source or cfg.data.eval_fraction)
 
-  ckpt = checkpoint.Checkpointer(run_dir / "checkpoints", keep=cfg.keep_checkpoints,
-                                 async_save=cfg.async_checkpointing)
-  latest = ckpt.latest_step()
   if latest is None:
     state = steps.init(jax.random.key(cfg.draft.init_seed))
+    if warm is not None:
+      log.info("draft weights from %s", cfg.init_from)
+      params = jax.tree.map(lambda x: np.asarray(x, np.float32), warm.params)
+      state = state.replace(params=jax.device_put(params, steps.state_sh.params))
   else:
     log.info("resuming from %s step %d", ckpt.directory, latest)
     state = ckpt.restore(latest, train_lib.abstract_state(mesh, statics.draft_cfg, steps.tx), train_it)

