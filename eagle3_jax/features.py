@@ -139,16 +139,18 @@ class FeatureWriter:
 
   def close(self) -> dict:
     self.flush()
+    _atomic_write(self.path / INDEX, lambda p: p.write_text(json.dumps(self.index, indent=1)))
     return self.index
 
 
 def dump_features(path: str | os.PathLike, batches: Iterable[dict], target_params: Any, *,
                   target_cfg: LlamaConfig, target_name: str, dataset: str, dtype: str = "bfloat16",
-                  examples_per_shard: int = 1024, resume: bool = False) -> dict:
+                  examples_per_shard: int = 1024, resume: bool = False, seq_len: int | None = None) -> dict:
   """Runs target_features over {tokens [B,T], loss_mask [B,T], lengths [B]} batches and stores the result.
 
-  With resume=True the examples already in the store are skipped (the batches must come in the same order).
-  Returns the index.
+  Batches may come in several lengths T <= seq_len (default: the first batch's T), e.g. length buckets, so the
+  target never runs over padding it does not need. With resume=True the examples already in the store are
+  skipped (the batches must come in the same order). The index is marked complete at the end. Returns it.
   """
   writer = None
   seen = 0
@@ -156,11 +158,11 @@ def dump_features(path: str | os.PathLike, batches: Iterable[dict], target_param
     T = np.shape(batch["tokens"])[1]
     if writer is None:
       writer = FeatureWriter(path, target_cfg=target_cfg, fingerprint=target_fingerprint(target_params, target_cfg),
-                             target_name=target_name, dataset=dataset, seq_len=T, dtype=dtype,
+                             target_name=target_name, dataset=dataset, seq_len=seq_len or T, dtype=dtype,
                              examples_per_shard=examples_per_shard, resume=resume)
       done = writer.num_examples
-    elif T != writer.index["seq_len"]:
-      raise ValueError(f"batch tokens have length {T}, earlier batches {writer.index['seq_len']}")
+    if T > writer.index["seq_len"]:
+      raise ValueError(f"batch tokens have length {T}, more than the store's seq_len {writer.index['seq_len']}")
     B = np.shape(batch["tokens"])[0]
     if seen + B > done:
       aux, hidden = _target_features_jit(target_params, jnp.asarray(batch["tokens"]), jnp.asarray(batch["lengths"]),
@@ -169,6 +171,7 @@ def dump_features(path: str | os.PathLike, batches: Iterable[dict], target_param
     seen += B
   if writer is None:
     raise ValueError("dump_features got no batches")
+  writer.index["complete"] = True
   return writer.close()
 
 
@@ -215,14 +218,24 @@ class FeatureStore:
       self._files[s] = safe_open(str(self.path / self.index["shards"][s]["file"]), "numpy")
     return self._files[s]
 
+  def lengths(self) -> np.ndarray:
+    """int64[N] token count of every example (from the shards' offsets; nothing else is read)."""
+    return np.concatenate([np.diff(self._shard(s).get_tensor("offsets")) for s in range(len(self.index["shards"]))])
+
   def __getitem__(self, i: int) -> dict[str, np.ndarray]:
     """One example right-padded to seq_len: tokens, loss_mask, lengths (scalar), aux, hidden."""
+    return self.example(i, self.seq_len)
+
+  def example(self, i: int, T: int) -> dict[str, np.ndarray]:
+    """One example right-padded to T (at least its length)."""
     if not 0 <= i < len(self):
       raise IndexError(f"example {i} outside [0, {len(self)})")
     s = int(np.searchsorted(self._starts, i, side="right")) - 1
     f = self._shard(s)
     lo, hi = (int(x) for x in f.get_slice("offsets")[i - self._starts[s]:i - self._starts[s] + 2])
-    T, n = self.seq_len, hi - lo
+    n = hi - lo
+    if n > T:
+      raise ValueError(f"example {i} has {n} tokens, more than T={T}")
     out = {"lengths": np.int32(n)}
     for name, dtype in (("tokens", np.int32), ("loss_mask", np.int32), ("aux", None), ("hidden", None)):
       x = f.get_slice(name)[lo:hi]
@@ -238,3 +251,78 @@ class FeatureStore:
     for b in range(0, stop, batch_size):
       rows = [self[int(i)] for i in order[b:b + batch_size]]
       yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def bucket_lengths(seq_len: int, minimum: int = 64) -> tuple[int, ...]:
+  """2^k and 3·2^(k-1) lengths from `minimum` up to seq_len (seq_len itself last): at most 1/3 padding per row."""
+  out, k = [], max(minimum, 1)
+  while k < seq_len:
+    out.append(k)
+    k = k * 3 // 2 if k & (k - 1) == 0 else k * 4 // 3  # 64 -> 96 -> 128 -> 192 -> ...
+  return tuple(out) + (seq_len,)
+
+
+class BucketedBatches:
+  """Offline training batches of B examples of similar length, each padded only to its length bucket.
+
+  Every epoch shuffles the examples (seed, epoch), sorts each window of `window` batches by length, cuts it into
+  batches and shuffles the batch order, so a batch mixes no short and long rows yet the order stays random. The
+  padded positions would cost as much draft compute as real ones: at seq_len 1024 with rows of ~350 tokens that
+  is most of a step. One compile per bucket (a handful), never per step. Checkpointable: get_state/set_state
+  hold (epoch, batch); process p of P takes batches p, p+P, ... of the same global plan.
+  """
+
+  def __init__(self, store: FeatureStore, batch_size: int, *, seed: int = 0, window: int = 32,
+               min_bucket: int = 64, shard_index: int = 0, shard_count: int = 1):
+    self.store, self.B, self.seed, self.window = store, batch_size, seed, window
+    self.shard_index, self.shard_count = shard_index, shard_count
+    self.lengths = store.lengths()
+    if len(self.lengths) < batch_size * shard_count:
+      raise ValueError(f"feature store {store.path} holds {len(self.lengths)} examples, fewer than one global batch "
+                       f"({batch_size} x {shard_count} processes)")
+    self.buckets = np.asarray(bucket_lengths(store.seq_len, min(min_bucket, store.seq_len)))
+    self.epoch, self.batch = 0, 0
+    self._plan_epoch, self._plan = None, None
+
+  def _batches(self, epoch: int) -> list[np.ndarray]:
+    if self._plan_epoch != epoch:
+      rng = np.random.default_rng([self.seed, epoch])
+      order = rng.permutation(len(self.lengths))
+      order = order[:len(order) - len(order) % self.B]
+      per = self.window * self.B
+      batches = []
+      for w in range(0, len(order), per):
+        win = order[w:w + per]
+        win = win[np.argsort(self.lengths[win], kind="stable")]
+        batches += [win[b:b + self.B] for b in range(0, len(win), self.B)]
+      batches = [batches[i] for i in rng.permutation(len(batches))]
+      n = len(batches) - len(batches) % self.shard_count
+      self._plan_epoch, self._plan = epoch, batches[self.shard_index:n:self.shard_count]
+    return self._plan
+
+  def __iter__(self) -> "BucketedBatches":
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    plan = self._batches(self.epoch)
+    if self.batch >= len(plan):
+      self.epoch, self.batch = self.epoch + 1, 0
+      plan = self._batches(self.epoch)
+    idx = plan[self.batch]
+    self.batch += 1
+    T = int(self.buckets[np.searchsorted(self.buckets, self.lengths[idx].max())])
+    rows = [self.store.example(int(i), T) for i in idx]
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+  def start_prefetch(self) -> None:
+    """Grain's checkpoint handler calls this after a restore; batches are read on demand, nothing to start."""
+
+  def get_state(self) -> dict[str, int]:
+    return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed, "examples": int(len(self.lengths))}
+
+  def set_state(self, state: dict[str, int] | bytes) -> None:
+    state = json.loads(state) if isinstance(state, (bytes, str)) else state  # grain hands back the saved bytes
+    if state.get("examples") != len(self.lengths) or state.get("seed") != self.seed:
+      raise ValueError(f"the checkpoint's data position is for a feature store of {state.get('examples')} examples "
+                       f"and seed {state.get('seed')}; this one has {len(self.lengths)} and seed {self.seed}")
+    self.epoch, self.batch = int(state["epoch"]), int(state["batch"])

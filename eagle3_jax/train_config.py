@@ -72,6 +72,12 @@ class TTTSpec:
   steps: int = 7
   decay: float = 0.8
   remat: bool = False  # jax.checkpoint around each draft step (memory for compute)
+  # "batch": divide by B·T (the official recipe); "tokens": by the counted positions of each step, which keeps a
+  # token's weight fixed when batches come in several lengths (offline features with length buckets).
+  loss_norm: str = "batch"
+
+  def __post_init__(self):
+    _check_choice("TTTSpec", "loss_norm", self.loss_norm, ("batch", "tokens"))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -86,7 +92,8 @@ class TrainConfig:
   mesh: MeshConfig = MeshConfig()
   compute_dtype: str = "float32"  # draft forward/backward dtype; master weights and Adam moments stay fp32
   features: str = "online"  # "online": target inside the step; "offline": read a feature store
-  feature_dir: str = ""  # offline feature store (eagle3_jax.features)
+  feature_dir: str = ""  # offline feature store (eagle3_jax.features); dumped from data.source if incomplete
+  feature_dtype: str = "bfloat16"  # storage dtype of dumped features (2304 values a token for SmolLM2)
   num_steps: int = 1000  # optimiser steps (the lr schedule spans these)
   stop_after: int = 0  # end this invocation at this step (checkpoint, exit; resume later), 0 = at num_steps
   seed: int = 0
@@ -113,6 +120,7 @@ class TrainConfig:
   def __post_init__(self):
     _check_choice("TrainConfig", "compute_dtype", self.compute_dtype, _DTYPES)
     _check_choice("TrainConfig", "features", self.features, ("online", "offline"))
+    _check_choice("TrainConfig", "feature_dtype", self.feature_dtype, _DTYPES)
     if self.features == "offline" and not self.feature_dir:
       raise ValueError("TrainConfig.features='offline' needs TrainConfig.feature_dir")
     if self.num_steps < 1:

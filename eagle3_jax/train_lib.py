@@ -190,12 +190,13 @@ class StepStatics:
   compute_dtype: str
   grad_accum: int
   online: bool
+  loss_norm: str = "batch"
 
   @classmethod
   def of(cls, cfg: TrainConfig, target_cfg: LlamaConfig) -> "StepStatics":
     return cls(target_cfg=target_cfg, draft_cfg=draft_config(cfg, target_cfg), ttt_steps=cfg.ttt.steps,
                ttt_decay=cfg.ttt.decay, remat=cfg.ttt.remat, compute_dtype=cfg.compute_dtype,
-               grad_accum=cfg.optim.grad_accum, online=cfg.features == "online")
+               grad_accum=cfg.optim.grad_accum, online=cfg.features == "online", loss_norm=cfg.ttt.loss_norm)
 
 
 def _teacher_inputs(target_params: Any, vocab: DraftVocab, batch: Batch, s: StepStatics, mesh: Mesh | None):
@@ -222,7 +223,8 @@ def _loss(params: Any, target_params: Any, vocab: DraftVocab, batch: Batch, s: S
   # The cast sits inside the differentiated function, so gradients come back in fp32.
   p = jax.tree.map(lambda x: x.astype(dtype), params)
   loss, m = ttt.ttt_loss(p, target_params["embed"].astype(dtype), aux, batch["tokens"], batch["loss_mask"], probs,
-                         in_vocab, cfg=s.draft_cfg, steps=s.ttt_steps, decay=s.ttt_decay, remat=remat)
+                         in_vocab, cfg=s.draft_cfg, steps=s.ttt_steps, decay=s.ttt_decay, remat=remat,
+                         loss_norm=s.loss_norm)
   return loss, {"loss": loss, "loss_j": m["loss"], "ce_sum": m["ce_sum"], "correct": m["correct"],
                 "weight_sum": m["weight_sum"], "mask_sum": m["mask_sum"], "tokens": jnp.sum(batch["lengths"])}
 

@@ -11,9 +11,8 @@ import signal
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Iterator
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -135,19 +134,56 @@ def draft_vocab(cfg: TrainConfig, run_dir: pathlib.Path, tokenizer, target_cfg: 
   return vm
 
 
+def dump_batches(cfg: TrainConfig, tokenizer, *, token_budget: int = 4096) -> Iterator[dict[str, np.ndarray]]:
+  """The training split once, sorted by length and cut into length-bucketed batches of about token_budget
+  tokens: the feature dump runs the target over (almost) no padding. Deterministic, so a dump resumes."""
+  examples = list(data.iterate_examples(cfg.data, tokenizer, split="train"))
+  order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
+  buckets = np.asarray(features.bucket_lengths(cfg.data.max_length))
+  i = 0
+  while i < len(order):
+    T = int(buckets[np.searchsorted(buckets, len(examples[order[i]][0]))])
+    B = max(1, token_budget // T)
+    idx = [j for j in order[i:i + B] if len(examples[j][0]) <= T]  # sorted: stops at the next bucket
+    i += len(idx)
+    batch = {"tokens": np.zeros((len(idx), T), np.int32), "loss_mask": np.zeros((len(idx), T), np.int32),
+             "lengths": np.array([len(examples[j][0]) for j in idx], np.int32)}
+    for row, j in enumerate(idx):
+      batch["tokens"][row, :len(examples[j][0])] = examples[j][0]
+      batch["loss_mask"][row, :len(examples[j][0])] = examples[j][1]
+    yield batch
+
+
+def ensure_features(cfg: TrainConfig, tokenizer, target_cfg: LlamaConfig, target_params: Any) -> None:
+  """Dumps (or finishes dumping) the offline feature store of the training split if it is not complete."""
+  index = pathlib.Path(cfg.feature_dir) / features.INDEX
+  if index.exists() and json.loads(index.read_text()).get("complete"):
+    return
+  if jax.process_count() > 1:
+    raise ValueError(f"feature store {cfg.feature_dir} is missing or incomplete; dump it in a single process first")
+  log.info("dumping target features of %s to %s", cfg.data.source, cfg.feature_dir)
+  t0 = time.perf_counter()
+  out = features.dump_features(cfg.feature_dir, dump_batches(cfg, tokenizer), target_params, target_cfg=target_cfg,
+                               target_name=cfg.target.path or "default", dataset=cfg.data.source,
+                               dtype=cfg.feature_dtype, resume=True, seq_len=cfg.data.max_length)
+  log.info("feature store: %d examples, %d tokens in %.0f s", out["num_examples"], out["num_tokens"],
+           time.perf_counter() - t0)
+
+
 def train_iterator(cfg: TrainConfig, tokenizer, target_cfg: LlamaConfig, target_params: Any):
-  """Checkpointable iterator of this process's batches: tokenised conversations, or stored features (offline)."""
+  """Checkpointable iterator of this process's batches: tokenised conversations, or stored features (offline,
+  in length buckets)."""
   if cfg.features == "online":
     return data.make_iterator(cfg.data, tokenizer, split="train")
+  ensure_features(cfg, tokenizer, target_cfg, target_params)
   # The fingerprint reads weight corners, which needs every shard on this host: single-process runs only.
   store = features.FeatureStore(cfg.feature_dir, target_cfg=target_cfg,
                                 target_params=target_params if jax.process_count() == 1 else None)
   if store.seq_len != cfg.data.max_length:
     raise ValueError(f"feature store {cfg.feature_dir} holds sequences of {store.seq_len} tokens but "
                      f"data.max_length={cfg.data.max_length}; set data.max_length={store.seq_len}")
-  ds = grain.MapDataset.source(store).shuffle(seed=cfg.data.seed).repeat()
-  ds = ds[jax.process_index()::jax.process_count()]
-  return iter(ds.to_iter_dataset().batch(cfg.data.batch_size, drop_remainder=True))
+  return features.BucketedBatches(store, cfg.data.batch_size, seed=cfg.data.seed,
+                                  shard_index=jax.process_index(), shard_count=jax.process_count())
 
 
 def batch_shapes(cfg: TrainConfig, target_cfg: LlamaConfig, *, online: bool) -> dict[str, tuple[int, ...]]:

@@ -140,3 +140,43 @@ def test_resume_continues_an_interrupted_dump(tmp_path, target_and_batches):
   assert len(shuffled) == 3
   assert sorted(np.concatenate([b["lengths"] for b in shuffled])) == sorted(
       np.concatenate([b["lengths"] for b in batches]))
+
+
+def test_bucketed_batches_cover_each_epoch_pad_to_buckets_and_resume(tmp_path):
+  """Offline training batches: every example once per epoch, each batch padded to the bucket of its longest row
+  (not to seq_len), rows equal to the store's, and a restored position yields the same next batches."""
+  cfg, params = CFG, llama.init_params(CFG, jax.random.key(0))
+  rng = np.random.default_rng(1)
+  batches = []
+  for T_b in (8, 40, 100):  # the dump takes batches of several lengths up to seq_len
+    lengths = rng.integers(max(2, T_b // 2), T_b + 1, 4).astype(np.int32)
+    valid = np.arange(T_b)[None, :] < lengths[:, None]
+    batches.append({"tokens": np.where(valid, rng.integers(0, 128, (4, T_b)), 0).astype(np.int32),
+                    "loss_mask": valid.astype(np.int32), "lengths": lengths})
+  index = _dump(tmp_path / "s", cfg, params, batches, "float32", seq_len=128)
+  assert index["complete"] and index["seq_len"] == 128 and index["num_examples"] == 12
+  with pytest.raises(ValueError, match="more than the store's seq_len"):
+    _dump(tmp_path / "t", cfg, params, batches, "float32", seq_len=64)
+  store = features.FeatureStore(tmp_path / "s", target_cfg=cfg, target_params=params)
+  it = features.BucketedBatches(store, 3, seed=0, window=2)
+  lengths = store.lengths()
+  seen = []
+  for _ in range(4):  # one epoch: 12 examples / B=3
+    b = next(it)
+    T_b = b["tokens"].shape[1]
+    assert T_b in features.bucket_lengths(128) and T_b >= b["lengths"].max()
+    assert T_b == min(t for t in features.bucket_lengths(128) if t >= b["lengths"].max())
+    for row in range(3):
+      i = int(np.flatnonzero(lengths == b["lengths"][row])[0]) if (lengths == b["lengths"][row]).sum() == 1 else None
+      if i is not None:
+        np.testing.assert_array_equal(b["aux"][row], store[i]["aux"][:T_b])
+    seen += [tuple(r[:n]) for r, n in zip(b["tokens"], b["lengths"])]
+  assert sorted(seen) == sorted(tuple(store[i]["tokens"][:lengths[i]]) for i in range(12))
+  state = it.get_state()
+  ahead = [next(it) for _ in range(5)]  # crosses into epoch 2, which is reshuffled
+  again = features.BucketedBatches(store, 3, seed=0, window=2)
+  again.set_state(json.loads(json.dumps(state)))
+  for a, b in zip(ahead, (next(again) for _ in range(5))):
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+  with pytest.raises(ValueError, match="seed"):
+    features.BucketedBatches(store, 3, seed=1).set_state(state)

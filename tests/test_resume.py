@@ -114,3 +114,45 @@ def test_checkpointer_keeps_n_and_restores_the_iterator_position(tmp_path):
   # The iterator resumes where it was when step 3 was saved (the batch drawn right after that save).
   np.testing.assert_array_equal(next(fresh)["tokens"], after[3]["tokens"])
   reader.close()
+
+
+def test_offline_resume_is_exact_and_dumps_the_store_itself(tmp_path):
+  """features=offline with a feature_dir that does not exist yet: the run dumps the store (length-bucketed) and
+  trains from length-bucketed batches; 8 steps straight == 4 + 4 across a restore, bit for bit."""
+  store = tmp_path / "features"
+  common = COMMON + [f"feature_dir={store}", "features=offline", "feature_dtype=float32", "ttt.loss_norm=tokens",
+                     "data.max_length=80", "data.batch_size=4"]
+  common = [c for c in common if c != "data.max_length=48"]
+  cfg = load_config(TINY, common + [f"run_dir={tmp_path / 'straight'}"])
+  a = train_loop.train(cfg)
+  index = json.loads((store / "index.json").read_text())
+  assert index["complete"] and index["seq_len"] == 80 and index["num_examples"] > 300
+  train_loop.train(load_config(TINY, common + [f"run_dir={tmp_path / 'split'}", "stop_after=4"]))
+  b = train_loop.train(load_config(TINY, common + [f"run_dir={tmp_path / 'split'}"]))
+  assert b["resumed_from"] == 4 and a["step"] == b["step"] == 8
+  jax.tree.map(np.testing.assert_array_equal, _final_params(cfg, tmp_path / "straight"),
+               _final_params(cfg, tmp_path / "split"))
+  ra, rb = _train_rows(tmp_path / "straight"), _train_rows(tmp_path / "split")
+  assert [ra[s]["loss"] for s in range(1, 9)] == [rb[s]["loss"] for s in range(1, 9)]
+  from eagle3_jax import features
+
+  it = features.BucketedBatches(features.FeatureStore(store), 4, seed=cfg.data.seed)
+  assert len({next(it)["tokens"].shape[1] for _ in range(8)}) > 1  # the 8 steps saw batches of several lengths
+
+
+def test_init_from_starts_from_an_exported_draft(tmp_path):
+  """init_from: a new run starts with the exported weights and vocabulary (its step-0 eval equals the export's
+  eval), a draft of another shape is refused by name, and a resumed run ignores init_from."""
+  first = train_loop.train(load_config(TINY, COMMON + [f"run_dir={tmp_path / 'a'}", "export=true"]))
+  export = first["export_dir"]
+  warm = load_config(TINY, COMMON + [f"run_dir={tmp_path / 'b'}", f"init_from={export}", "num_steps=1",
+                                     "optim.lr=1e-12", "optim.warmup_steps=0", "export=true"])
+  b = train_loop.train(warm)
+  from eagle3_jax import interop
+
+  ea, eb = interop.read_draft(export), interop.read_draft(b["export_dir"])
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), ea.params, eb.params)
+  np.testing.assert_array_equal(np.asarray(ea.vocab.d2t), np.asarray(eb.vocab.d2t))
+  with pytest.raises(ValueError, match="another shape .*draft_vocab_size"):
+    train_loop.train(load_config(TINY, COMMON + [f"run_dir={tmp_path / 'c'}", f"init_from={export}",
+                                                 "draft.draft_vocab_size=32"]))
