@@ -1,8 +1,10 @@
 """Generates text with a target model: `python infer.py [--target PATH] [--prompt TEXT ...] [--prompts FILE.jsonl]`.
 
 With no prompts it serves a built-in set (HumanEval problems and chat questions) on the embedded SmolLM2 default.
-`--draft DIR` (an EAGLE-3 draft in our export, the official EAGLE / SGLang or the speculators layout) decodes
-speculatively with a (--draft-top-k, --draft-depth, --draft-tokens) tree; `--compare` also runs plain decoding on the
+By default the embedded target decodes speculatively with the draft shipped in the package (eagle3_jax/drafts) and the
+tree recorded beside it; `--draft DIR` (an EAGLE-3 draft in our export, the official EAGLE / SGLang or the
+speculators layout) names another, `--draft none` decodes plainly. The tree is (--draft-top-k, --draft-depth,
+--draft-tokens); `--compare` also runs plain decoding on the
 same requests in the same run. Texts go to stdout (or --output FILE.jsonl, one JSON per request, with tau and rounds
 under a draft); the last stdout line is one JSON summary with tau, tokens_per_s and requests (plus
 vanilla_tokens_per_s, speedup and, when greedy, identical_to_vanilla with --compare).
@@ -69,10 +71,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--target", default=None, help="HF directory or .gguf file (default: embedded SmolLM2-135M)")
   ap.add_argument("--prompt", action="append", default=[], help="a user message (repeatable)")
   ap.add_argument("--prompts", default=None, help="JSONL of requests: {'messages': [...]} or {'prompt': '...'}")
-  ap.add_argument("--draft", default="none", help="EAGLE-3 draft checkpoint directory, or 'none' (target only)")
-  ap.add_argument("--draft-top-k", type=int, default=4, help="children kept per tree node and level")
-  ap.add_argument("--draft-depth", type=int, default=4, help="draft levels per round (official EAGLE depth + 1)")
-  ap.add_argument("--draft-tokens", type=int, default=16, help="tree nodes verified per round (root excluded)")
+  ap.add_argument("--draft", default="auto",
+                  help="EAGLE-3 draft directory; 'none' (target only); 'auto' (default): the shipped draft when the "
+                       "target is the embedded SmolLM2, else none")
+  ap.add_argument("--draft-top-k", type=int, default=None, help="children kept per tree node and level")
+  ap.add_argument("--draft-depth", type=int, default=None, help="draft levels per round (official EAGLE depth + 1)")
+  ap.add_argument("--draft-tokens", type=int, default=None, help="tree nodes verified per round (root excluded)")
   ap.add_argument("--compare", action="store_true", help="also decode without the draft, same requests and run")
   ap.add_argument("--max-new-tokens", type=int, default=128)
   ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -95,11 +99,23 @@ def main(argv=None) -> dict:
   from eagle3_jax.tree import TreeConfig
 
   sampling_cfg = sampling.SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+  if args.draft == "auto":
+    from eagle3_jax import drafts
+
+    shipped = drafts.default_draft_path() if args.target is None else None
+    args.draft = str(shipped) if shipped is not None else "none"
   speculative = args.draft != "none"
   if speculative:
-    tree_cfg = TreeConfig(top_k=args.draft_top_k, depth=args.draft_depth, total_tokens=args.draft_tokens)
     if not pathlib.Path(args.draft).is_dir():
       raise FileNotFoundError(f"--draft {args.draft}: no such draft directory")
+    from eagle3_jax import drafts
+
+    # Unset flags take the shape recorded beside the draft as fastest where it was measured, else a 4x4x16 tree.
+    tree = (drafts.serving_tree(args.draft) or {}) if None in (args.draft_top_k, args.draft_depth,
+                                                              args.draft_tokens) else {}
+    pick = lambda flag, key, default: flag if flag is not None else tree.get(key, default)  # noqa: E731
+    tree_cfg = TreeConfig(top_k=pick(args.draft_top_k, "top_k", 4), depth=pick(args.draft_depth, "depth", 4),
+                          total_tokens=pick(args.draft_tokens, "total_tokens", 16))
   elif args.compare:
     raise ValueError("--compare compares speculative with plain decoding: it needs --draft")
   requests = [{"prompt": p} for p in args.prompt] + (read_jsonl(args.prompts) if args.prompts else [])

@@ -75,9 +75,29 @@ class TTTSpec:
   # "batch": divide by B·T (the official recipe); "tokens": by the counted positions of each step, which keeps a
   # token's weight fixed when batches come in several lengths (offline features with length buckets).
   loss_norm: str = "batch"
+  # A curriculum over R: "STEP:R,..." runs R TTT steps from optimiser step STEP on (the first entry at 0), up to
+  # `steps`; e.g. "0:1,3000:3,6000:7". Shallow steps are 2-4x cheaper and teach acc_0 as fast per token, so the
+  # deep ones start from a draft that already predicts the next token. Empty: `steps` throughout. Eval always
+  # runs `steps` deep, so acc_j and the simulated tau stay comparable along the run.
+  schedule: str = ""
 
   def __post_init__(self):
     _check_choice("TTTSpec", "loss_norm", self.loss_norm, ("batch", "tokens"))
+    phases = self.phases()
+    if phases and (phases[0][0] != 0 or any(a[0] >= b[0] for a, b in zip(phases, phases[1:]))
+                   or any(not 1 <= r <= self.steps for _, r in phases)):
+      raise ValueError(f"TTTSpec.schedule={self.schedule!r}: expected STEP:R pairs with STEP ascending from 0 and "
+                       f"1 <= R <= steps={self.steps}")
+
+  def phases(self) -> tuple[tuple[int, int], ...]:
+    try:
+      return tuple((int(a), int(b)) for a, b in (p.split(":") for p in self.schedule.split(",") if p.strip()))
+    except ValueError:
+      raise ValueError(f"TTTSpec.schedule={self.schedule!r}: expected STEP:R,... (e.g. 0:1,3000:7)") from None
+
+  def steps_at(self, step: int) -> int:
+    """R for the optimiser step that follows `step` steps taken."""
+    return next((r for start, r in reversed(self.phases()) if step >= start), self.steps)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -157,14 +157,20 @@ def dump_batches(cfg: TrainConfig, tokenizer, *, token_budget: int = 4096) -> It
 def ensure_features(cfg: TrainConfig, tokenizer, target_cfg: LlamaConfig, target_params: Any) -> None:
   """Dumps (or finishes dumping) the offline feature store of the training split if it is not complete."""
   index = pathlib.Path(cfg.feature_dir) / features.INDEX
-  if index.exists() and json.loads(index.read_text()).get("complete"):
-    return
+  dataset = json.dumps(data.dataset_fingerprint(cfg.data), sort_keys=True)
+  if index.exists():
+    stored = json.loads(index.read_text())
+    if stored.get("dataset") != dataset:  # e.g. the source file grew since the dump: never train on stale rows
+      raise ValueError(f"feature store {cfg.feature_dir} was dumped from other data ({stored.get('dataset')}), "
+                       f"this run reads {dataset}; delete it or set another feature_dir")
+    if stored.get("complete"):
+      return
   if jax.process_count() > 1:
     raise ValueError(f"feature store {cfg.feature_dir} is missing or incomplete; dump it in a single process first")
   log.info("dumping target features of %s to %s", cfg.data.source, cfg.feature_dir)
   t0 = time.perf_counter()
   out = features.dump_features(cfg.feature_dir, dump_batches(cfg, tokenizer), target_params, target_cfg=target_cfg,
-                               target_name=cfg.target.path or "default", dataset=cfg.data.source,
+                               target_name=cfg.target.path or "default", dataset=dataset,
                                dtype=cfg.feature_dtype, resume=True, seq_len=cfg.data.max_length)
   log.info("feature store: %d examples, %d tokens in %.0f s", out["num_examples"], out["num_tokens"],
            time.perf_counter() - t0)
@@ -351,6 +357,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
   train_it = train_iterator(cfg, tokenizer, target_cfg, target_params)
   shapes = batch_shapes(cfg, target_cfg, online=statics.online)
   steps = train_lib.build_steps(statics, cfg.optim, cfg.num_steps, mesh, cfg.target.dtype, tuple(shapes.items()))
+  train_fns = {cfg.ttt.steps: steps.train}
   has_eval = bool(cfg.data.eval_source or cfg.data.eval_fraction)
 
   if latest is None:
@@ -372,7 +379,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     while step < end and not stopped:
       batch = train_lib.global_batch(mesh, next(train_it))
       flags = train_lib.stop_flags(mesh, cfg.data.batch_size, _STOP.is_set())
-      state, metrics = steps.train(state, target_params, vocab, batch, flags)
+      R = cfg.ttt.steps_at(step)
+      if R not in train_fns:  # one compiled step per curriculum phase, built when the phase begins
+        train_fns[R] = train_lib.build_steps(dataclasses.replace(statics, ttt_steps=R), cfg.optim, cfg.num_steps,
+                                             mesh, cfg.target.dtype, tuple(shapes.items())).train
+      state, metrics = train_fns[R](state, target_params, vocab, batch, flags)
       step += 1
       if pending is not None:  # the previous step's metrics: waiting for them overlaps this step's dispatch
         stopped = recorder.record(*pending)["stop"]

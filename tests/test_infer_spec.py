@@ -66,7 +66,7 @@ def test_draft_flag_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="--draft .*no such draft directory"):
     infer.main(["--draft", str(tmp_path / "missing"), "--prompt", "hi"])
   with pytest.raises(ValueError, match="--compare .* needs --draft"):
-    infer.main(["--compare", "--prompt", "hi"])
+    infer.main(["--draft", "none", "--compare", "--prompt", "hi"])
   with pytest.raises(ValueError, match="cannot be built"):
     infer.main(["--draft", str(tmp_path), "--draft-top-k", "2", "--draft-depth", "2", "--draft-tokens", "9",
                 "--prompt", "hi"])

@@ -134,6 +134,8 @@ def test_offline_resume_is_exact_and_dumps_the_store_itself(tmp_path):
                _final_params(cfg, tmp_path / "split"))
   ra, rb = _train_rows(tmp_path / "straight"), _train_rows(tmp_path / "split")
   assert [ra[s]["loss"] for s in range(1, 9)] == [rb[s]["loss"] for s in range(1, 9)]
+  with pytest.raises(ValueError, match="dumped from other data"):
+    train_loop.train(load_config(TINY, common + [f"run_dir={tmp_path / 'other'}", "data.max_rows=200"]))
   from eagle3_jax import features
 
   it = features.BucketedBatches(features.FeatureStore(store), 4, seed=cfg.data.seed)
@@ -156,3 +158,22 @@ def test_init_from_starts_from_an_exported_draft(tmp_path):
   with pytest.raises(ValueError, match="another shape .*draft_vocab_size"):
     train_loop.train(load_config(TINY, COMMON + [f"run_dir={tmp_path / 'c'}", f"init_from={export}",
                                                  "draft.draft_vocab_size=32"]))
+
+
+def test_ttt_curriculum_phases_and_resume_across_them(tmp_path):
+  """ttt.schedule=0:1,4:3: steps 1-4 train one TTT step, steps 5-8 three; eval stays 3 deep; a run stopped at
+  step 2 and resumed equals the straight run bit for bit (the phase is a function of the restored step)."""
+  sched = COMMON + ["ttt.schedule=0:1,4:3"]
+  cfg = load_config(TINY, sched + [f"run_dir={tmp_path / 'straight'}"])
+  assert [cfg.ttt.steps_at(s) for s in range(8)] == [1, 1, 1, 1, 3, 3, 3, 3]
+  a = train_loop.train(cfg)
+  rows = _train_rows(tmp_path / "straight")
+  assert [len(rows[s]["acc_j"]) for s in range(1, 9)] == [1] * 4 + [3] * 4
+  train_loop.train(load_config(TINY, sched + [f"run_dir={tmp_path / 'split'}", "stop_after=2"]))
+  b = train_loop.train(load_config(TINY, sched + [f"run_dir={tmp_path / 'split'}"]))
+  assert a["step"] == b["step"] == 8
+  jax.tree.map(np.testing.assert_array_equal, _final_params(cfg, tmp_path / "straight"),
+               _final_params(cfg, tmp_path / "split"))
+  for bad in ("1:1", "0:1,0:3", "0:4", "0-1"):
+    with pytest.raises(ValueError, match="schedule"):
+      load_config(TINY, [f"ttt.schedule={bad}"])

@@ -165,7 +165,8 @@ def test_offline_features_run(tmp_path):
   store = tmp_path / "features"
   index = features.dump_features(store, data.make_iterator(cfg.data, tokenizer, shard_index=0, shard_count=1),
                                  jax.device_get(target), target_cfg=target_cfg, target_name="tiny-random",
-                                 dataset=cfg.data.source, dtype="float32")
+                                 dataset=json.dumps(data.dataset_fingerprint(cfg.data), sort_keys=True),
+                                 dtype="float32")
   assert index["num_examples"] > 32
   offline = dataclasses.replace(cfg, features="offline", feature_dir=str(store))
   summary = train_loop.train(offline)
