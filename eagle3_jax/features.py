@@ -20,7 +20,7 @@ from eagle3_jax import layers
 from eagle3_jax.config import LlamaConfig
 from eagle3_jax.target import llama
 
-FORMAT = "eagle3-jax-features/1"
+FORMAT = "eagle3-jax-features/2"  # /2 adds the target's full-vocabulary argmax per token
 INDEX = "index.json"
 _DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
 
@@ -39,7 +39,17 @@ def target_features(target_params: Any, tokens_BT: jax.Array, lengths_B: jax.Arr
   return jax.lax.stop_gradient(aux), jax.lax.stop_gradient(hidden)
 
 
-_target_features_jit = jax.jit(target_features, static_argnames="target_cfg")
+def _dump_features(target_params: Any, tokens_BT: jax.Array, lengths_B: jax.Array, *, target_cfg: LlamaConfig
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(aux, hidden, argmax): the argmax over the full vocabulary is stored so that offline steps never run the
+  target's whole [D, V] head (at Vd = V/6 it would cost as much as the draft itself)."""
+  from eagle3_jax import ttt  # deferred: ttt imports the draft
+
+  aux, hidden = target_features(target_params, tokens_BT, lengths_B, target_cfg=target_cfg)
+  return aux, hidden, ttt.full_argmax(target_params, hidden, target_cfg=target_cfg)
+
+
+_target_features_jit = jax.jit(_dump_features, static_argnames="target_cfg")
 
 
 def target_fingerprint(target_params: Any, target_cfg: LlamaConfig) -> str:
@@ -72,7 +82,8 @@ def _check(index: dict, field: str, expected: Any, path: pathlib.Path) -> None:
 class FeatureWriter:
   """Appends examples (valid tokens only, no padding) to shards of `examples_per_shard` safetensors files.
 
-  Each shard holds aux [N,A], hidden [N,D], tokens [N] int32, loss_mask [N] uint8 over the N tokens of its
+  Each shard holds aux [N,A], hidden [N,D], tokens [N] int32, loss_mask [N] uint8, argmax [N] int32 (the
+  target's full-vocabulary argmax at each position) over the N tokens of its
   examples, plus offsets [n+1]; the index is rewritten atomically after every shard, so a killed dump leaves a
   consistent store that `resume=True` continues.
   """
@@ -108,28 +119,30 @@ class FeatureWriter:
   def num_examples(self) -> int:
     return self.index["num_examples"] + len(self._pending)
 
-  def add(self, tokens_T: Any, loss_mask_T: Any, aux_TA: Any, hidden_TD: Any) -> None:
+  def add(self, tokens_T: Any, loss_mask_T: Any, aux_TA: Any, hidden_TD: Any, argmax_T: Any) -> None:
     """One example, already cut to its valid length."""
     dt = _DTYPES[self.index["dtype"]]
     self._pending.append((np.asarray(tokens_T, np.int32), np.asarray(loss_mask_T, np.uint8),
-                          np.asarray(aux_TA).astype(dt), np.asarray(hidden_TD).astype(dt)))
+                          np.asarray(aux_TA).astype(dt), np.asarray(hidden_TD).astype(dt),
+                          np.asarray(argmax_T, np.int32)))
     if len(self._pending) >= self.examples_per_shard:
       self.flush()
 
-  def add_batch(self, batch: dict, aux_BTA: Any, hidden_BTD: Any, skip: int = 0) -> None:
+  def add_batch(self, batch: dict, aux_BTA: Any, hidden_BTD: Any, argmax_BT: Any, skip: int = 0) -> None:
     """The rows of a {tokens, loss_mask, lengths} batch with their features, from row `skip` on."""
-    aux, hidden = np.asarray(aux_BTA), np.asarray(hidden_BTD)
+    aux, hidden, argmax = np.asarray(aux_BTA), np.asarray(hidden_BTD), np.asarray(argmax_BT)
     for b, n in enumerate(np.asarray(batch["lengths"])[skip:], start=skip):
       self.add(np.asarray(batch["tokens"])[b, :n], np.asarray(batch["loss_mask"])[b, :n], aux[b, :n],
-               hidden[b, :n])
+               hidden[b, :n], argmax[b, :n])
 
   def flush(self) -> None:
     if not self._pending:
       return
-    tokens, loss_mask, aux, hidden = (np.concatenate(x) for x in zip(*self._pending))
+    tokens, loss_mask, aux, hidden, argmax = (np.concatenate(x) for x in zip(*self._pending))
     offsets = np.cumsum([0] + [len(p[0]) for p in self._pending]).astype(np.int64)
     name = f"shard-{len(self.index['shards']):05d}.safetensors"
-    tensors = {"tokens": tokens, "loss_mask": loss_mask, "aux": aux, "hidden": hidden, "offsets": offsets}
+    tensors = {"tokens": tokens, "loss_mask": loss_mask, "aux": aux, "hidden": hidden, "argmax": argmax,
+               "offsets": offsets}
     _atomic_write(self.path / name, lambda p: safetensors.numpy.save_file(tensors, str(p)))
     self.index["shards"].append({"file": name, "num_examples": len(self._pending), "num_tokens": len(tokens)})
     self.index["num_examples"] += len(self._pending)
@@ -165,9 +178,9 @@ def dump_features(path: str | os.PathLike, batches: Iterable[dict], target_param
       raise ValueError(f"batch tokens have length {T}, more than the store's seq_len {writer.index['seq_len']}")
     B = np.shape(batch["tokens"])[0]
     if seen + B > done:
-      aux, hidden = _target_features_jit(target_params, jnp.asarray(batch["tokens"]), jnp.asarray(batch["lengths"]),
-                       target_cfg=target_cfg)
-      writer.add_batch(batch, aux, hidden, skip=max(done - seen, 0))
+      feats = _target_features_jit(target_params, jnp.asarray(batch["tokens"]), jnp.asarray(batch["lengths"]),
+                                   target_cfg=target_cfg)
+      writer.add_batch(batch, *feats, skip=max(done - seen, 0))
     seen += B
   if writer is None:
     raise ValueError("dump_features got no batches")
@@ -223,7 +236,7 @@ class FeatureStore:
     return np.concatenate([np.diff(self._shard(s).get_tensor("offsets")) for s in range(len(self.index["shards"]))])
 
   def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-    """One example right-padded to seq_len: tokens, loss_mask, lengths (scalar), aux, hidden."""
+    """One example right-padded to seq_len: tokens, loss_mask, lengths (scalar), aux, hidden, argmax."""
     return self.example(i, self.seq_len)
 
   def example(self, i: int, T: int) -> dict[str, np.ndarray]:
@@ -237,7 +250,8 @@ class FeatureStore:
     if n > T:
       raise ValueError(f"example {i} has {n} tokens, more than T={T}")
     out = {"lengths": np.int32(n)}
-    for name, dtype in (("tokens", np.int32), ("loss_mask", np.int32), ("aux", None), ("hidden", None)):
+    for name, dtype in (("tokens", np.int32), ("loss_mask", np.int32), ("aux", None), ("hidden", None),
+                        ("argmax", np.int32)):
       x = f.get_slice(name)[lo:hi]
       x = x.astype(dtype) if dtype else x
       out[name] = np.pad(x, [(0, T - n)] + [(0, 0)] * (x.ndim - 1))

@@ -24,7 +24,7 @@ from eagle3_jax.train_config import OptimSpec, TrainConfig
 Batch = dict[str, jax.Array]
 # Logical axes of every array a batch may carry (online: the first three; offline adds the stored features).
 BATCH_AXES = {"tokens": ("batch", "seq"), "loss_mask": ("batch", "seq"), "lengths": ("batch",),
-              "aux": ("batch", "seq", None), "hidden": ("batch", "seq", None)}
+              "aux": ("batch", "seq", None), "hidden": ("batch", "seq", None), "argmax": ("batch", "seq")}
 
 
 @flax.struct.dataclass
@@ -205,9 +205,11 @@ def _teacher_inputs(target_params: Any, vocab: DraftVocab, batch: Batch, s: Step
     if s.online:
       aux, hidden = features.target_features(target_params, batch["tokens"], batch["lengths"],
                                              target_cfg=s.target_cfg)
+      argmax = None
     else:
       aux, hidden = batch["aux"], batch["hidden"].astype(target_params["embed"].dtype)
-    probs, in_vocab = ttt.teacher(target_params, hidden, vocab, target_cfg=s.target_cfg)
+      argmax = batch["argmax"]
+    probs, in_vocab = ttt.teacher(target_params, hidden, vocab, target_cfg=s.target_cfg, argmax_BT=argmax)
   # Pin the draft's inputs to the batch layout: left free, XLA may lay them out along the weights' fsdp axis.
   aux = sharding.constrain(aux, mesh, ("batch", "seq", None))
   probs = sharding.constrain(probs, mesh, ("batch", "seq", None))

@@ -197,7 +197,7 @@ def batch_shapes(cfg: TrainConfig, target_cfg: LlamaConfig, *, online: bool) -> 
   B, T, D = cfg.data.batch_size * jax.process_count(), cfg.data.max_length, target_cfg.hidden_size
   shapes = {"tokens": (B, T), "loss_mask": (B, T), "lengths": (B,)}
   if not online:
-    shapes |= {"aux": (B, T, D * len(target_cfg.aux_layer_ids)), "hidden": (B, T, D)}
+    shapes |= {"aux": (B, T, D * len(target_cfg.aux_layer_ids)), "hidden": (B, T, D), "argmax": (B, T)}
   return shapes
 
 

@@ -30,8 +30,8 @@ def _head_logits(target_params: Any, hidden_BTD: jax.Array, start: Any, size: in
   return jnp.einsum("BTD,DC->BTC", hidden_BTD, w_DC, preferred_element_type=jnp.float32)
 
 
-def _full_argmax(target_params: Any, hidden_BTD: jax.Array, *, target_cfg: LlamaConfig,
-                 vocab_chunk: int) -> jax.Array:
+def full_argmax(target_params: Any, hidden_BTD: jax.Array, *, target_cfg: LlamaConfig,
+                vocab_chunk: int = 16384) -> jax.Array:
   """argmax over the full target vocabulary, first index on ties (as jnp.argmax), in chunks of vocab_chunk columns.
 
   Peak extra memory is B·T·vocab_chunk fp32 instead of B·T·V: for Llama-3 (V=128256) at B·T=4096 that is
@@ -57,7 +57,7 @@ def _full_argmax(target_params: Any, hidden_BTD: jax.Array, *, target_cfg: Llama
 
 
 def teacher(target_params: Any, hidden_BTD: jax.Array, vocab: DraftVocab, *, target_cfg: LlamaConfig,
-            vocab_chunk: int = 16384) -> tuple[jax.Array, jax.Array]:
+            vocab_chunk: int = 16384, argmax_BT: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Soft labels for the draft, from the target's final-normed hidden states (no gradient flows back).
 
   Returns (probs_BTVd fp32: the target softmax restricted to the draft-vocab columns and renormalised over them,
@@ -75,7 +75,9 @@ def teacher(target_params: Any, hidden_BTD: jax.Array, vocab: DraftVocab, *, tar
       head_DVd = jnp.take(target_params["lm_head"], ids_Vd, axis=1)
       logits_BTVd = jnp.einsum("BTD,DV->BTV", hidden_BTD, head_DVd, preferred_element_type=jnp.float32)
     probs = jax.nn.softmax(logits_BTVd, axis=-1)
-    in_vocab = vocab.t2d[_full_argmax(target_params, hidden_BTD, target_cfg=target_cfg, vocab_chunk=vocab_chunk)]
+    if argmax_BT is None:  # offline stores carry it: the full [D, V] head then never runs in the step
+      argmax_BT = full_argmax(target_params, hidden_BTD, target_cfg=target_cfg, vocab_chunk=vocab_chunk)
+    in_vocab = vocab.t2d[argmax_BT]
   return jax.lax.stop_gradient(probs), in_vocab
 
 
