@@ -13,11 +13,13 @@ vanilla_tokens_per_s, speedup and, when greedy, identical_to_vanilla with --comp
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gzip
 import json
 import logging
 import pathlib
 import sys
+from typing import Any
 
 _CHAT_QUESTIONS = (
     "What is the capital of France, and what is it famous for?",
@@ -45,7 +47,8 @@ def default_requests() -> list[dict]:
 
 
 def read_jsonl(path: str) -> list[dict]:
-  """Requests from a JSONL file: one object per line with 'messages' or 'prompt'; blank lines are skipped."""
+  """Requests from a JSONL file: one object per line with 'messages', 'prompt' or 'turns' (EAGLE question files:
+  a list of user turns); blank lines are skipped."""
   p = pathlib.Path(path)
   if not p.is_file():
     raise FileNotFoundError(f"--prompts file {path} does not exist")
@@ -58,19 +61,65 @@ def read_jsonl(path: str) -> list[dict]:
         obj = json.loads(line)
       except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-      if not isinstance(obj, dict) or not ("messages" in obj or "prompt" in obj):
-        raise ValueError(f"{path}:{n}: expected an object with 'messages' or 'prompt'")
+      if not isinstance(obj, dict) or not ("messages" in obj or "prompt" in obj or "turns" in obj):
+        raise ValueError(f"{path}:{n}: expected an object with 'messages', 'prompt' or 'turns'")
+      if "turns" in obj:  # EAGLE's question files (MT-bench, HumanEval, GSM8K, Alpaca, CNN/DM, QA)
+        if not isinstance(obj["turns"], list) or not obj["turns"] or not all(isinstance(t, str) for t in obj["turns"]):
+          raise ValueError(f"{path}:{n}: 'turns' must be a non-empty list of strings")
+        obj.setdefault("id", obj.get("question_id", n))
       requests.append(obj)
   if not requests:
     raise ValueError(f"--prompts file {path} holds no requests")
   return requests
 
 
+def serve(eng: Any, requests: list[dict], *, multi_turn: bool, progress: bool) -> tuple[list[Any], dict]:
+  """Runs the engine over requests. A 'turns' request is its first turn, or with multi_turn every turn in order,
+  each answer joining the conversation before the next turn (one engine pass per turn, over all requests that
+  have it); its result then holds the answers' tokens in turn order and the summary counts every turn."""
+  if not any("turns" in r for r in requests):
+    return eng.run(requests, progress=progress)
+  n_turns = max(len(r["turns"]) if multi_turn and "turns" in r else 1 for r in requests)
+  history = [[] for _ in requests]
+  results: list[Any] = [None] * len(requests)
+  total: dict[str, Any] = {}
+  for k in range(n_turns):
+    live = [i for i, r in enumerate(requests) if k == 0 or ("turns" in r and k < len(r["turns"]))]
+    wave = [requests[i] if "turns" not in requests[i] else
+            {"messages": history[i] + [{"role": "user", "content": requests[i]["turns"][k]}]} for i in live]
+    out, summary = eng.run(wave, progress=progress)
+    for i, req, r in zip(live, wave, out):
+      if "turns" in requests[i]:
+        history[i] = req["messages"] + [{"role": "assistant", "content": r.text}]
+      if results[i] is None:
+        results[i] = dataclasses.replace(r, index=i, stats=dict(r.stats))
+      else:  # later turns: tokens appended, texts joined, per-row stats summed (tau recomputed below)
+        prev = results[i]
+        results[i] = dataclasses.replace(prev, text=prev.text + "\n\n" + r.text, token_ids=prev.token_ids + r.token_ids,
+                                         seconds=prev.seconds + r.seconds,
+                                         stats={k_: prev.stats.get(k_, 0) + v for k_, v in r.stats.items()})
+    for key, v in summary.items():
+      if isinstance(v, (int, float)) and key not in ("tokens_per_s", "tau", "batch_size"):
+        total[key] = total.get(key, 0) + v
+      elif key not in total:
+        total[key] = v
+  for r in results:
+    if "rounds" in r.stats and r.stats["rounds"]:
+      r.stats["tau"] = len(r.token_ids) / r.stats["rounds"]
+  total["requests"] = len(requests)
+  total["tokens_per_s"] = round(total["tokens"] / total["generate_seconds"], 3) if total["generate_seconds"] else 0.0
+  total["tau"] = round(total["accepted"] / total["rounds"], 4) if total.get("rounds") else 1.0
+  return results, total
+
+
 def parse_args(argv=None) -> argparse.Namespace:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--target", default=None, help="HF directory or .gguf file (default: embedded SmolLM2-135M)")
   ap.add_argument("--prompt", action="append", default=[], help="a user message (repeatable)")
-  ap.add_argument("--prompts", default=None, help="JSONL of requests: {'messages': [...]} or {'prompt': '...'}")
+  ap.add_argument("--prompts", default=None,
+                  help="JSONL of requests: {'messages': [...]}, {'prompt': '...'} or EAGLE question files {'turns': [...]}")
+  ap.add_argument("--multi-turn", action="store_true",
+                  help="answer every turn of 'turns' requests, each answer joining the conversation (default: first)")
   ap.add_argument("--draft", default="auto",
                   help="EAGLE-3 draft directory; 'none' (target only); 'auto' (default): the shipped draft when the "
                        "target is the embedded SmolLM2, else none")
@@ -145,8 +194,8 @@ def main(argv=None) -> dict:
     generator = engine.make_generator(params, cfg, draft_ckpt=ckpt, tree_cfg=tree_cfg, **common)
   else:
     generator = vanilla()
-  run = lambda gen: engine.Engine(gen, tokenizer, batch_size=args.batch_size, pad_id=pad_id).run(
-      requests, progress=not args.no_progress)
+  run = lambda gen: serve(engine.Engine(gen, tokenizer, batch_size=args.batch_size, pad_id=pad_id), requests,
+                         multi_turn=args.multi_turn, progress=not args.no_progress)
   results, summary = run(generator)
 
   if args.output:

@@ -109,11 +109,44 @@ def test_prompts_file_errors_name_the_line(tmp_path):
   with pytest.raises(ValueError, match=r"bad.jsonl:3: not valid JSON"):
     infer.read_jsonl(str(bad))
   bad.write_text('{"prompt": "hi"}\n{"text": "no prompt key"}\n')
-  with pytest.raises(ValueError, match=r"bad.jsonl:2: expected an object with 'messages' or 'prompt'"):
+  with pytest.raises(ValueError, match=r"bad.jsonl:2: expected an object with 'messages', 'prompt' or 'turns'"):
     infer.read_jsonl(str(bad))
   good = tmp_path / "good.jsonl"
   good.write_text('{"prompt": "hi"}\n{"messages": [{"role": "user", "content": "yo"}]}\n')
   assert len(infer.read_jsonl(str(good))) == 2
+
+
+def test_question_files_first_turn_and_multi_turn(tiny_target, tmp_path):
+  """EAGLE question files ({"question_id", "turns"}): the first turn alone by default; with --multi-turn each
+  answer joins the conversation, so turn 2's answer is what decoding [user 1, answer 1, user 2] gives."""
+  path, model, tok = tiny_target
+  q = tmp_path / "question.jsonl"
+  q.write_text(json.dumps({"question_id": 81, "turns": ["hello world", "why is the sky blue"]}) + "\n"
+               + json.dumps({"question_id": 82, "turns": ["the cat sat"]}) + "\n")
+  common = ["--target", str(path), "--prompts", str(q), "--max-new-tokens", "8", *_QUIET]
+  first = tmp_path / "first.jsonl"
+  s1 = infer.main(common + ["--output", str(first)])
+  rows = [json.loads(x) for x in first.read_text().splitlines()]
+  assert s1["requests"] == 2 and [r["id"] for r in rows] == [81, 82]
+  assert rows[0]["token_ids"] == _hf_greedy(model, tok, "hello world", 8)
+  multi = tmp_path / "multi.jsonl"
+  s2 = infer.main(common + ["--multi-turn", "--output", str(multi)])
+  rows2 = [json.loads(x) for x in multi.read_text().splitlines()]
+  a1 = rows[0]["token_ids"]
+  convo = [{"role": "user", "content": "hello world"},
+           {"role": "assistant", "content": tok.decode(a1, skip_special_tokens=True)},
+           {"role": "user", "content": "why is the sky blue"}]
+  ids = torch.tensor([tok.encode(tok.apply_chat_template(convo, add_generation_prompt=True, tokenize=False),
+                                 add_special_tokens=False)])
+  with torch.no_grad():
+    a2 = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, eos_token_id=2,
+                        pad_token_id=0)[0, ids.shape[1]:].tolist()
+  assert rows2[0]["token_ids"] == a1 + a2 and rows2[1]["token_ids"] == rows[1]["token_ids"]
+  assert s2["tokens"] == len(a1) + len(a2) + len(rows[1]["token_ids"]) and s2["requests"] == 2
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"turns": []}\n')
+  with pytest.raises(ValueError, match="'turns' must be a non-empty list"):
+    infer.read_jsonl(str(bad))
 
 
 def test_cli_reports_bad_input_without_a_traceback(tmp_path):
