@@ -3,6 +3,7 @@ uninterrupted run row for row, skips are counted, settings are checked on resume
 plain regeneration at T=0, and the output trains with the normal training loop."""
 
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -130,7 +131,7 @@ def test_cli_first_turn_only_output_trains(tiny_target, tmp_path, capsys):
   from eagle3_jax import train_loop
   from eagle3_jax.config import load_config
 
-  cfg = load_config("configs/tiny.py", [
+  cfg = load_config(pathlib.Path(__file__).parents[1] / "configs" / "tiny.py", [
       f"run_dir={tmp_path / 'run'}", f"data.source={out}", "data.max_length=64", "data.batch_size=4",
       "draft.draft_vocab_size=48", "num_steps=30", "log_every=1", "eval_every=0", "progress=false",
       "checkpoint_every=1000"])
