@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The default draft's pipeline across sessions: regeneration, then training, each resumable, each in the
+# background-friendly form (nice, a pid file, checkpoints). Rerun the same stage to continue it.
+#
+#   scripts/default_draft.sh regen                        # SmolLM2's answers to ShareGPT prompts (runs/regen/)
+#   RUN=runs/smollm2_135m scripts/default_draft.sh train [key=value ...]   # dumps features, trains, exports
+#
+# Pause a running stage for a benchmark with `kill -STOP $(cat runs/<stage>.pid)` and `kill -CONT ...`.
+# A machine without runs/: regeneration restarts from the committed snapshot of its output (data/), and a new
+# training run warm-starts from the shipped draft (eagle3_jax/drafts/) instead of from random weights.
+# A run is tied to the data it started on (its feature store and vocabulary are checked against it): after more
+# regeneration, train a new RUN, which then starts from the shipped draft.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p runs
+stage=${1:?usage: scripts/default_draft.sh regen|train [args]}; shift
+REGEN=runs/regen/sharegpt_t0.jsonl
+SNAPSHOT=data/smollm2_regen.jsonl.gz
+RUN=${RUN:-runs/smollm2_135m}
+SHIPPED=eagle3_jax/drafts/smollm2_135m_instruct
+
+restore_snapshot() {  # the committed regeneration output and its state, if runs/regen is gone
+  if [[ ! -f $REGEN.state.json && -f $SNAPSHOT ]]; then
+    mkdir -p runs/regen
+    gunzip -c "$SNAPSHOT" > "$REGEN"
+    cp "${SNAPSHOT%.jsonl.gz}.state.json" "$REGEN.state.json"
+    echo "restored $REGEN from $SNAPSHOT" >&2
+  fi
+}
+
+case $stage in
+  regen)
+    restore_snapshot
+    echo $$ > runs/regen.pid
+    # Killed at any moment (SIGTERM, the session's end), it resumes from its state file: nothing duplicated or lost.
+    exec nice -n 5 python3 -m eagle3_jax.regenerate --source sharegpt --output "$REGEN" --stop 16000 \
+         --first-turn-only --temperatures 0:0.8,1.0:0.2 --max-new-tokens 256 --max-prompt-tokens 768 \
+         --batch-size 16 --chunk-rows 128 --compile-cache auto
+    ;;
+  train)
+    restore_snapshot
+    echo $$ > runs/train.pid
+    extra=()
+    # A new run (no checkpoint yet) starts from the shipped draft when there is one; the choice is recorded
+    # so that resuming passes the same init_from (the run's vocabulary provenance depends on it).
+    if [[ ! -f $RUN/init_from ]]; then
+      mkdir -p $RUN
+      if [[ ! -d $RUN/checkpoints && -f $SHIPPED/config.json ]]; then echo "$SHIPPED" > $RUN/init_from
+      else : > $RUN/init_from; fi
+    fi
+    # The run trains on a frozen copy of what regeneration has durably written so far (the state's byte count),
+    # so regeneration may go on beside it.
+    if [[ ! -f $RUN/data.jsonl ]]; then
+      bytes=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['bytes'])" "$REGEN.state.json")
+      head -c "$bytes" "$REGEN" > $RUN/data.jsonl.tmp && mv $RUN/data.jsonl.tmp $RUN/data.jsonl
+    fi
+    init=$(cat $RUN/init_from)
+    [[ -n $init ]] && extra+=("init_from=$init")
+    exec nice -n 5 python3 train.py --config configs/smollm2_135m.py run_dir=$RUN feature_dir=$RUN/features \
+      data.source=$RUN/data.jsonl \
+      "${extra[@]}" "$@"
+    ;;
+  *) echo "unknown stage $stage (regen|train)" >&2; exit 2 ;;
+esac
