@@ -7,6 +7,8 @@ import hashlib
 import json
 import os
 import pathlib
+import sys
+import time
 from typing import Any, Iterable, Iterator
 
 import jax
@@ -158,15 +160,21 @@ class FeatureWriter:
 
 def dump_features(path: str | os.PathLike, batches: Iterable[dict], target_params: Any, *,
                   target_cfg: LlamaConfig, target_name: str, dataset: str, dtype: str = "bfloat16",
-                  examples_per_shard: int = 1024, resume: bool = False, seq_len: int | None = None) -> dict:
+                  examples_per_shard: int = 1024, resume: bool = False, seq_len: int | None = None,
+                  total: int | None = None, progress: bool = False) -> dict:
   """Runs target_features over {tokens [B,T], loss_mask [B,T], lengths [B]} batches and stores the result.
 
   Batches may come in several lengths T <= seq_len (default: the first batch's T), e.g. length buckets, so the
   target never runs over padding it does not need. With resume=True the examples already in the store are
   skipped (the batches must come in the same order). The index is marked complete at the end. Returns it.
+  `progress` shows a bar on stderr over examples (of `total`, if known) with the target's tokens/s.
   """
+  from tqdm import tqdm
+
   writer = None
   seen = 0
+  bar = tqdm(total=total, desc="feature dump", unit="ex", file=sys.stderr, disable=not progress)
+  t0, tokens = time.perf_counter(), 0
   for batch in batches:
     T = np.shape(batch["tokens"])[1]
     if writer is None:
@@ -181,7 +189,11 @@ def dump_features(path: str | os.PathLike, batches: Iterable[dict], target_param
       feats = _target_features_jit(target_params, jnp.asarray(batch["tokens"]), jnp.asarray(batch["lengths"]),
                                    target_cfg=target_cfg)
       writer.add_batch(batch, *feats, skip=max(done - seen, 0))
+      tokens += int(np.sum(batch["lengths"]))
+      bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - t0):.0f}", refresh=False)
     seen += B
+    bar.update(B)
+  bar.close()
   if writer is None:
     raise ValueError("dump_features got no batches")
   writer.index["complete"] = True

@@ -169,9 +169,12 @@ def ensure_features(cfg: TrainConfig, tokenizer, target_cfg: LlamaConfig, target
     raise ValueError(f"feature store {cfg.feature_dir} is missing or incomplete; dump it in a single process first")
   log.info("dumping target features of %s to %s", cfg.data.source, cfg.feature_dir)
   t0 = time.perf_counter()
-  out = features.dump_features(cfg.feature_dir, dump_batches(cfg, tokenizer), target_params, target_cfg=target_cfg,
+  batches = list(dump_batches(cfg, tokenizer))  # token ids only: small, and the bar gets its total
+  out = features.dump_features(cfg.feature_dir, batches, target_params, target_cfg=target_cfg,
                                target_name=cfg.target.path or "default", dataset=dataset,
-                               dtype=cfg.feature_dtype, resume=True, seq_len=cfg.data.max_length)
+                               dtype=cfg.feature_dtype, resume=True, seq_len=cfg.data.max_length,
+                               examples_per_shard=128,  # a kill loses at most one shard (~5 min on 2 CPU cores)
+                               total=sum(len(b["lengths"]) for b in batches), progress=cfg.progress)
   log.info("feature store: %d examples, %d tokens in %.0f s", out["num_examples"], out["num_tokens"],
            time.perf_counter() - t0)
 
