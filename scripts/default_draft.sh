@@ -51,6 +51,7 @@ case $stage in
     # The run trains on a frozen copy of what regeneration has durably written so far (the state's byte count),
     # so regeneration may go on beside it.
     if [[ ! -f $RUN/data.jsonl ]]; then
+      [[ -f $REGEN.state.json ]] || { echo "no regenerated data ($REGEN): run '$0 regen' first" >&2; exit 2; }
       bytes=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['bytes'])" "$REGEN.state.json")
       head -c "$bytes" "$REGEN" > $RUN/data.jsonl.tmp && mv $RUN/data.jsonl.tmp $RUN/data.jsonl
     fi
