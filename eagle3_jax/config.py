@@ -94,27 +94,45 @@ def _coerce(value: str, annotation: Any) -> Any:
 
 
 def apply_overrides(cfg: Any, overrides: list[str] | tuple[str, ...]) -> Any:
-  """Applies `a.b.c=value` overrides to a nested frozen dataclass, coercing by field annotation."""
+  """Applies `a.b.c=value` overrides to a nested frozen dataclass, coercing by field annotation.
+
+  Each dataclass is rebuilt once with all of its overridden fields, so fields that are only valid together
+  (`data.eval_fraction=0 data.eval_source=F`) can be set in any order; a key given twice keeps its last value.
+  """
+  tree: dict[str, Any] = {}
   for item in overrides:
     if "=" not in item:
       raise ValueError(f"override {item!r} is not of the form key=value")
-    key, value = item.split("=", 1)
-    cfg = _replace_path(cfg, key.strip().split("."), value.strip(), key)
-  return cfg
+    key, value = (x.strip() for x in item.split("=", 1))
+    *parents, leaf = key.split(".")
+    node = tree
+    for name in parents:
+      node = node.setdefault(name, {})
+      if not isinstance(node, dict):
+        raise ValueError(f"override {key!r}: {name!r} is also set to a value")
+    if isinstance(node.get(leaf), dict):
+      raise ValueError(f"override {key!r}: its fields are also overridden")
+    node[leaf] = (value, key)
+  return _replace_tree(cfg, tree)
 
 
-def _replace_path(obj: Any, path: list[str], value: str, full_key: str) -> Any:
-  if not dataclasses.is_dataclass(obj):
-    raise ValueError(f"override {full_key!r}: {type(obj).__name__} has no fields")
-  fields = {f.name: f for f in dataclasses.fields(obj)}
-  name = path[0]
-  if name not in fields:
-    raise ValueError(f"override {full_key!r}: {type(obj).__name__} has no field {name!r}; "
-                     f"known: {sorted(fields)}")
-  if len(path) == 1:
-    hints = typing.get_type_hints(type(obj))
-    return dataclasses.replace(obj, **{name: _coerce(value, hints[name])})
-  return dataclasses.replace(obj, **{name: _replace_path(getattr(obj, name), path[1:], value, full_key)})
+def _replace_tree(obj: Any, tree: dict[str, Any]) -> Any:
+  changes = {}
+  for name, sub in tree.items():
+    leaf = sub
+    while isinstance(leaf, dict):  # name errors by the first full key under this field
+      leaf = next(iter(leaf.values()))
+    full_key = leaf[1]
+    if not dataclasses.is_dataclass(obj):
+      raise ValueError(f"override {full_key!r}: {type(obj).__name__} has no fields")
+    fields = {f.name for f in dataclasses.fields(obj)}
+    if name not in fields:
+      raise ValueError(f"override {full_key!r}: {type(obj).__name__} has no field {name!r}; known: {sorted(fields)}")
+    if isinstance(sub, dict):
+      changes[name] = _replace_tree(getattr(obj, name), sub)
+    else:
+      changes[name] = _coerce(sub[0], typing.get_type_hints(type(obj))[name])
+  return dataclasses.replace(obj, **changes) if changes else obj
 
 
 def load_config(path: str | pathlib.Path, overrides: list[str] | tuple[str, ...] = ()) -> Any:

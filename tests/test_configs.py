@@ -39,6 +39,16 @@ def test_overrides_coerce_by_annotation():
   assert cfg.compute_dtype == "bfloat16" and cfg.target.path == "/x/y"
 
 
+def test_overrides_valid_only_together_apply_in_any_order():
+  for overrides in (["data.eval_fraction=0", "data.eval_source=/x.jsonl"],
+                    ["data.eval_source=/x.jsonl", "data.eval_fraction=0"]):
+    cfg = load_config(CONFIGS / "tiny.py", overrides + ["data.batch_size=4", "optim.lr=1e-4", "optim.lr=2e-4"])
+    assert cfg.data.eval_source == "/x.jsonl" and cfg.data.eval_fraction == 0 and cfg.data.batch_size == 4
+    assert cfg.optim.lr == 2e-4  # the last of a repeated key wins
+  with pytest.raises(ValueError, match="also"):
+    load_config(CONFIGS / "tiny.py", ["optim=1", "optim.lr=1"])
+
+
 @pytest.mark.parametrize("override, match", [
     ("optim.lrr=1", "lrr"), ("nonsense=1", "nonsense"), ("optim.lr.x=1", "has no fields"), ("optim.lr", "key=value"),
     ("compute_dtype=float16", "compute_dtype"), ("features=sideways", "features"), ("ttt.remat=maybe", "boolean"),
