@@ -54,6 +54,7 @@ case $stage in
       [[ -f $REGEN.state.json ]] || { echo "no regenerated data ($REGEN): run '$0 regen' first" >&2; exit 2; }
       bytes=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['bytes'])" "$REGEN.state.json")
       head -c "$bytes" "$REGEN" > $RUN/data.jsonl.tmp && mv $RUN/data.jsonl.tmp $RUN/data.jsonl
+      cp "$REGEN.state.json" $RUN/data.jsonl.state.json  # how it was made, for the draft card
     fi
     init=$(cat $RUN/init_from)
     [[ -n $init ]] && extra+=("init_from=$init")

