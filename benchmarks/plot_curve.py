@@ -8,14 +8,22 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import re
 
 
 def eval_rows(run_dirs: list[str]) -> list[dict]:
-  """Eval rows of the run dirs in order; a later dir continues the tokens of the one before (init_from phases)."""
+  """Eval rows of the run dirs in order; a later dir continues the tokens of the one before (init_from phases).
+  When a run was warm-started from `<previous run>/export_step_N`, the previous run counts only up to step N."""
+  runs = [pathlib.Path(d) for d in run_dirs]
   rows, offset = [], 0.0
-  for d in run_dirs:
-    lines = (pathlib.Path(d) / "metrics.jsonl").read_text().splitlines()
-    these = [json.loads(x) for x in lines]
+  for i, d in enumerate(runs):
+    these = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    stop = float("inf")
+    if i + 1 < len(runs):
+      init = pathlib.Path(json.loads((runs[i + 1] / "config.json").read_text()).get("init_from") or "")
+      if init.parent.resolve() == d.resolve() and re.fullmatch(r"export_step_\d+", init.name):
+        stop = int(init.name.rsplit("_", 1)[1])
+    these = [r for r in these if r["step"] <= stop]
     rows += [r | {"tokens_trained": r.get("tokens_trained", 0.0) + offset} for r in these if r["split"] == "eval"]
     train = [r for r in these if r["split"] == "train" and "tokens_trained" in r]
     offset += train[-1]["tokens_trained"] if train else 0.0

@@ -114,10 +114,3 @@ def main(argv: Any = None) -> None:
   measured = pathlib.Path(args.measured).read_text() if args.measured else ""
   ship(args.src, args.dst, card=card(args.run_dir, measured=measured), tree={"top_k": k, "depth": d, "total_tokens": n})
   print(f"shipped {args.src} -> {args.dst}")
-
-
-if __name__ == "__main__":
-  try:
-    main()
-  except (ValueError, FileNotFoundError) as e:
-    sys.exit(f"drafts: error: {e}")
