@@ -6,6 +6,11 @@ on SmolLM2's own answers to ShareGPT prompts. The recipe of the shipped draft (e
       --first-turn-only --temperatures 0:0.8,1.0:0.2 --max-prompt-tokens 768   # ~50 answer tokens/s on 2 CPU cores
   python train.py --config configs/smollm2_135m.py run_dir=RUN data.source=RUN/data.jsonl  # dumps features first
 
+The shipped draft is two runs: this config on 557 regenerated rows (random init, stopped at step 524), then a
+warm start from its step-500 export on those rows plus 420 ShareGPT-original answers (scripts/sharegpt_originals.py,
+whose docstring has the command), because run 1 began to memorise its 172 k tokens (train acc_0 0.59 against 0.34
+held out); the card in eagle3_jax/drafts/smollm2_135m_instruct/ records both.
+
 Why each choice (measured on the 2-core CPU this project is developed on, 2026-12-02; BENCHMARKS.md "Default draft"):
 - Data: the target's own answers (greedy for 80% of rows, T=1 for 20%), because a draft is only as good as its
   match to the text it will meet, and SmolLM2's greedy text is far more predictable than ShareGPT's GPT answers
