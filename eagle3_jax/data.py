@@ -72,11 +72,16 @@ def split_rows(cfg: DataConfig, split: str) -> Rows:
     if split == "eval":
       raise ValueError("no eval split: set DataConfig.eval_fraction or DataConfig.eval_source")
     return rows
-  n_eval = max(1, round(len(rows) * cfg.eval_fraction))
-  if n_eval >= len(rows):
+  held = eval_indices(len(rows), cfg)
+  return rows.subset(held if split == "eval" else np.setdiff1d(np.arange(len(rows)), held))
+
+
+def eval_indices(n_rows: int, cfg: DataConfig) -> np.ndarray:
+  """Sorted indices of the rows `eval_fraction` holds out of n_rows (by `split_seed`, never by `seed`)."""
+  n_eval = max(1, round(n_rows * cfg.eval_fraction))
+  if n_eval >= n_rows:
     raise ValueError(f"eval_fraction={cfg.eval_fraction} leaves no training rows in {cfg.source!r}")
-  perm = np.random.default_rng(cfg.split_seed).permutation(len(rows))
-  return rows.subset(np.sort(perm[:n_eval] if split == "eval" else perm[n_eval:]))
+  return np.sort(np.random.default_rng(cfg.split_seed).permutation(n_rows)[:n_eval])
 
 
 def dataset_fingerprint(cfg: DataConfig) -> dict[str, Any]:

@@ -22,8 +22,6 @@ import json
 import pathlib
 import sys
 
-import numpy as np
-
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 
@@ -41,8 +39,8 @@ def main(argv=None) -> None:
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   lines = pathlib.Path(args.regen).read_text().splitlines()
-  n_eval = max(1, round(len(lines) * args.eval_fraction))  # data.split_rows' rule
-  held = set(np.random.default_rng(data.DataConfig().split_seed).permutation(len(lines))[:n_eval].tolist())
+  held = set(data.eval_indices(len(lines), data.DataConfig(eval_fraction=args.eval_fraction)).tolist())
+  n_eval = len(held)
   (out / "eval.jsonl").write_text("".join(x + "\n" for i, x in enumerate(lines) if i in held))
   (out / "regen_train.jsonl").write_text("".join(x + "\n" for i, x in enumerate(lines) if i not in held))
 
