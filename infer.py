@@ -3,8 +3,11 @@
 With no prompts it serves a built-in set (HumanEval problems and chat questions) on the embedded SmolLM2 default.
 By default the embedded target decodes speculatively with the draft shipped in the package (eagle3_jax/drafts) and the
 tree recorded beside it; `--draft DIR` (an EAGLE-3 draft in our export, the official EAGLE / SGLang or the
-speculators layout) names another, `--draft none` decodes plainly. The tree is (--draft-top-k, --draft-depth,
---draft-tokens); `--compare` also runs plain decoding on the
+speculators layout) names another, `--draft none` decodes plainly. The tree shape is chosen for this machine
+(`--tree auto`, the default: eagle3_jax.autotree predicts tokens/s of every shape and of plain decoding from a cached
+calibration and the draft's measured acceptance, and uses the best, which may be no draft at all); `--tree recorded`
+takes the shape stored beside the draft; --draft-top-k/--draft-depth/--draft-tokens set it by hand.
+`--compare` also runs plain decoding on the
 same requests in the same run. Texts go to stdout (or --output FILE.jsonl, one JSON per request, with tau and rounds
 under a draft); the last stdout line is one JSON summary with tau, tokens_per_s and requests (plus
 vanilla_tokens_per_s, speedup and, when greedy, identical_to_vanilla with --compare).
@@ -112,6 +115,43 @@ def serve(eng: Any, requests: list[dict], *, multi_turn: bool, progress: bool) -
   return results, total
 
 
+def auto_tree(args, requests, params, cfg, ckpt, tokenizer) -> Any:
+  """The autotree choice for these requests: the draft's acceptance (its acceptance.safetensors, else measured on
+  greedy answers to the first requests) against this machine's cached round costs at this batch and cache size."""
+  import jax
+  import jax.numpy as jnp
+
+  from eagle3_jax import autotree, engine, sampling, speculative
+
+  path = pathlib.Path(args.draft) / autotree.ACCEPTANCE_FILE
+  target = speculative.llama_target(cfg)
+  dparams = jax.tree.map(lambda x: jnp.asarray(x, params["embed"].dtype), ckpt.params)
+  first_turns = [{"messages": [{"role": "user", "content": r["turns"][0]}]} if "turns" in r else r for r in requests]
+  greedy = engine.VanillaGenerator(params, cfg, sampling_cfg=sampling.SamplingConfig(),
+                                   max_new_tokens=min(args.max_new_tokens, 64),
+                                   stop_ids=engine.stop_ids(tokenizer, args.target))
+  eng = engine.Engine(greedy, tokenizer, batch_size=1)
+  prompt_ids = eng.encode(first_turns)
+  if path.is_file():
+    acc = autotree.Acceptance.load(path)
+  else:  # a draft without statistics: greedy answers to (at most 8 of) the requests themselves
+    logging.info("autotree: %s has no %s; measuring acceptance on greedy answers to %d requests", args.draft,
+                 autotree.ACCEPTANCE_FILE, min(8, len(requests)))
+    out, _ = eng.run(first_turns[:8], progress=False)
+    acc = autotree.acceptance(target, params, dparams, ckpt.vocab, ckpt.cfg, autotree.examples_from_outputs(
+        [prompt_ids[r.index] for r in out], [r.token_ids for r in out]), source="greedy answers to the requests")
+  # Costs at the longest prompt bucket: attention reads every cache slot, so the largest cache is the one to fit.
+  # Powers of two, so that similar request sets share one cached calibration.
+  pow2 = lambda n: 1 << (int(n) - 1).bit_length()  # noqa: E731
+  bucket = pow2(max(len(x) for x in prompt_ids))
+  costs = autotree.cached_costs(target, params, cfg, dparams, ckpt.vocab, ckpt.cfg, batch=args.batch_size,
+                                cache_len=pow2(bucket + args.max_new_tokens + 16), prefill_len=bucket,
+                                verbose=not args.no_progress)
+  best = autotree.choose(costs, acc, batch=args.batch_size, max_new_tokens=args.max_new_tokens)
+  logging.info("autotree: %s", json.dumps(best.as_dict()))
+  return best
+
+
 def parse_args(argv=None) -> argparse.Namespace:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--target", default=None, help="HF directory or .gguf file (default: embedded SmolLM2-135M)")
@@ -123,6 +163,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--draft", default="auto",
                   help="EAGLE-3 draft directory; 'none' (target only); 'auto' (default): the shipped draft when the "
                        "target is the embedded SmolLM2, else none")
+  ap.add_argument("--tree", default="auto", choices=("auto", "recorded"),
+                  help="auto: the shape predicted fastest here (calibrated once per machine, cached); recorded: the "
+                       "shape in the draft's serving.json. The --draft-* flags override both")
   ap.add_argument("--draft-top-k", type=int, default=None, help="children kept per tree node and level")
   ap.add_argument("--draft-depth", type=int, default=None, help="draft levels per round (official EAGLE depth + 1)")
   ap.add_argument("--draft-tokens", type=int, default=None, help="tree nodes verified per round (root excluded)")
@@ -159,12 +202,13 @@ def main(argv=None) -> dict:
       raise FileNotFoundError(f"--draft {args.draft}: no such draft directory")
     from eagle3_jax import drafts
 
-    # Unset flags take the shape recorded beside the draft as fastest where it was measured, else a 4x4x16 tree.
-    tree = (drafts.serving_tree(args.draft) or {}) if None in (args.draft_top_k, args.draft_depth,
-                                                              args.draft_tokens) else {}
+    manual = (args.draft_top_k, args.draft_depth, args.draft_tokens) != (None, None, None)
+    # By hand: unset flags take the shape recorded beside the draft, else a 4x4x16 tree. Auto decides after loading.
+    tree = (drafts.serving_tree(args.draft) or {}) if args.tree == "recorded" or manual else {}
     pick = lambda flag, key, default: flag if flag is not None else tree.get(key, default)  # noqa: E731
-    tree_cfg = TreeConfig(top_k=pick(args.draft_top_k, "top_k", 4), depth=pick(args.draft_depth, "depth", 4),
-                          total_tokens=pick(args.draft_tokens, "total_tokens", 16))
+    tree_cfg = None if args.tree == "auto" and not manual else TreeConfig(
+        top_k=pick(args.draft_top_k, "top_k", 4), depth=pick(args.draft_depth, "depth", 4),
+        total_tokens=pick(args.draft_tokens, "total_tokens", 16))
   elif args.compare:
     raise ValueError("--compare compares speculative with plain decoding: it needs --draft")
   requests = [{"prompt": p} for p in args.prompt] + (read_jsonl(args.prompts) if args.prompts else [])
@@ -189,8 +233,14 @@ def main(argv=None) -> dict:
   common = dict(sampling_cfg=sampling_cfg, max_new_tokens=args.max_new_tokens,
                 stop_ids=engine.stop_ids(tokenizer, args.target), pad_id=pad_id, seed=args.seed)
   vanilla = lambda: engine.VanillaGenerator(params, cfg, **common)
+  auto = None
   if speculative:
     cfg, ckpt = engine.load_draft(args.draft, cfg)
+    if tree_cfg is None:
+      auto = auto_tree(args, requests, params, cfg, ckpt, tokenizer)
+      tree_cfg = auto.tree
+      speculative = tree_cfg is not None
+  if speculative:
     generator = engine.make_generator(params, cfg, draft_ckpt=ckpt, tree_cfg=tree_cfg, **common)
   else:
     generator = vanilla()
@@ -211,6 +261,9 @@ def main(argv=None) -> dict:
   summary = {"target": args.target or "embedded SmolLM2-135M-Instruct", "draft": args.draft} | summary
   if speculative:
     summary["tree"] = {"top_k": tree_cfg.top_k, "depth": tree_cfg.depth, "total_tokens": tree_cfg.total_tokens}
+  if auto is not None:
+    summary["draft"] = args.draft if speculative else "none (auto: plain decoding predicted fastest)"
+    summary["auto"] = auto.as_dict()
   if args.compare:
     base_results, base = run(vanilla())
     summary["vanilla_tokens_per_s"] = base["tokens_per_s"]

@@ -180,6 +180,25 @@ def ttt_loss(draft_params: Any, embed_VD: jax.Array, aux_BTA: jax.Array, tokens_
   B, T = tokens_BT.shape
   p_pad, tgt_pad, w_pad, lm_pad, tok_pad = _aligned_targets(probs_BTVd, in_vocab_BT, loss_mask_BT, tokens_BT,
                                                             steps)
+
+  def per_step(logits_BTVd, j):
+    sl = lambda x: jax.lax.dynamic_slice_in_dim(x, j + 1, T, axis=1)  # noqa: E731
+    return _step_terms(logits_BTVd, sl(p_pad), sl(tgt_pad), sl(w_pad)) + (jnp.sum(sl(lm_pad)),)
+
+  ce_sum, correct, weight_sum, mask_sum = ttt_scan(draft_params, embed_VD, aux_BTA, tok_pad, per_step, cfg=cfg,
+                                                   steps=steps, remat=remat)
+  return _finish(ce_sum, correct, weight_sum, mask_sum, B=B, T=T, decay=decay, loss_norm=loss_norm)
+
+
+def ttt_scan(draft_params: Any, embed_VD: jax.Array, aux_BTA: jax.Array, tok_pad_BX: jax.Array, per_step: Any, *,
+             cfg: DraftConfig, steps: int, remat: bool = False) -> Any:
+  """The R-step TTT forward as one lax.scan; `per_step(logits_BTVd, j)` reduces each step's draft logits (so the
+  [R,B,T,Vd] logits never exist at once) and its outputs come back stacked over steps.
+
+  Step j, row t: hidden = fc(aux[t]) at j=0 else the draft output of step j-1 at row t; input token
+  tok_pad[t+j+1] (tok_pad holds the T tokens right-padded by at least R); RoPE position t+j.
+  """
+  B, T = aux_BTA.shape[:2]
   embed_VD = jax.lax.stop_gradient(embed_VD)
   t_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
   hidden0 = draft.fuse(draft_params, aux_BTA)
@@ -187,24 +206,44 @@ def ttt_loss(draft_params: Any, embed_VD: jax.Array, aux_BTA: jax.Array, tokens_
   def body(carry, j):
     hidden, kbuf, vbuf = carry
     with jax.named_scope("ttt_step"):
-      emb = jnp.take(embed_VD, jax.lax.dynamic_slice_in_dim(tok_pad, j + 1, T, axis=1), axis=0)
+      emb = jnp.take(embed_VD, jax.lax.dynamic_slice_in_dim(tok_pad_BX, j + 1, T, axis=1), axis=0)
       q, k, v = draft.qkv(draft_params, emb, hidden, t_BT + j, cfg=cfg)
       kbuf = jax.lax.dynamic_update_index_in_dim(kbuf, k.astype(kbuf.dtype), j, 0)
       vbuf = jax.lax.dynamic_update_index_in_dim(vbuf, v.astype(vbuf.dtype), j, 0)
       out = draft.post_attention(draft_params, hidden, ttt_attention(q, kbuf, vbuf, j), cfg=cfg)
-      sl = lambda x: jax.lax.dynamic_slice_in_dim(x, j + 1, T, axis=1)  # noqa: E731
-      terms = _step_terms(draft.logits(draft_params, out, cfg=cfg), sl(p_pad), sl(tgt_pad), sl(w_pad))
-    return (out.astype(hidden.dtype), kbuf, vbuf), terms + (jnp.sum(sl(lm_pad)),)
+      y = per_step(draft.logits(draft_params, out, cfg=cfg), j)
+    return (out.astype(hidden.dtype), kbuf, vbuf), y
 
   if remat:
     body = jax.checkpoint(body, prevent_cse=False)
-  q_s, k_s, v_s = jax.eval_shape(lambda: draft.qkv(draft_params, jnp.take(embed_VD, tokens_BT, axis=0), hidden0,
-                                                   t_BT, cfg=cfg))
+  q_s, k_s, v_s = jax.eval_shape(lambda: draft.qkv(draft_params, jnp.take(embed_VD, tok_pad_BX[:, :T], axis=0),
+                                                   hidden0, t_BT, cfg=cfg))
   kbuf = jnp.zeros((steps,) + k_s.shape, k_s.dtype)
   vbuf = jnp.zeros((steps,) + v_s.shape, v_s.dtype)
-  _, (ce_sum, correct, weight_sum, mask_sum) = jax.lax.scan(body, (hidden0, kbuf, vbuf),
-                                                            jnp.arange(steps, dtype=jnp.int32))
-  return _finish(ce_sum, correct, weight_sum, mask_sum, B=B, T=T, decay=decay, loss_norm=loss_norm)
+  return jax.lax.scan(body, (hidden0, kbuf, vbuf), jnp.arange(steps, dtype=jnp.int32))[1]
+
+
+def ttt_ranks(draft_params: Any, embed_VD: jax.Array, aux_BTA: jax.Array, tokens_BT: jax.Array,
+              vocab: DraftVocab, *, cfg: DraftConfig, steps: int, max_rank: int) -> jax.Array:
+  """int32[R,B,T]: at step j, row t, the rank (1 = the draft's top choice) of token t+j+2 among the draft's
+  candidates, 0 when it is outside the draft vocabulary or ranked below max_rank (or past the end).
+
+  On the target's own greedy text the fed tokens are exactly the accepted path, so this is what tree drafting at
+  depth j+1 meets once depths 1..j were accepted: the measurement behind the tree-shape choice (autotree).
+  """
+  B, T = tokens_BT.shape
+  tok_pad = _shift_pad(tokens_BT, 0, T + steps + 2)
+  inv_V = jnp.zeros(vocab.t2d.shape, jnp.int32).at[vocab.target_ids()].set(
+      jnp.arange(vocab.d2t.shape[0], dtype=jnp.int32))
+
+  def per_step(logits_BTVd, j):
+    want = jax.lax.dynamic_slice_in_dim(tok_pad, j + 2, T, axis=1)
+    own = jnp.take_along_axis(logits_BTVd, inv_V[want][..., None], axis=-1)
+    rank = 1 + jnp.sum(logits_BTVd > own, axis=-1, dtype=jnp.int32)
+    ok = vocab.t2d[want] & (rank <= max_rank) & (jnp.arange(T)[None, :] + j + 2 < T)
+    return jnp.where(ok, rank, 0)
+
+  return ttt_scan(draft_params, embed_VD, aux_BTA, tok_pad, per_step, cfg=cfg, steps=steps)
 
 
 def ttt_loss_reference(draft_params: Any, embed_VD: jax.Array, aux_BTA: jax.Array, tokens_BT: jax.Array,

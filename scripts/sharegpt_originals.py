@@ -30,12 +30,17 @@ def main(argv=None) -> None:
   ap.add_argument("regen", help="the regenerated rows a run trained on (JSONL)")
   ap.add_argument("--out", required=True)
   ap.add_argument("--rows", type=int, default=420, help="ShareGPT-original rows to write")
+  ap.add_argument("--start", type=int, default=16000, help="first shuffled ShareGPT position to read")
+  ap.add_argument("--stop", type=int, default=17000,
+                  help="last position + 1; at most 17000, where the benchmark prompts begin")
   ap.add_argument("--eval-fraction", type=float, default=0.05, help="as the run's data.eval_fraction")
   ap.add_argument("--max-prompt-chars", type=int, default=2000)
   ap.add_argument("--max-answer-chars", type=int, default=1200)
   args = ap.parse_args(argv)
   from eagle3_jax import chat, data, data_sources, regenerate
 
+  if not 0 <= args.start < args.stop <= 17000:
+    ap.error(f"--start {args.start} --stop {args.stop}: need 0 <= start < stop <= 17000 (17000.. are benchmark prompts)")
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   lines = pathlib.Path(args.regen).read_text().splitlines()
@@ -45,7 +50,7 @@ def main(argv=None) -> None:
   (out / "regen_train.jsonl").write_text("".join(x + "\n" for i, x in enumerate(lines) if i not in held))
 
   rows = data_sources.load_rows(data_sources.SHAREGPT)
-  order = regenerate.row_order(len(rows), regenerate.RegenConfig(start=16000, stop=17000))
+  order = regenerate.row_order(len(rows), regenerate.RegenConfig(start=args.start, stop=args.stop))
   written = []
   for index in order:
     try:
@@ -62,6 +67,9 @@ def main(argv=None) -> None:
         messages[0], {"role": "assistant", "content": answer}]}, ensure_ascii=False))
     if len(written) == args.rows:
       break
+  if len(written) < args.rows:
+    print(f"only {len(written)} usable ShareGPT rows in positions {args.start}..{args.stop} (asked for {args.rows})",
+          file=sys.stderr)
   (out / "sharegpt_orig.jsonl").write_text("\n".join(written) + "\n")
   print(f"{out}: {len(lines) - n_eval} regenerated training rows, {n_eval} eval rows, {len(written)} ShareGPT rows")
 

@@ -62,6 +62,24 @@ def test_sampled_speculative_infer_is_seeded(tiny_target, tmp_path):
   assert runs[0] == runs[1] and len(runs[0][0]) > 0
 
 
+def test_tree_auto_measures_and_falls_back_to_plain_decoding(tiny_target, tmp_path, monkeypatch):
+  """A random draft with no acceptance file: auto measures its acceptance on greedy answers to the requests,
+  calibrates this machine (cached under EAGLE3_JAX_CACHE) and, as such a draft accepts almost nothing, decodes
+  plainly; a second run reuses the calibration."""
+  path, model, tok = tiny_target
+  monkeypatch.setenv("EAGLE3_JAX_CACHE", str(tmp_path / "cache"))
+  draft_dir = _random_draft(path, tmp_path / "draft")
+  args = ["--target", str(path), "--draft", str(draft_dir), "--prompt", "hello world", "--prompt", "why is the sky",
+          "--max-new-tokens", "12", "--compare", *_QUIET]
+  summary = infer.main(args)
+  assert summary["auto"]["tree"] == "none" and summary["draft"].startswith("none (auto")
+  assert "tree" not in summary and summary["identical_to_vanilla"] is True
+  cached = list((tmp_path / "cache" / "autotree").glob("costs-*.json"))
+  assert len(cached) == 1
+  mtime = cached[0].stat().st_mtime_ns
+  assert infer.main(args)["auto"] == summary["auto"] and cached[0].stat().st_mtime_ns == mtime
+
+
 def test_draft_flag_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="--draft .*no such draft directory"):
     infer.main(["--draft", str(tmp_path / "missing"), "--prompt", "hi"])

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from eagle3_jax import drafts, interop
+from eagle3_jax import autotree, drafts, interop
 from test_infer import infer
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
@@ -25,11 +25,14 @@ def test_shipped_draft_is_found_and_readable():
   tree = drafts.serving_tree(path)
   assert set(tree) == {"top_k", "depth", "total_tokens"}
   assert (path / "README.md").read_text().startswith("# EAGLE-3 draft for SmolLM2-135M-Instruct")
+  acc = autotree.Acceptance.load(path / autotree.ACCEPTANCE_FILE)  # what --tree auto predicts acceptance from
+  assert acc.ranks.shape[1] == autotree.MAX_DEPTH and acc.tau(autotree.TreeConfig.chain(1)) > 1.2
 
 
 def test_default_infer_is_speculative_lossless_and_accepts(capsys):
+  # The recorded tree, not --tree auto: auto's choice depends on the machine's speed (tests/test_autotree.py).
   summary = infer.main(["--compare", "--temperature", "0", "--max-new-tokens", "48", "--no-progress",
-                        "--compile-cache", "none"])
+                        "--compile-cache", "none", "--tree", "recorded"])
   last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert last == summary
   assert summary["draft"] == str(drafts.default_draft_path())

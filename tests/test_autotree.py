@@ -1,0 +1,133 @@
+"""autotree: the TTT rank measurement against an unrolled reference, the acceptance model on known rank tables,
+the choice with oracle and random drafts, the calibration cache, and `infer.py --tree auto` end to end."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eagle3_jax import autotree, draft, layers, speculative, ttt
+from eagle3_jax.target import llama
+from eagle3_jax.tree import TreeConfig
+
+
+def _models(tiny_cfg, Vd=96):
+  cfg = tiny_cfg
+  params = llama.init_params(cfg, jax.random.key(0))
+  dcfg = draft.DraftConfig.for_target(cfg, draft_vocab_size=Vd)
+  dparams = draft.init_params(dcfg, jax.random.key(1))
+  ids = np.sort(np.random.default_rng(0).choice(cfg.vocab_size, Vd, replace=False))
+  return cfg, params, dcfg, dparams, draft.DraftVocab.from_ids(ids, cfg.vocab_size)
+
+
+def test_ttt_ranks_match_unrolled_reference(tiny_cfg):
+  cfg, params, dcfg, dparams, vocab = _models(tiny_cfg)
+  B, T, R, K = 2, 12, 4, 5
+  tokens = jax.random.randint(jax.random.key(2), (B, T), 0, cfg.vocab_size)
+  aux = jax.random.normal(jax.random.key(3), (B, T, dcfg.num_aux * cfg.hidden_size))
+  got = np.asarray(ttt.ttt_ranks(dparams, params["embed"], aux, tokens, vocab, cfg=dcfg, steps=R, max_rank=K))
+  # Reference: the obvious loop (as ttt_loss_reference) and numpy ranks.
+  x = np.asarray(tokens)
+  pad = lambda a, s: np.pad(a[:, s:], ((0, 0), (0, s)))  # noqa: E731
+  hidden = draft.fuse(dparams, aux)
+  ks, vs = [], []
+  ids = np.asarray(vocab.target_ids())
+  for j in range(R):
+    q, k, v = draft.qkv(dparams, params["embed"][pad(x, j + 1)], hidden,
+                        jnp.broadcast_to(jnp.arange(T) + j, (B, T)), cfg=dcfg)
+    ks, vs = ks + [k], vs + [v]
+    mask = jnp.broadcast_to(ttt.extended_mask(T, j), (B, T, (j + 1) * T))
+    hidden = draft.post_attention(dparams, hidden, layers.attention(q, jnp.concatenate(ks, 1),
+                                                                    jnp.concatenate(vs, 1), mask), cfg=dcfg)
+    logits = np.asarray(draft.logits(dparams, hidden, cfg=dcfg))
+    for b in range(B):
+      for t in range(T):
+        want = 0
+        if t + j + 2 < T and x[b, t + j + 2] in ids:
+          own = logits[b, t, np.searchsorted(ids, x[b, t + j + 2])]
+          r = 1 + int(np.sum(logits[b, t] > own))
+          want = r if r <= K else 0
+        assert got[j, b, t] == want, (j, b, t)
+  assert (got > 0).any()
+
+
+def test_tau_of_a_chain_is_the_mean_leading_run():
+  ranks = np.array([[1, 1, 2, 1], [1, 0, 1, 1], [2, 1, 1, 1], [1, 1, 1, 1]], np.int8)
+  acc = autotree.Acceptance(ranks)
+  assert acc.tau(TreeConfig.chain(1)) == pytest.approx(1 + 3 / 4)
+  assert acc.tau(TreeConfig.chain(3)) == pytest.approx(1 + (2 + 1 + 0 + 3) / 4)
+  # A top-2 tree that holds every rank path of depth <= 2 accepts the whole leading run within top 2.
+  assert acc.tau(TreeConfig(top_k=2, depth=2, total_tokens=6)) == pytest.approx(1 + (2 + 1 + 2 + 2) / 4)
+  # The static tree keeps the best-scoring paths: with 2 nodes, (1,) and (1, 1) (rank 1 is the likelier).
+  assert autotree.static_tree(acc.rates(2), TreeConfig(top_k=2, depth=2, total_tokens=2)) == {(1,), (1, 1)}
+
+
+def test_acceptance_file_round_trip(tmp_path):
+  acc = autotree.Acceptance(np.array([[1, 2], [0, 0]], np.int8), source="unit")
+  acc.save(tmp_path / "a.safetensors")
+  back = autotree.Acceptance.load(tmp_path / "a.safetensors")
+  assert back.source == "unit" and np.array_equal(back.ranks, acc.ranks)
+  with pytest.raises(ValueError, match="at least one position"):
+    autotree.Acceptance(np.zeros((0, 8), np.int8))
+
+
+def _fake_costs(step=10.0):
+  # A machine where a level costs 1, a verified node 0.5 and the round a fixed 2 on top of a decode step.
+  return autotree.Costs(step=step, prefill=20.0, verify={P: step + 0.5 * P for P in autotree.VERIFY_POINTS},
+                        context={2: 1.0, 9: 1.0}, expand={k: {1: 1.0 * k, 4: 4.0 * k} for k in range(1, 5)},
+                        extra={"chain": 2.0, "tree": 2.0})
+
+
+def test_choice_oracle_picks_the_deepest_and_random_picks_none():
+  oracle = autotree.Acceptance(np.ones((50, autotree.MAX_DEPTH), np.int8))
+  best = autotree.choose(_fake_costs(), oracle, batch=1)
+  assert best.tree is not None and best.tree.depth == autotree.MAX_DEPTH and best.tau == autotree.MAX_DEPTH + 1
+  assert best.tree.is_chain  # every other node is wasted work when the first choice is always right
+  rand = autotree.Acceptance(np.zeros((50, autotree.MAX_DEPTH), np.int8))
+  assert autotree.choose(_fake_costs(), rand, batch=1).tree is None
+  # Prefill enters the rate but not the order.
+  preds = autotree.predict(_fake_costs(), oracle, batch=4, max_new_tokens=64)
+  assert preds[0].tree == best.tree and preds[-1].tokens_per_s > 0
+
+
+def _calibrate_args(tiny_cfg):
+  cfg, params, dcfg, dparams, vocab = _models(tiny_cfg)
+  return speculative.llama_target(cfg), params, cfg, dparams, vocab, dcfg
+
+
+def test_calibration_is_cached_and_invalidated(tiny_cfg, tmp_path, monkeypatch):
+  target, params, cfg, dparams, vocab, dcfg = _calibrate_args(tiny_cfg)
+  calls = []
+  # The cache is under test here, not the timing (that is the end-to-end test below): a stand-in measurement.
+  monkeypatch.setattr(autotree, "calibrate", lambda *a, **k: calls.append(k) or _fake_costs())
+  kw = dict(cache_dir=tmp_path, cache_len=64)
+  first = autotree.cached_costs(target, params, cfg, dparams, vocab, dcfg, batch=1, **kw)
+  assert len(calls) == 1 and first == _fake_costs()
+  again = autotree.cached_costs(target, params, cfg, dparams, vocab, dcfg, batch=1, **kw)
+  assert len(calls) == 1 and again == first  # reused
+  autotree.cached_costs(target, params, cfg, dparams, vocab, dcfg, batch=2, **kw)
+  assert len(calls) == 2  # another batch size is another calibration
+  other = dataclasses.replace(dcfg, draft_vocab_size=64)
+  autotree.cached_costs(target, params, cfg, draft.init_params(other, jax.random.key(5)),
+                        draft.DraftVocab.from_ids(np.arange(64), cfg.vocab_size), other, batch=1, **kw)
+  assert len(calls) == 3  # another draft shape too
+  monkeypatch.setattr(autotree, "machine_key", lambda: {"platform": "elsewhere"})
+  autotree.cached_costs(target, params, cfg, dparams, vocab, dcfg, batch=1, **kw)
+  assert len(calls) == 4  # and another machine
+  assert len(list(tmp_path.glob("costs-*.json"))) == 4 and not list(tmp_path.glob("*.tmp"))
+
+
+def test_random_draft_measured_end_to_end_chooses_plain_decoding(tiny_cfg, tmp_path):
+  target, params, cfg, dparams, vocab, dcfg = _calibrate_args(tiny_cfg)
+  costs = autotree.cached_costs(target, params, cfg, dparams, vocab, dcfg, batch=1, cache_len=64, cache_dir=tmp_path)
+  assert costs.step > 0 and costs.verify[32] > 0 and costs.prefill > 0 and set(costs.extra) == {"chain", "tree"}
+  rng = np.random.default_rng(0)
+  examples = [(rng.integers(0, cfg.vocab_size, 40), np.r_[np.zeros(10, bool), np.ones(30, bool)]) for _ in range(4)]
+  acc = autotree.acceptance(target, params, dparams, vocab, dcfg, examples)
+  assert acc.ranks.shape == (4 * 30, autotree.MAX_DEPTH)  # t = 8..37: token t + 2 is an answer token
+  assert acc.tau(TreeConfig.chain(1)) < 1.2  # a random draft almost never guesses
+  assert autotree.choose(costs, acc, batch=1).tree is None
+  oracle = autotree.Acceptance(np.ones_like(acc.ranks))
+  assert autotree.choose(costs, oracle, batch=1).tree.depth == autotree.MAX_DEPTH
