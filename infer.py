@@ -140,14 +140,10 @@ def auto_tree(args, requests, params, cfg, ckpt, tokenizer) -> Any:
     out, _ = eng.run(first_turns[:8], progress=False)
     acc = autotree.acceptance(target, params, dparams, ckpt.vocab, ckpt.cfg, autotree.examples_from_outputs(
         [prompt_ids[r.index] for r in out], [r.token_ids for r in out]), source="greedy answers to the requests")
-  # Costs at the longest prompt bucket: attention reads every cache slot, so the largest cache is the one to fit.
-  # Powers of two, so that similar request sets share one cached calibration.
-  pow2 = lambda n: 1 << (int(n) - 1).bit_length()  # noqa: E731
-  bucket = pow2(max(len(x) for x in prompt_ids))
   costs = autotree.cached_costs(target, params, cfg, dparams, ckpt.vocab, ckpt.cfg, batch=args.batch_size,
-                                cache_len=pow2(bucket + args.max_new_tokens + 16), prefill_len=bucket,
                                 verbose=not args.no_progress)
-  best = autotree.choose(costs, acc, batch=args.batch_size, max_new_tokens=args.max_new_tokens)
+  best = autotree.choose(costs, acc, batch=args.batch_size, prompt_lengths=[len(x) for x in prompt_ids],
+                         max_new_tokens=args.max_new_tokens)
   logging.info("autotree: %s", json.dumps(best.as_dict()))
   return best
 

@@ -22,6 +22,7 @@ import json
 import os
 import pathlib
 import platform
+import sys
 import time
 from typing import Any, Sequence
 
@@ -173,67 +174,95 @@ def _ranks_fn(target: speculative.Target, dcfg: draft.DraftConfig, depth: int, m
 
 # ----- cost model ----------------------------------------------------------------------------------------------
 
-VERIFY_POINTS = (1, 2, 4, 8, 16, 32)  # tree nodes P timed; other P interpolate linearly
+VERIFY_POINTS = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32)  # tree nodes P timed; others interpolate linearly
 EXPAND_DEPTHS = (1, 4)  # expansion is timed at two depths per top_k; other depths are linear between them
+CACHE_LENS = (256, 1024)  # the step is timed at both: attention reads every slot, so cost grows with the cache
+PREFILL_LENS = (64, 512)  # prompt tokens per row of the two timed prefills; other lengths are linear
 
 
 @dataclasses.dataclass(frozen=True)
 class Costs:
-  """Seconds on this machine, at one batch size and cache length: the target's decode step, its verify pass for
-  P tree nodes (P + 1 tokens with the root), the draft's context pass for R rows, its expansion per (top_k,
-  depth), and `extra`: what a real round costs beyond its parts (accept, commit, emit, the loop), measured once."""
+  """Seconds on this machine at one batch size. At cache length CACHE_LENS[0]: the target's decode step, its verify
+  pass for P tree nodes (P + 1 tokens with the root), the draft's context pass for R rows and its expansion per
+  (top_k, depth); `extra`: what a real chain / tree round costs beyond those parts (accept, commit, emit, the
+  loop), from one real round of each. `slot`: seconds a step gains per extra cache slot. `prefill`: prompt length
+  -> seconds of the target's prefill of a batch."""
 
   step: float
-  prefill: float  # the target over one prompt bucket (cache_len // 4 tokens unless told)
+  slot: float
+  first_call: dict[str, float]  # "plain" / "chain" / "tree": one-time seconds of a new executable's first run
+  prefill: dict[int, float]
   verify: dict[int, float]
   context: dict[int, float]
   expand: dict[int, dict[int, float]]  # top_k -> depth -> seconds
   extra: dict[str, float] = dataclasses.field(default_factory=lambda: {"chain": 0.0, "tree": 0.0})
   meta: dict = dataclasses.field(default_factory=dict)
 
+  @staticmethod
+  def _line(table: dict[int, float], x: float) -> float:
+    """Piecewise-linear through the measured points, extended linearly past both ends."""
+    xs = sorted(table)
+    ys = [table[k] for k in xs]
+    if len(xs) == 1:
+      return ys[0]
+    if x <= xs[0] or x >= xs[-1]:
+      i = 0 if x <= xs[0] else len(xs) - 2
+      return ys[i] + (x - xs[i]) * (ys[i + 1] - ys[i]) / (xs[i + 1] - xs[i])
+    return float(np.interp(x, xs, ys))
+
+  def _at(self, cache_len: int | None) -> float:
+    return 0.0 if cache_len is None else (cache_len - CACHE_LENS[0]) * self.slot
+
+  def step_s(self, cache_len: int | None = None) -> float:
+    return self.step + self._at(cache_len)
+
+  def prefill_s(self, prompt_len: int) -> float:
+    return max(self._line(self.prefill, prompt_len), 0.0)
+
   def verify_s(self, P: int) -> float:
-    xs = sorted(self.verify)
-    return float(np.interp(P, xs, [self.verify[x] for x in xs], right=None)) if P <= xs[-1] else (
-        self.verify[xs[-1]] + (P - xs[-1]) * (self.verify[xs[-1]] - self.verify[xs[-2]]) / (xs[-1] - xs[-2]))
+    return self._line(self.verify, P)
 
   def context_s(self, R: int) -> float:
-    xs = sorted(self.context)
-    lo, hi = xs[0], xs[-1]
-    return self.context[lo] + (R - lo) * (self.context[hi] - self.context[lo]) / max(hi - lo, 1)
+    return self._line(self.context, R)
 
   def expand_s(self, k: int, depth: int) -> float:
-    e = self.expand[k]
-    lo, hi = min(e), max(e)
-    return e[lo] + (depth - lo) * (e[hi] - e[lo]) / max(hi - lo, 1)
+    return self._line(self.expand[k], depth)
 
-  def round_s(self, tcfg: TreeConfig) -> float:
+  def round_s(self, tcfg: TreeConfig, cache_len: int | None = None) -> float:
     return (self.context_s(tcfg.max_accept + 1) + self.expand_s(tcfg.top_k, tcfg.depth)
-            + self.verify_s(tcfg.total_tokens) + self.extra["chain" if tcfg.is_chain else "tree"])
+            + self.verify_s(tcfg.total_tokens) + self.extra["chain" if tcfg.is_chain else "tree"]
+            + self._at(cache_len))
 
   def to_json(self) -> dict:
-    return {"step": self.step, "prefill": self.prefill, "verify": {str(k): v for k, v in self.verify.items()},
-            "context": {str(k): v for k, v in self.context.items()},
-            "expand": {str(k): {str(d): s for d, s in e.items()} for k, e in self.expand.items()},
+    ints = lambda d: {str(k): v for k, v in d.items()}  # noqa: E731
+    return {"step": self.step, "slot": self.slot, "first_call": dict(self.first_call), "prefill": ints(self.prefill), "verify": ints(self.verify),
+            "context": ints(self.context), "expand": {str(k): ints(e) for k, e in self.expand.items()},
             "extra": dict(self.extra), "meta": self.meta}
 
   @classmethod
   def from_json(cls, obj: dict) -> "Costs":
-    return cls(step=obj["step"], prefill=obj["prefill"], verify={int(k): v for k, v in obj["verify"].items()},
-               context={int(k): v for k, v in obj["context"].items()},
-               expand={int(k): {int(d): s for d, s in e.items()} for k, e in obj["expand"].items()},
+    ints = lambda d: {int(k): v for k, v in d.items()}  # noqa: E731
+    return cls(step=obj["step"], slot=obj["slot"], first_call=dict(obj["first_call"]), prefill=ints(obj["prefill"]), verify=ints(obj["verify"]),
+               context=ints(obj["context"]), expand={int(k): ints(e) for k, e in obj["expand"].items()},
                extra=dict(obj["extra"]), meta=obj.get("meta", {}))
 
 
-def _time_loop(fn, params: Any, state: Any, n: int, repeats: int = 3) -> float:
-  """Seconds per iteration of a jitted fori_loop(n) of `fn(params, carry) -> carry`: compiled and run once, then
-  the best of `repeats` timed runs, so dispatch and compilation stay out. Weights are arguments, not constants."""
-  loop = jax.jit(lambda p, s: jax.lax.fori_loop(0, n, lambda i, c: fn(p, c), s))
+def _time_loop(fn, params: Any, state: Any, n: int, repeats: int = 3, first: list | None = None) -> float:
+  """Seconds per iteration of a jitted fori_loop(n) of `fn(params, carry) -> carry`: compiled, run once, then the
+  best of `repeats` timed runs, so dispatch and compilation stay out. Weights are arguments, not constants.
+  `first`, if given, receives what the first run of the compiled loop cost beyond a later one: XLA:CPU does
+  one-time work there (0.75 s for a SmolLM2 decode executable on 2 cores), which an engine pays once per shape."""
+  loop = jax.jit(lambda p, s: jax.lax.fori_loop(0, n, lambda i, c: fn(p, c), s)).lower(params, state).compile()
+  t0 = time.perf_counter()
   jax.block_until_ready(loop(params, state))
+  t_first = time.perf_counter() - t0
   best = float("inf")
   for _ in range(repeats):
     t0 = time.perf_counter()
     jax.block_until_ready(loop(params, state))
     best = min(best, time.perf_counter() - t0)
+  if first is not None:
+    first.append(max(t_first - best, 0.0))
   return best / n
 
 
@@ -249,47 +278,55 @@ def machine_key() -> dict:
           "cpus": os.cpu_count(), "cpu": cpu or platform.processor(), "jax": jax.__version__}
 
 
-def cost_key(target_cfg: Any, dcfg: draft.DraftConfig, *, batch: int, cache_len: int, prefill_len: int,
-             dtype: Any) -> dict:
+def cost_key(target_cfg: Any, dcfg: draft.DraftConfig, *, batch: int, dtype: Any) -> dict:
   return {"format": FORMAT, "machine": machine_key(), "target": repr(target_cfg), "draft": repr(dcfg),
-          "batch": int(batch), "cache_len": int(cache_len), "prefill_len": int(prefill_len),
+          "batch": int(batch), "cache_lens": CACHE_LENS, "prefill_lens": PREFILL_LENS,
           "dtype": str(jnp.dtype(dtype))}
 
 
 def calibrate(target: speculative.Target, target_params: Any, draft_params: Any, vocab: draft.DraftVocab,
-              dcfg: draft.DraftConfig, *, batch: int, cache_len: int, prefill_len: int | None = None,
-              n: int = 8, verbose: bool = False,
+              dcfg: draft.DraftConfig, *, batch: int, target_cfg: Any = None, n: int = 8, verbose: bool = False,
               anchors: Sequence[TreeConfig] = (TreeConfig.chain(2), TreeConfig(top_k=2, depth=3, total_tokens=4))
               ) -> Costs:
-  """Times every part of a round at this batch size and cache length (about a minute on 2 CPU cores, mostly
-  compilation), then one real round of a chain and of a tree: what those cost beyond their parts is `extra`."""
-  B, S = batch, cache_len
+  """Times every part of a round at this batch size (about a minute on 2 CPU cores, mostly compilation), then one
+  real round of a chain and of a tree: what those cost beyond their parts is `extra`. The decode step is the
+  engine's own (decode.decode_step: forward, sampling, bookkeeping) when target_cfg (a LlamaConfig) is given,
+  else the bare forward."""
+  B, S = batch, CACHE_LENS[0]
   embed = target.embed(target_params)
   dtype = embed.dtype
-  L = jnp.full((B,), S // 2, jnp.int32)  # a half-full cache: costs depend on S (masks are data), not on L
   t0 = time.perf_counter()
-  log = (lambda *a: print("autotree:", *a, flush=True)) if verbose else (lambda *a: None)
+  log = (lambda *a: print("autotree:", *a, file=sys.stderr, flush=True)) if verbose else (lambda *a: None)
 
-  def target_pass(T):
+  def target_pass(T, S=S, start=None, n=n, repeats=3):
+    start = jnp.full((B,), S // 2, jnp.int32) if start is None else start
     tokens = jnp.ones((B, T), jnp.int32)
-    positions = L[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+    positions = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
     tmask = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T))
-    mask = layers.tree_cache_mask(L, tmask, S)
+    mask = layers.tree_cache_mask(start, tmask, S)
 
     def fn(params, cache):
       logits, _, cache = target.forward(params, tokens, positions, cache, mask)
       return cache  # the carried cache makes every iteration depend on the last; logits feed nothing
 
-    return _time_loop(fn, target_params, target.init_cache(B, S, dtype).replace(lengths=L), n)
+    return _time_loop(fn, target_params, target.init_cache(B, S, dtype).replace(lengths=start), n, repeats)
 
+  first_call: dict[str, float] = {}
   step = target_pass(1)
-  prefill_len = prefill_len or cache_len // 4
-  if not 1 <= prefill_len <= S // 2:
-    raise ValueError(f"prefill_len={prefill_len} must be in [1, cache_len // 2 = {S // 2}]")
-  prefill = target_pass(prefill_len)
-  verify = {P: target_pass(P + 1) for P in VERIFY_POINTS}
-  log(f"target step {step * 1e3:.1f} ms, verify", {P: round(v * 1e3, 1) for P, v in verify.items()})
+  slot = (target_pass(1, S=CACHE_LENS[1]) - step) / (CACHE_LENS[1] - CACHE_LENS[0])
+  if target_cfg is not None:
+    plain = []
+    step = _decode_step_cost(target_params, target_cfg, batch=B, cache_len=S, n=n, first=plain)
+    first_call["plain"] = plain[0]
+  zeros = jnp.zeros((B,), jnp.int32)  # a prompt is written from slot 0
+  prefill = {T: target_pass(T, S=max(CACHE_LENS[1], T), start=zeros, n=1, repeats=2) for T in PREFILL_LENS}
+  verify, floor = {}, step
+  for P in VERIFY_POINTS:  # more tokens through the same weights never cost less: a running max smooths noise
+    verify[P] = floor = max(floor, target_pass(P + 1))
+  log(f"target step {step * 1e3:.1f} ms (+{slot * 1e6:.2f} us a cache slot), prefill",
+      {T: round(v * 1e3, 1) for T, v in prefill.items()}, "verify", {P: round(v * 1e3, 1) for P, v in verify.items()})
 
+  L = jnp.full((B,), S // 2, jnp.int32)
   dcache = draft.init_cache(dcfg, B, S, dtype).replace(lengths=L)
   hidden = jnp.zeros((B, dcfg.hidden_size), dtype)
 
@@ -321,23 +358,39 @@ def calibrate(target: speculative.Target, target_params: Any, draft_params: Any,
   expand = {k: {d: expand_pass(k, d) for d in EXPAND_DEPTHS} for k in range(1, MAX_TOP_K + 1)}
   log("context", {R: round(v * 1e3, 2) for R, v in context.items()}, "expand",
       {k: {d: round(v * 1e3, 2) for d, v in e.items()} for k, e in expand.items()})
-  parts = Costs(step=step, prefill=prefill, verify=verify, context=context, expand=expand)
+  parts = Costs(step=step, slot=slot, first_call=first_call, prefill=prefill, verify=verify, context=context, expand=expand)
   extra, meta = {}, {}
   for anchor in anchors:
-    real = _round_cost(target, target_params, draft_params, vocab, dcfg, batch=B, cache_len=S, tcfg=anchor, n=n)
     kind = "chain" if anchor.is_chain else "tree"
+    once = []
+    real = _round_cost(target, target_params, draft_params, vocab, dcfg, batch=B, cache_len=S, tcfg=anchor, n=n,
+                       first=once)
+    first_call[kind] = once[0]
     extra[kind] = max(0.0, real - parts.round_s(anchor))
     meta[f"anchor_{kind}"] = {"shape": shape_str(anchor), "round": real, "parts": parts.round_s(anchor)}
     log(f"anchor round {shape_str(anchor)}: {real * 1e3:.1f} ms, parts {parts.round_s(anchor) * 1e3:.1f} ms")
   if set(extra) != {"chain", "tree"}:
     raise ValueError("calibrate needs one chain and one tree among its anchors")
   meta["seconds"] = time.perf_counter() - t0
-  meta["prefill_len"] = prefill_len
   log(f"calibrated in {meta['seconds']:.0f} s")
-  return dataclasses.replace(parts, extra=extra, meta=meta)
+  first_call.setdefault("plain", min(first_call.values()))
+  return dataclasses.replace(parts, extra=extra, meta=meta, first_call=first_call)
 
 
-def _round_cost(target, target_params, draft_params, vocab, dcfg, *, batch, cache_len, tcfg, n):
+def _decode_step_cost(params, cfg, *, batch, cache_len, n, first):
+  """Seconds per decode.decode_step (greedy), the vanilla engine's loop body."""
+  from eagle3_jax import decode, sampling
+  from eagle3_jax.target import llama
+
+  T, M = 16, cache_len - 16
+  kw = dict(cfg=cfg, sampling_cfg=sampling.SamplingConfig(), max_new_tokens=M)
+  state = jax.jit(functools.partial(decode.prefill, **kw))(
+      params, jnp.ones((batch, T), jnp.int32), jnp.full((batch,), T, jnp.int32),
+      llama.init_cache(cfg, batch, cache_len, jax.tree.leaves(params)[0].dtype), jax.random.key(0))
+  return _time_loop(lambda p, s: decode.decode_step(p, s, **kw), params, state, n, first=first)
+
+
+def _round_cost(target, target_params, draft_params, vocab, dcfg, *, batch, cache_len, tcfg, n, first=None):
   """Seconds per real spec_round (random prompt, rows kept running so the work per round is constant)."""
   T = 16
   M = cache_len - T - tcfg.total_tokens
@@ -349,20 +402,18 @@ def _round_cost(target, target_params, draft_params, vocab, dcfg, *, batch, cach
                                   dcfg=dcfg, spec=spec)
   fn = lambda p, s: speculative.spec_round(target, p[0], p[1], p[2], p[3], s, dcfg=dcfg, spec=spec)  # noqa: E731
   return _time_loop(fn, (target_params, draft_params, embed, vocab), state,
-                    min(n, max(1, (M - 1) // (tcfg.depth + 1) // 4)))
+                    min(n, max(1, (M - 1) // (tcfg.depth + 1) // 4)), first=first)
 
 
 def cached_costs(target: speculative.Target, target_params: Any, target_cfg: Any, draft_params: Any,
-                 vocab: draft.DraftVocab, dcfg: draft.DraftConfig, *, batch: int, cache_len: int,
-                 prefill_len: int | None = None, cache_dir: str | os.PathLike | None = None,
-                 verbose: bool = False) -> Costs:
-  """The calibration for this machine, target, draft shape, batch size, cache length and dtype: read from
-  cache_dir (default ~/.cache/eagle3_jax/autotree) when one was made for exactly these, else measured and saved."""
+                 vocab: draft.DraftVocab, dcfg: draft.DraftConfig, *, batch: int,
+                 cache_dir: str | os.PathLike | None = None, verbose: bool = False) -> Costs:
+  """The calibration for this machine, target, draft shape, batch size and dtype: read from cache_dir (default
+  ~/.cache/eagle3_jax/autotree) when one was made for exactly these, else measured and saved."""
   from eagle3_jax.target import loading
 
   dtype = target.embed(target_params).dtype
-  prefill_len = prefill_len or cache_len // 4
-  key = cost_key(target_cfg, dcfg, batch=batch, cache_len=cache_len, prefill_len=prefill_len, dtype=dtype)
+  key = json.loads(json.dumps(cost_key(target_cfg, dcfg, batch=batch, dtype=dtype)))  # tuples as stored
   digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
   root = pathlib.Path(cache_dir) if cache_dir is not None else loading.cache_root() / "autotree"
   path = root / f"costs-{digest}.json"
@@ -370,8 +421,8 @@ def cached_costs(target: speculative.Target, target_params: Any, target_cfg: Any
     stored = json.loads(path.read_text())
     if stored.get("key") == key:
       return Costs.from_json(stored["costs"])
-  costs = calibrate(target, target_params, draft_params, vocab, dcfg, batch=batch, cache_len=cache_len,
-                    prefill_len=prefill_len, verbose=verbose)
+  costs = calibrate(target, target_params, draft_params, vocab, dcfg, batch=batch, verbose=verbose,
+                    target_cfg=target_cfg if hasattr(target_cfg, "num_layers") else None)
   root.mkdir(parents=True, exist_ok=True)
   tmp = path.with_suffix(".tmp")
   tmp.write_text(json.dumps({"key": key, "costs": costs.to_json()}, indent=1))
@@ -386,7 +437,7 @@ def cached_costs(target: speculative.Target, target_params: Any, target_cfg: Any
 class Prediction:
   tree: TreeConfig | None  # None: plain decoding
   tau: float
-  round_s: float
+  round_s: float  # at CACHE_LENS[0]
   tokens_per_s: float  # all rows of the batch together
 
   def as_dict(self) -> dict:
@@ -394,27 +445,47 @@ class Prediction:
             "tokens_per_s": round(self.tokens_per_s, 2)}
 
 
-def predict(costs: Costs, acc: Acceptance, *, batch: int, max_new_tokens: int | None = None,
-            shapes: Sequence[TreeConfig] | None = None) -> list[Prediction]:
-  """Predicted tokens/s of plain decoding and of every shape, best first. With max_new_tokens, a batch's time
-  includes its prefill (answers assumed to run to the limit); without, decoding alone."""
+def engine_batches(prompt_lengths: Sequence[int], batch: int) -> list[int]:
+  """The prompt bucket of each batch the engine forms (sorted by length, `batch` rows each)."""
+  from eagle3_jax.engine import bucket_length
+
+  order = sorted(int(n) for n in prompt_lengths)
+  return [bucket_length(max(order[i:i + batch])) for i in range(0, len(order), batch)]
+
+
+def predict(costs: Costs, acc: Acceptance, *, batch: int, prompt_lengths: Sequence[int] | None = None,
+            max_new_tokens: int = 128, shapes: Sequence[TreeConfig] | None = None) -> list[Prediction]:
+  """Predicted tokens/s of plain decoding and of every shape, best first.
+
+  With prompt_lengths, the engine's work is modelled: its batches (length-sorted, bucketed), each prefilled at its
+  bucket and decoded with a cache of bucket + max_new_tokens slots, every row running to max_new_tokens (EOS is
+  not predicted), plus the first-call cost of each new executable (one per distinct bucket). Without, decoding
+  alone at CACHE_LENS[0].
+  """
   shapes = candidates(max_depth=min(MAX_DEPTH, acc.ranks.shape[1])) if shapes is None else shapes
   M = max_new_tokens
+  buckets = engine_batches(prompt_lengths, batch) if prompt_lengths is not None else None
+  n_rows = len(prompt_lengths) if prompt_lengths is not None else batch
 
-  def rate(tau, round_s):
-    return batch * tau / round_s if M is None else batch * M / (costs.prefill + M / tau * round_s)
+  def rate(tau, per_step, once):  # per_step(cache_len) -> seconds of one step or round
+    if buckets is None:
+      return batch * tau / per_step(None)
+    seconds = sum(costs.prefill_s(T) + (M - 1) / tau * per_step(T + M) for T in buckets)
+    return n_rows * M / (seconds + once * len(set(buckets)))
 
-  out = [Prediction(None, 1.0, costs.step, rate(1.0, costs.step))]
+  out = [Prediction(None, 1.0, costs.step, rate(1.0, costs.step_s, costs.first_call["plain"]))]
   for tcfg in shapes:
-    tau, r = acc.tau(tcfg), costs.round_s(tcfg)
-    out.append(Prediction(tcfg, tau, r, rate(tau, r)))
+    tau = acc.tau(tcfg)
+    once = costs.first_call["chain" if tcfg.is_chain else "tree"]
+    out.append(Prediction(tcfg, tau, costs.round_s(tcfg), rate(tau, functools.partial(costs.round_s, tcfg), once)))
   return sorted(out, key=lambda p: -p.tokens_per_s)
 
 
-def choose(costs: Costs, acc: Acceptance, *, batch: int, max_new_tokens: int | None = None,
-           shapes: Sequence[TreeConfig] | None = None) -> Prediction:
+def choose(costs: Costs, acc: Acceptance, *, batch: int, prompt_lengths: Sequence[int] | None = None,
+           max_new_tokens: int = 128, shapes: Sequence[TreeConfig] | None = None) -> Prediction:
   """The shape predicted fastest (tree None: plain decoding is)."""
-  return predict(costs, acc, batch=batch, max_new_tokens=max_new_tokens, shapes=shapes)[0]
+  return predict(costs, acc, batch=batch, prompt_lengths=prompt_lengths, max_new_tokens=max_new_tokens,
+                 shapes=shapes)[0]
 
 
 # ----- sources of greedy text and the command line ------------------------------------------------------------
@@ -464,7 +535,8 @@ def main(argv: Any = None) -> None:
   p.add_argument("--draft", default=None, help="default: the shipped draft")
   p.add_argument("--target", default=None)
   p.add_argument("--batch-size", type=int, default=1)
-  p.add_argument("--cache-len", type=int, default=512)
+  p.add_argument("--max-new-tokens", type=int, default=128)
+  p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens of every modelled request")
   p.add_argument("--top", type=int, default=12)
   args = ap.parse_args(argv)
 
@@ -486,9 +558,9 @@ def main(argv: Any = None) -> None:
           f"chain tau {[round(acc.tau(TreeConfig.chain(d)), 3) for d in range(1, 5)]}")
     return
   acc = Acceptance.load(pathlib.Path(path) / ACCEPTANCE_FILE)
-  costs = cached_costs(target, params, cfg, dparams, ckpt.vocab, ckpt.cfg, batch=args.batch_size,
-                       cache_len=args.cache_len, verbose=True)
-  for pred in predict(costs, acc, batch=args.batch_size)[:args.top]:
+  costs = cached_costs(target, params, cfg, dparams, ckpt.vocab, ckpt.cfg, batch=args.batch_size, verbose=True)
+  for pred in predict(costs, acc, batch=args.batch_size, prompt_lengths=[args.prompt_len] * args.batch_size,
+                      max_new_tokens=args.max_new_tokens)[:args.top]:
     print(json.dumps(pred.as_dict()))
 
 

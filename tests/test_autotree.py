@@ -75,7 +75,7 @@ def test_acceptance_file_round_trip(tmp_path):
 
 def _fake_costs(step=10.0):
   # A machine where a level costs 1, a verified node 0.5 and the round a fixed 2 on top of a decode step.
-  return autotree.Costs(step=step, prefill=20.0, verify={P: step + 0.5 * P for P in autotree.VERIFY_POINTS},
+  return autotree.Costs(step=step, slot=0.001, first_call={"plain": 3.0, "chain": 4.0, "tree": 5.0}, prefill={64: 20.0, 512: 100.0}, verify={P: step + 0.5 * P for P in autotree.VERIFY_POINTS},
                         context={2: 1.0, 9: 1.0}, expand={k: {1: 1.0 * k, 4: 4.0 * k} for k in range(1, 5)},
                         extra={"chain": 2.0, "tree": 2.0})
 
@@ -88,8 +88,14 @@ def test_choice_oracle_picks_the_deepest_and_random_picks_none():
   rand = autotree.Acceptance(np.zeros((50, autotree.MAX_DEPTH), np.int8))
   assert autotree.choose(_fake_costs(), rand, batch=1).tree is None
   # Prefill enters the rate but not the order.
-  preds = autotree.predict(_fake_costs(), oracle, batch=4, max_new_tokens=64)
+  preds = autotree.predict(_fake_costs(), oracle, batch=4, prompt_lengths=[10, 300, 20, 40, 50], max_new_tokens=64)
   assert preds[0].tree == best.tree and preds[-1].tokens_per_s > 0
+  # The engine's work: two batches (buckets 64 and 384 after sorting), each prefilled and decoded to the limit.
+  assert autotree.engine_batches([10, 300, 20, 40, 50], 4) == [64, 384]
+  plain = next(p for p in preds if p.tree is None)
+  c = _fake_costs()
+  seconds = sum(c.prefill_s(T) + 63 * c.step_s(T + 64) for T in (64, 384)) + 2 * c.first_call["plain"]
+  assert plain.tokens_per_s == pytest.approx(5 * 64 / seconds)
 
 
 def _calibrate_args(tiny_cfg):
@@ -102,7 +108,7 @@ def test_calibration_is_cached_and_invalidated(tiny_cfg, tmp_path, monkeypatch):
   calls = []
   # The cache is under test here, not the timing (that is the end-to-end test below): a stand-in measurement.
   monkeypatch.setattr(autotree, "calibrate", lambda *a, **k: calls.append(k) or _fake_costs())
-  kw = dict(cache_dir=tmp_path, cache_len=64)
+  kw = dict(cache_dir=tmp_path)
   first = autotree.cached_costs(target, params, cfg, dparams, vocab, dcfg, batch=1, **kw)
   assert len(calls) == 1 and first == _fake_costs()
   again = autotree.cached_costs(target, params, cfg, dparams, vocab, dcfg, batch=1, **kw)
@@ -121,8 +127,8 @@ def test_calibration_is_cached_and_invalidated(tiny_cfg, tmp_path, monkeypatch):
 
 def test_random_draft_measured_end_to_end_chooses_plain_decoding(tiny_cfg, tmp_path):
   target, params, cfg, dparams, vocab, dcfg = _calibrate_args(tiny_cfg)
-  costs = autotree.cached_costs(target, params, cfg, dparams, vocab, dcfg, batch=1, cache_len=64, cache_dir=tmp_path)
-  assert costs.step > 0 and costs.verify[32] > 0 and costs.prefill > 0 and set(costs.extra) == {"chain", "tree"}
+  costs = autotree.cached_costs(target, params, cfg, dparams, vocab, dcfg, batch=1, cache_dir=tmp_path)
+  assert costs.step > 0 and costs.verify[32] > 0 and costs.prefill_s(100) > 0 and set(costs.extra) == {"chain", "tree"}
   rng = np.random.default_rng(0)
   examples = [(rng.integers(0, cfg.vocab_size, 40), np.r_[np.zeros(10, bool), np.ones(30, bool)]) for _ in range(4)]
   acc = autotree.acceptance(target, params, dparams, vocab, dcfg, examples)

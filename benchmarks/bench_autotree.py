@@ -1,0 +1,116 @@
+"""`--tree auto` against measurement: predicted and measured tau and tokens/s for plain decoding and several tree
+shapes, at each batch size, on held-out prompts, in one run (same process, same machine state).
+
+    python benchmarks/prompt_sets.py --out runs/bench          # held-out ShareGPT + HumanEval question files
+    python benchmarks/bench_autotree.py --prompts runs/bench/sharegpt_heldout.jsonl --questions 8 \\
+        --max-new-tokens 64 --batch-sizes 1,4
+
+The calibration is made fresh (--cache-dir, emptied first) so it is measured under the same conditions as the
+shapes. Predictions come from autotree exactly as infer.py makes them (the draft's acceptance.safetensors, the
+calibration at this batch size, the engine's batches of these prompts); measurements from infer.py with the shape
+given by hand (tokens/s without compilation, prefill included, EOS respected). Prints a markdown table and, last, one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import pathlib
+import shutil
+import sys
+import tempfile
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHAPES = "none,1x1x1,1x2x2,1x3x3,1x4x4,2x2x4,2x3x6,3x3x8,4x4x16"
+
+
+def main(argv=None) -> dict:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--draft", default=None, help="default: the shipped draft")
+  ap.add_argument("--prompts", required=True)
+  ap.add_argument("--questions", type=int, default=8)
+  ap.add_argument("--max-new-tokens", type=int, default=64)
+  ap.add_argument("--batch-sizes", default="1,4")
+  ap.add_argument("--shapes", default=SHAPES, help="comma list of KxDxP or 'none'")
+  ap.add_argument("--cache-dir", default="runs/bench/autotree_cache")
+  args = ap.parse_args(argv)
+  import jax
+  import jax.numpy as jnp
+
+  import infer
+  from eagle3_jax import autotree, drafts, engine, speculative
+  from eagle3_jax.target import loading
+  from eagle3_jax.tree import TreeConfig
+
+  draft_dir = args.draft or str(drafts.default_draft_path())
+  lines = pathlib.Path(args.prompts).read_text().splitlines()[:args.questions]
+  tmp = tempfile.TemporaryDirectory()
+  qfile = pathlib.Path(tmp.name) / "q.jsonl"
+  qfile.write_text("\n".join(lines) + "\n")
+  requests = infer.read_jsonl(str(qfile))
+  cfg, params = loading.load_target(None, dtype=jnp.float32)
+  tokenizer = loading.load_tokenizer(None)
+  cfg, ckpt = engine.load_draft(draft_dir, cfg)
+  target = speculative.llama_target(cfg)
+  dparams = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), ckpt.params)
+  first = [{"messages": [{"role": "user", "content": r["turns"][0]}]} if "turns" in r else r for r in requests]
+  prompt_ids = engine.Engine(None, tokenizer).encode(first)
+  acc = autotree.Acceptance.load(pathlib.Path(draft_dir) / autotree.ACCEPTANCE_FILE)
+  shutil.rmtree(args.cache_dir, ignore_errors=True)
+  parse = lambda s: None if s == "none" else TreeConfig(**dict(zip(("top_k", "depth", "total_tokens"),  # noqa: E731
+                                                                   map(int, s.split("x")))))
+  shapes = [parse(s) for s in args.shapes.split(",")]
+  rows, choices = [], {}
+  with tmp:
+    for B in (int(b) for b in args.batch_sizes.split(",")):
+      costs = autotree.cached_costs(target, params, cfg, dparams, ckpt.vocab, ckpt.cfg, batch=B,
+                                    cache_dir=args.cache_dir, verbose=True)
+      lens = [len(x) for x in prompt_ids]
+      preds = autotree.predict(costs, acc, batch=B, prompt_lengths=lens, max_new_tokens=args.max_new_tokens)
+      best = preds[0]
+      by_shape = {autotree.shape_str(p.tree): p for p in preds}
+      todo = list(shapes) + ([best.tree] if best.tree not in shapes else [])
+      for tcfg in todo:
+        name = autotree.shape_str(tcfg)
+        flags = (["--draft", "none"] if tcfg is None else
+                 ["--draft", draft_dir, "--draft-top-k", str(tcfg.top_k), "--draft-depth", str(tcfg.depth),
+                  "--draft-tokens", str(tcfg.total_tokens)])
+        with contextlib.redirect_stdout(io.StringIO()):
+          s = infer.main(["--prompts", str(qfile), *flags, "--batch-size", str(B), "--temperature", "0",
+                          "--max-new-tokens", str(args.max_new_tokens), "--no-progress"])
+        p = by_shape.get(name) or autotree.predict(costs, acc, batch=B, prompt_lengths=lens,
+                                                   max_new_tokens=args.max_new_tokens, shapes=[tcfg])[0]
+        row = {"batch": B, "tree": name, "predicted_tau": round(p.tau, 3), "tau": s["tau"],
+               "predicted_tokens_per_s": round(p.tokens_per_s, 2), "tokens_per_s": s["tokens_per_s"],
+               "error": round(p.tokens_per_s / s["tokens_per_s"] - 1, 4), "auto": name == autotree.shape_str(best.tree)}
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+      measured = [r for r in rows if r["batch"] == B]
+      top = max(measured, key=lambda r: r["tokens_per_s"])
+      mine = next(r for r in measured if r["auto"])
+      plain = next((r for r in measured if r["tree"] == "none"), None)
+      choices[B] = {"auto": mine["tree"], "auto_tokens_per_s": mine["tokens_per_s"], "best_measured": top["tree"],
+                    "best_tokens_per_s": top["tokens_per_s"], "auto_vs_best": round(mine["tokens_per_s"] /
+                                                                                    top["tokens_per_s"], 4),
+                    "auto_vs_plain": round(mine["tokens_per_s"] / plain["tokens_per_s"], 4) if plain else None,
+                    "calibration": costs.to_json()}
+  print("| batch | tree | predicted tau | measured tau | predicted tokens/s | measured tokens/s | error |")
+  print("|---|---|---|---|---|---|---|")
+  for r in rows:
+    print(f"| {r['batch']} | {r['tree']}{' (auto)' if r['auto'] else ''} | {r['predicted_tau']:.2f} | {r['tau']:.2f} | "
+          f"{r['predicted_tokens_per_s']:.1f} | {r['tokens_per_s']:.1f} | {r['error']:+.1%} |")
+  for B, c in choices.items():
+    print(f"\nbatch {B}: auto chose {c['auto']} ({c['auto_tokens_per_s']:.1f} tokens/s), best measured "
+          f"{c['best_measured']} ({c['best_tokens_per_s']:.1f}): {c['auto_vs_best']:.3f} of the best, "
+          f"{c['auto_vs_plain']}x plain decoding")
+  out = {"rows": rows, "choices": choices}
+  print(json.dumps(out))
+  return out
+
+
+if __name__ == "__main__":
+  main()
