@@ -8,7 +8,8 @@ shapes, at each batch size, on held-out prompts, in one run (same process, same 
 The calibration is made fresh (--cache-dir, emptied first) so it is measured under the same conditions as the
 shapes. Predictions come from autotree exactly as infer.py makes them (the draft's acceptance.safetensors, the
 calibration at this batch size, the engine's batches of these prompts); measurements from infer.py with the shape
-given by hand (tokens/s without compilation, prefill included, EOS respected). Prints a markdown table and, last, one JSON line.
+given by hand (tokens/s without compilation, prefill included, EOS respected). Prints a markdown table and,
+last, one JSON line.
 """
 
 from __future__ import annotations

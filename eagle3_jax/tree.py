@@ -41,6 +41,11 @@ class TreeConfig:
     return cls(top_k=1, depth=depth, total_tokens=depth)
 
   @property
+  def shape(self) -> str:
+    """"top_k x depth x total_tokens", e.g. "2x3x6"."""
+    return f"{self.top_k}x{self.depth}x{self.total_tokens}"
+
+  @property
   def num_candidates(self) -> int:
     return self.top_k + (self.depth - 1) * self.top_k ** 2
 

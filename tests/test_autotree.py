@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from eagle3_jax import autotree, draft, layers, speculative, ttt
+from eagle3_jax.autotree import costs as autotree_costs
 from eagle3_jax.target import llama
 from eagle3_jax.tree import TreeConfig
 
@@ -75,9 +76,10 @@ def test_acceptance_file_round_trip(tmp_path):
 
 def _fake_costs(step=10.0):
   # A machine where a level costs 1, a verified node 0.5 and the round a fixed 2 on top of a decode step.
-  return autotree.Costs(step=step, slot=0.001, first_call={"plain": 3.0, "chain": 4.0, "tree": 5.0}, prefill={64: 20.0, 512: 100.0}, verify={P: step + 0.5 * P for P in autotree.VERIFY_POINTS},
+  return autotree.Costs(step=step, slot=0.001, first_call={"plain": 3.0, "chain": 4.0, "tree": 5.0},
+                        prefill={64: 20.0, 512: 100.0}, verify={P: step + 0.5 * P for P in autotree.VERIFY_POINTS},
                         context={2: 1.0, 9: 1.0}, expand={k: {1: 1.0 * k, 4: 4.0 * k} for k in range(1, 5)},
-                        extra={"chain": 2.0, "tree": 2.0})
+                        extra={"chain": {1: 2.0}, "tree": {1: 2.0}})
 
 
 def test_choice_oracle_picks_the_deepest_and_random_picks_none():
@@ -107,7 +109,7 @@ def test_calibration_is_cached_and_invalidated(tiny_cfg, tmp_path, monkeypatch):
   target, params, cfg, dparams, vocab, dcfg = _calibrate_args(tiny_cfg)
   calls = []
   # The cache is under test here, not the timing (that is the end-to-end test below): a stand-in measurement.
-  monkeypatch.setattr(autotree, "calibrate", lambda *a, **k: calls.append(k) or _fake_costs())
+  monkeypatch.setattr(autotree_costs, "calibrate", lambda *a, **k: calls.append(k) or _fake_costs())
   kw = dict(cache_dir=tmp_path)
   first = autotree.cached_costs(target, params, cfg, dparams, vocab, dcfg, batch=1, **kw)
   assert len(calls) == 1 and first == _fake_costs()
@@ -119,7 +121,7 @@ def test_calibration_is_cached_and_invalidated(tiny_cfg, tmp_path, monkeypatch):
   autotree.cached_costs(target, params, cfg, draft.init_params(other, jax.random.key(5)),
                         draft.DraftVocab.from_ids(np.arange(64), cfg.vocab_size), other, batch=1, **kw)
   assert len(calls) == 3  # another draft shape too
-  monkeypatch.setattr(autotree, "machine_key", lambda: {"platform": "elsewhere"})
+  monkeypatch.setattr(autotree_costs, "machine_key", lambda: {"platform": "elsewhere"})
   autotree.cached_costs(target, params, cfg, dparams, vocab, dcfg, batch=1, **kw)
   assert len(calls) == 4  # and another machine
   assert len(list(tmp_path.glob("costs-*.json"))) == 4 and not list(tmp_path.glob("*.tmp"))

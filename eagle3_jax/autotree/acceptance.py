@@ -1,0 +1,172 @@
+"""The acceptance model: how often the target takes the draft's rank-r candidate at each depth, measured on the
+target's own greedy text, and the tau a tree shape gets from it.
+
+On greedy text the fed tokens are exactly the accepted path, so the TTT forward of the draft (ttt.ttt_ranks) gives
+for every position the rank of the target's token among the draft's candidates at depths 1..D, given the depths
+before were accepted. A tree shape is modelled as the static tree EAGLE-2's expansion would build from the
+average per-depth, per-rank acceptance (top_k frontier per level, the best total_tokens nodes kept); a position
+accepts the deepest node of that tree whose rank path its own ranks follow, so correlations along a text count.
+Greedy acceptance: at T > 0 the real tau differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import pathlib
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from eagle3_jax import draft, layers, speculative, ttt
+from eagle3_jax.tree import TreeConfig
+
+MAX_DEPTH = 8  # deepest candidate and the depth of the acceptance statistics
+MAX_TOP_K = 4  # widest candidate; ranks beyond it count as misses
+FORMAT = "eagle3-jax-autotree/1"
+ACCEPTANCE_FILE = "acceptance.safetensors"  # beside a draft: its acceptance statistics, made once
+
+
+@dataclasses.dataclass(frozen=True)
+class Acceptance:
+  """ranks[n, d]: rank (1 = the draft's first choice) of the target's token at depth d + 1 for drafted position n,
+  0 when it is not among the draft's first MAX_TOP_K or not in its vocabulary."""
+
+  ranks: np.ndarray  # int8[N, MAX_DEPTH]
+  source: str = ""
+
+  def __post_init__(self):
+    if self.ranks.ndim != 2 or self.ranks.shape[0] == 0:
+      raise ValueError(f"acceptance ranks must be [positions, depth] with at least one position, got "
+                       f"{self.ranks.shape}")
+
+  def rates(self, top_k: int) -> np.ndarray:
+    """[D, top_k]: P(rank at depth d = r | depths before d were accepted within top_k)."""
+    D = self.ranks.shape[1]
+    alive = np.ones(len(self.ranks), bool)
+    out = np.zeros((D, top_k))
+    for d in range(D):
+      r = self.ranks[alive, d]
+      if len(r):
+        out[d] = [(r == i + 1).mean() for i in range(top_k)]
+      alive &= (self.ranks[:, d] >= 1) & (self.ranks[:, d] <= top_k)
+    return out
+
+  def tau(self, tcfg: TreeConfig) -> float:
+    """Predicted tokens per round (accepted + the bonus) for this shape."""
+    if tcfg.depth > self.ranks.shape[1]:
+      raise ValueError(f"acceptance statistics reach depth {self.ranks.shape[1]}, the tree needs {tcfg.depth}")
+    nodes = static_tree(self.rates(tcfg.top_k), tcfg)
+    accepted = np.zeros(len(self.ranks))
+    prefix = [()] * len(self.ranks)
+    alive = np.ones(len(self.ranks), bool)
+    for d in range(tcfg.depth):
+      prefix = [p + (int(r),) for p, r in zip(prefix, self.ranks[:, d])]
+      alive &= np.array([p in nodes for p in prefix])
+      accepted += alive
+    return 1.0 + float(accepted.mean())
+
+  def save(self, path: str | os.PathLike) -> None:
+    from safetensors.numpy import save_file
+
+    save_file({"ranks": self.ranks.astype(np.int8)}, str(path), metadata={"format": FORMAT, "source": self.source})
+
+  @classmethod
+  def load(cls, path: str | os.PathLike) -> "Acceptance":
+    from safetensors import safe_open
+
+    with safe_open(str(path), "np") as f:
+      meta = f.metadata() or {}
+      if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: not an autotree acceptance file (format {meta.get('format')!r})")
+      return cls(ranks=f.get_tensor("ranks"), source=meta.get("source", ""))
+
+
+def static_tree(rates_DK: np.ndarray, tcfg: TreeConfig) -> set[tuple[int, ...]]:
+  """The rank paths EAGLE-2's expansion keeps when every node's score is its path's expected acceptance:
+  level 1 the top_k ranks, each further level the top_k children of the top_k best nodes of the level above,
+  then the best total_tokens of all candidates (ties to the earlier candidate, as lax.top_k)."""
+  k = tcfg.top_k
+  frontier = [((r + 1,), float(rates_DK[0, r])) for r in range(k)]
+  pool = list(frontier)
+  for d in range(1, tcfg.depth):
+    level = [(p + (r + 1,), v * float(rates_DK[d, r])) for p, v in frontier for r in range(k)]
+    pool += level
+    frontier = sorted(level, key=lambda x: -x[1])[:k]  # stable: ties keep pool order
+  keep = sorted(range(len(pool)), key=lambda i: -pool[i][1])[:tcfg.total_tokens]
+  return {pool[i][0] for i in keep}
+
+
+def acceptance(target: speculative.Target, target_params: Any, draft_params: Any, vocab: draft.DraftVocab,
+               dcfg: draft.DraftConfig, examples: Sequence[tuple[np.ndarray, np.ndarray]], *, source: str = "",
+               depth: int = MAX_DEPTH, max_rank: int = MAX_TOP_K) -> Acceptance:
+  """Ranks of the target's tokens under the draft over (tokens, mask) examples whose masked tokens are the
+  target's own greedy text: position t counts when token t + 2 (the first the draft proposes from t) is masked;
+  depths past the end of the text count as misses (the real round stops there too)."""
+  fn = _ranks_fn(target, dcfg, depth, max_rank)
+  embed = target.embed(target_params)
+  out = []
+  for tokens, mask in examples:
+    tokens, mask = np.asarray(tokens, np.int32), np.asarray(mask, bool)
+    T = int(len(tokens))
+    if T < 3 or not mask[2:].any():
+      continue
+    Tb = max(64, 1 << (T - 1).bit_length())  # power-of-two buckets: a handful of compiles
+    padded = np.zeros((1, Tb), np.int32)
+    padded[0, :T] = tokens
+    ranks = np.asarray(fn(target_params, draft_params, vocab, embed, jnp.asarray(padded)))[:, 0, :T]  # [D, T]
+    want = np.zeros(T, bool)
+    want[:T - 2] = mask[2:]
+    ranks = np.where(np.arange(T)[None, :] + np.arange(depth)[:, None] + 2 < T, ranks, 0)
+    out.append(ranks[:, want].T)
+  if not out:
+    raise ValueError(f"no usable example for the acceptance model ({source}): none has masked (answer) tokens")
+  return Acceptance(ranks=np.concatenate(out, axis=0).astype(np.int8), source=source)
+
+
+@functools.cache
+def _ranks_fn(target: speculative.Target, dcfg: draft.DraftConfig, depth: int, max_rank: int):
+  @jax.jit
+  def fn(target_params, draft_params, vocab, embed, tokens_BT):
+    B, T = tokens_BT.shape
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    cache = target.init_cache(B, T, embed.dtype)
+    run = target.forward_hidden or target.forward  # aux is the second output of both
+    _, aux, _ = run(target_params, tokens_BT, positions, cache,
+                               layers.cache_causal_mask(jnp.zeros((B,), jnp.int32), T, T))
+    return ttt.ttt_ranks(draft_params, embed, aux, tokens_BT, vocab, cfg=dcfg, steps=depth, max_rank=max_rank)
+
+  return fn
+
+
+def examples_from_rows(path: str | os.PathLike, tokenizer: Any, *, max_length: int = 2048
+                       ) -> list[tuple[np.ndarray, np.ndarray]]:
+  """(tokens, answer mask) of the greedy rows (temperature 0 or unrecorded) of a messages JSONL, e.g. held-out
+  regenerated conversations: their assistant turns must be the target's own greedy answers."""
+  from eagle3_jax import chat
+
+  encoder = chat.ChatEncoder(tokenizer, max_length=max_length, overflow="drop")
+  out = []
+  for n, line in enumerate(pathlib.Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    if not line.strip():
+      continue
+    row = json.loads(line)
+    if float(row.get("temperature", 0.0) or 0.0) != 0.0:
+      continue
+    enc = encoder(row)
+    if enc["status"] == chat.OK and int(np.sum(enc["loss_mask"])) > 2:
+      out.append((np.asarray(enc["tokens"]), np.asarray(enc["loss_mask"], bool)))
+  if not out:
+    raise ValueError(f"{path}: no greedy conversation rows (messages with assistant turns, temperature 0)")
+  return out
+
+
+def examples_from_outputs(prompt_ids: Sequence[Sequence[int]], answers: Sequence[Sequence[int]]
+                          ) -> list[tuple[np.ndarray, np.ndarray]]:
+  """(prompt + greedy answer, answer mask) pairs from a greedy run of the target (e.g. engine results)."""
+  return [(np.asarray(list(p) + list(a), np.int32), np.r_[np.zeros(len(p), bool), np.ones(len(a), bool)])
+          for p, a in zip(prompt_ids, answers) if len(a) > 2]

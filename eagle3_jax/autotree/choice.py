@@ -1,0 +1,82 @@
+"""The choice: predicted tokens/s of plain decoding and of every candidate shape for a request set, best first."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+from eagle3_jax.autotree.acceptance import MAX_DEPTH, MAX_TOP_K, Acceptance
+from eagle3_jax.autotree.costs import Costs
+from eagle3_jax.tree import TreeConfig
+
+
+def candidates(max_depth: int = MAX_DEPTH, max_top_k: int = MAX_TOP_K,
+               totals: Sequence[int] = (2, 3, 4, 6, 8, 12, 16, 24, 32)) -> list[TreeConfig]:
+  """Chains of depth 1..max_depth and trees top_k 2..max_top_k x depth 2..max_depth x total_tokens in totals."""
+  out = [TreeConfig.chain(d) for d in range(1, max_depth + 1)]
+  for k in range(2, max_top_k + 1):
+    for d in range(2, max_depth + 1):
+      for p in totals:
+        if k <= p <= TreeConfig(top_k=k, depth=d, total_tokens=k).num_candidates and p >= d:
+          out.append(TreeConfig(top_k=k, depth=d, total_tokens=p))
+  return out
+
+
+def shape_str(tcfg: TreeConfig | None) -> str:
+  return "none" if tcfg is None else tcfg.shape
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+  tree: TreeConfig | None  # None: plain decoding
+  tau: float
+  round_s: float  # at CACHE_LENS[0]
+  tokens_per_s: float  # all rows of the batch together
+
+  def as_dict(self) -> dict:
+    return {"tree": shape_str(self.tree), "tau": round(self.tau, 3), "round_ms": round(self.round_s * 1e3, 2),
+            "tokens_per_s": round(self.tokens_per_s, 2)}
+
+
+def engine_batches(prompt_lengths: Sequence[int], batch: int) -> list[int]:
+  """The prompt bucket of each batch the engine forms (sorted by length, `batch` rows each)."""
+  from eagle3_jax.engine import bucket_length
+
+  order = sorted(int(n) for n in prompt_lengths)
+  return [bucket_length(max(order[i:i + batch])) for i in range(0, len(order), batch)]
+
+
+def predict(costs: Costs, acc: Acceptance, *, batch: int, prompt_lengths: Sequence[int] | None = None,
+            max_new_tokens: int = 128, shapes: Sequence[TreeConfig] | None = None) -> list[Prediction]:
+  """Predicted tokens/s of plain decoding and of every shape, best first.
+
+  With prompt_lengths, the engine's work is modelled: its batches (length-sorted, bucketed), each prefilled at its
+  bucket and decoded with a cache of bucket + max_new_tokens slots, every row running to max_new_tokens (EOS is
+  not predicted), plus the first-call cost of each new executable (one per distinct bucket). Without, decoding
+  alone at CACHE_LENS[0].
+  """
+  shapes = candidates(max_depth=min(MAX_DEPTH, acc.ranks.shape[1])) if shapes is None else shapes
+  M = max_new_tokens
+  buckets = engine_batches(prompt_lengths, batch) if prompt_lengths is not None else None
+  n_rows = len(prompt_lengths) if prompt_lengths is not None else batch
+
+  def rate(tau, per_step, once):  # per_step(cache_len) -> seconds of one step or round
+    if buckets is None:
+      return batch * tau / per_step(None)
+    seconds = sum(costs.prefill_s(T) + (M - 1) / tau * per_step(T + M) for T in buckets)
+    return n_rows * M / (seconds + once * len(set(buckets)))
+
+  out = [Prediction(None, 1.0, costs.step, rate(1.0, costs.step_s, costs.first_call["plain"]))]
+  for tcfg in shapes:
+    tau = acc.tau(tcfg)
+    once = costs.first_call["chain" if tcfg.is_chain else "tree"]
+    out.append(Prediction(tcfg, tau, costs.round_s(tcfg), rate(tau, functools.partial(costs.round_s, tcfg), once)))
+  return sorted(out, key=lambda p: -p.tokens_per_s)
+
+
+def choose(costs: Costs, acc: Acceptance, *, batch: int, prompt_lengths: Sequence[int] | None = None,
+           max_new_tokens: int = 128, shapes: Sequence[TreeConfig] | None = None) -> Prediction:
+  """The shape predicted fastest (tree None: plain decoding is)."""
+  return predict(costs, acc, batch=batch, prompt_lengths=prompt_lengths, max_new_tokens=max_new_tokens,
+                 shapes=shapes)[0]

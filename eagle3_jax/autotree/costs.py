@@ -1,0 +1,316 @@
+"""The cost model: what a decode step, a prefill and every part of a draft-verify round cost on this machine,
+timed inside jitted loops (compilation and dispatch excluded), cached per machine, target, draft shape, batch
+size and dtype, and recalibrated when any of them changes.
+
+Parts: the target's decode step (the engine's own loop body) at two cache lengths (attention reads every slot),
+prefill at two prompt lengths, the verify pass over P tree nodes, the draft's context pass over R rows and its
+expansion per top_k and depth. One real chain round and one real tree round anchor what the parts miss (accept,
+commit, emit, the loop), and the first run of each compiled loop gives the one-time cost an engine pays per shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import hashlib
+import os
+import platform
+import sys
+import time
+import pathlib
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from eagle3_jax import draft, layers, speculative, tree
+from eagle3_jax.autotree.acceptance import FORMAT, MAX_DEPTH, MAX_TOP_K
+from eagle3_jax.tree import TreeConfig
+
+VERIFY_POINTS = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32)  # tree nodes P timed; others interpolate linearly
+EXPAND_DEPTHS = (1, 4)  # expansion is timed at two depths per top_k; other depths are linear between them
+CACHE_LENS = (256, 1024)  # the step is timed at both: attention reads every slot, so cost grows with the cache
+PREFILL_LENS = (64, 512)  # prompt tokens per row of the two timed prefills; other lengths are linear
+
+
+
+@dataclasses.dataclass(frozen=True)
+class Costs:
+  """Seconds on this machine at one batch size. At cache length CACHE_LENS[0]: the target's decode step, its verify
+  pass for P tree nodes (P + 1 tokens with the root), the draft's context pass for R rows and its expansion per
+  (top_k, depth); `extra`: what real chain / tree rounds cost beyond those parts (accept, commit, emit, the
+  loop, and what the parts timed alone miss), by depth, from real rounds of two chains and two trees. `slot`:
+  seconds a step gains per extra cache slot. `prefill`: prompt length -> seconds of the target's prefill of a
+  batch. `first_call`: one-time seconds of a new executable's first run, per kind ("plain", "chain", "tree")."""
+
+  step: float
+  slot: float
+  first_call: dict[str, float]
+  prefill: dict[int, float]
+  verify: dict[int, float]
+  context: dict[int, float]
+  expand: dict[int, dict[int, float]]  # top_k -> depth -> seconds
+  extra: dict[str, dict[int, float]] = dataclasses.field(
+      default_factory=lambda: {"chain": {1: 0.0}, "tree": {1: 0.0}})  # kind -> depth -> seconds
+  meta: dict = dataclasses.field(default_factory=dict)
+
+  @staticmethod
+  def _line(table: dict[int, float], x: float) -> float:
+    """Piecewise-linear through the measured points, extended linearly past both ends."""
+    xs = sorted(table)
+    ys = [table[k] for k in xs]
+    if len(xs) == 1:
+      return ys[0]
+    if x <= xs[0] or x >= xs[-1]:
+      i = 0 if x <= xs[0] else len(xs) - 2
+      return ys[i] + (x - xs[i]) * (ys[i + 1] - ys[i]) / (xs[i + 1] - xs[i])
+    return float(np.interp(x, xs, ys))
+
+  def _at(self, cache_len: int | None) -> float:
+    return 0.0 if cache_len is None else (cache_len - CACHE_LENS[0]) * self.slot
+
+  def step_s(self, cache_len: int | None = None) -> float:
+    return self.step + self._at(cache_len)
+
+  def prefill_s(self, prompt_len: int) -> float:
+    return max(self._line(self.prefill, prompt_len), 0.0)
+
+  def verify_s(self, P: int) -> float:
+    return self._line(self.verify, P)
+
+  def context_s(self, R: int) -> float:
+    return self._line(self.context, R)
+
+  def expand_s(self, k: int, depth: int) -> float:
+    return self._line(self.expand[k], depth)
+
+  def round_s(self, tcfg: TreeConfig, cache_len: int | None = None) -> float:
+    extra = self._line(self.extra["chain" if tcfg.is_chain else "tree"], tcfg.depth)
+    return (self.context_s(tcfg.max_accept + 1) + self.expand_s(tcfg.top_k, tcfg.depth)
+            + self.verify_s(tcfg.total_tokens) + extra + self._at(cache_len))
+
+  def to_json(self) -> dict:
+    ints = lambda d: {str(k): v for k, v in d.items()}  # noqa: E731
+    return {"step": self.step, "slot": self.slot, "first_call": dict(self.first_call),
+            "prefill": ints(self.prefill), "verify": ints(self.verify),
+            "context": ints(self.context), "expand": {str(k): ints(e) for k, e in self.expand.items()},
+            "extra": {k: ints(e) for k, e in self.extra.items()}, "meta": self.meta}
+
+  @classmethod
+  def from_json(cls, obj: dict) -> "Costs":
+    ints = lambda d: {int(k): v for k, v in d.items()}  # noqa: E731
+    return cls(step=obj["step"], slot=obj["slot"], first_call=dict(obj["first_call"]),
+               prefill=ints(obj["prefill"]), verify=ints(obj["verify"]),
+               context=ints(obj["context"]), expand={int(k): ints(e) for k, e in obj["expand"].items()},
+               extra={k: ints(e) for k, e in obj["extra"].items()}, meta=obj.get("meta", {}))
+
+
+def _time_loop(fn, params: Any, state: Any, n: int, repeats: int = 3, first: list | None = None) -> float:
+  """Seconds per iteration of a jitted fori_loop(n) of `fn(params, carry) -> carry`: compiled, run once, then the
+  best of `repeats` timed runs, so dispatch and compilation stay out. Weights are arguments, not constants.
+  `first`, if given, receives what the first run of the compiled loop cost beyond a later one: XLA:CPU does
+  one-time work there (0.75 s for a SmolLM2 decode executable on 2 cores), which an engine pays once per shape."""
+  loop = jax.jit(lambda p, s: jax.lax.fori_loop(0, n, lambda i, c: fn(p, c), s)).lower(params, state).compile()
+  t0 = time.perf_counter()
+  jax.block_until_ready(loop(params, state))
+  t_first = time.perf_counter() - t0
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(loop(params, state))
+    best = min(best, time.perf_counter() - t0)
+  if first is not None:
+    first.append(max(t_first - best, 0.0))
+  return best / n
+
+
+def machine_key() -> dict:
+  """What the costs depend on besides the models: the devices, the host, the software."""
+  d = jax.devices()[0]
+  cpu = ""
+  try:
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "")
+  except OSError:
+    pass
+  return {"platform": d.platform, "device_kind": d.device_kind, "devices": jax.device_count(),
+          "cpus": os.cpu_count(), "cpu": cpu or platform.processor(), "jax": jax.__version__}
+
+
+def cost_key(target_cfg: Any, dcfg: draft.DraftConfig, *, batch: int, dtype: Any) -> dict:
+  return {"format": FORMAT, "machine": machine_key(), "target": repr(target_cfg), "draft": repr(dcfg),
+          "batch": int(batch), "cache_lens": CACHE_LENS, "prefill_lens": PREFILL_LENS,
+          "dtype": str(jnp.dtype(dtype))}
+
+
+def calibrate(target: speculative.Target, target_params: Any, draft_params: Any, vocab: draft.DraftVocab,
+              dcfg: draft.DraftConfig, *, batch: int, target_cfg: Any = None, n: int = 8, verbose: bool = False,
+              anchors: Sequence[TreeConfig] = (TreeConfig.chain(1), TreeConfig.chain(4),
+                                               TreeConfig(top_k=2, depth=2, total_tokens=4),
+                                               TreeConfig(top_k=2, depth=4, total_tokens=8))
+              ) -> Costs:
+  """Times every part of a round at this batch size (about a minute on 2 CPU cores, mostly compilation), then one
+  real rounds of two chains and two trees: what those cost beyond their parts is `extra`. The decode step is the
+  engine's own (decode.decode_step: forward, sampling, bookkeeping) when target_cfg (a LlamaConfig) is given,
+  else the bare forward."""
+  B, S = batch, CACHE_LENS[0]
+  embed = target.embed(target_params)
+  dtype = embed.dtype
+  t0 = time.perf_counter()
+  log = (lambda *a: print("autotree:", *a, file=sys.stderr, flush=True)) if verbose else (lambda *a: None)
+
+  def target_pass(T, S=S, start=None, n=n, repeats=3):
+    start = jnp.full((B,), S // 2, jnp.int32) if start is None else start
+    tokens = jnp.ones((B, T), jnp.int32)
+    positions = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+    tmask = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T))
+    mask = layers.tree_cache_mask(start, tmask, S)
+
+    def fn(params, cache):
+      logits, _, cache = target.forward(params, tokens, positions, cache, mask)
+      return cache  # the carried cache makes every iteration depend on the last; logits feed nothing
+
+    return _time_loop(fn, target_params, target.init_cache(B, S, dtype).replace(lengths=start), n, repeats)
+
+  first_call: dict[str, float] = {}
+  step = target_pass(1)
+  slot = (target_pass(1, S=CACHE_LENS[1]) - step) / (CACHE_LENS[1] - CACHE_LENS[0])
+  if target_cfg is not None:
+    plain = []
+    step = _decode_step_cost(target_params, target_cfg, batch=B, cache_len=S, n=n, first=plain)
+    first_call["plain"] = plain[0]
+  zeros = jnp.zeros((B,), jnp.int32)  # a prompt is written from slot 0
+  prefill = {T: target_pass(T, S=max(CACHE_LENS[1], T), start=zeros, n=1, repeats=2) for T in PREFILL_LENS}
+  verify, floor = {}, step
+  for P in VERIFY_POINTS:  # more tokens through the same weights never cost less: a running max smooths noise
+    verify[P] = floor = max(floor, target_pass(P + 1))
+  log(f"target step {step * 1e3:.1f} ms (+{slot * 1e6:.2f} us a cache slot), prefill",
+      {T: round(v * 1e3, 1) for T, v in prefill.items()}, "verify", {P: round(v * 1e3, 1) for P, v in verify.items()})
+
+  L = jnp.full((B,), S // 2, jnp.int32)
+  dcache = draft.init_cache(dcfg, B, S, dtype).replace(lengths=L)
+  hidden = jnp.zeros((B, dcfg.hidden_size), dtype)
+
+  def context_pass(R):
+    emb = jnp.zeros((B, R, dcfg.hidden_size), dtype)
+    positions = L[:, None] + jnp.arange(R, dtype=jnp.int32)[None, :]
+    mask = layers.cache_causal_mask(L, R, S)
+
+    def fn(params, carry):
+      cache, h = carry
+      out, cache = draft.forward(params, emb, h, positions, cache, mask, cfg=dcfg)
+      return cache, out.astype(h.dtype)
+
+    return _time_loop(fn, draft_params, (dcache, jnp.zeros((B, R, dcfg.hidden_size), dtype)), n)
+
+  context = {R: context_pass(R) for R in (2, MAX_DEPTH + 1)}
+
+  def expand_pass(k, depth):
+    tcfg = TreeConfig(top_k=k, depth=depth, total_tokens=min(k * depth, TreeConfig(
+        top_k=k, depth=depth, total_tokens=k).num_candidates))
+
+    def fn(params, carry):
+      cache, h = carry
+      t, cache = tree.expand(params[0], params[1], params[2], h, cache, dcfg=dcfg, cfg=tcfg)
+      return cache, h + t.scores[:, :1].astype(h.dtype) * 0  # keeps the expansion inside the loop
+
+    return _time_loop(fn, (draft_params, embed, vocab), (dcache, hidden), n)
+
+  expand = {k: {d: expand_pass(k, d) for d in EXPAND_DEPTHS} for k in range(1, MAX_TOP_K + 1)}
+  log("context", {R: round(v * 1e3, 2) for R, v in context.items()}, "expand",
+      {k: {d: round(v * 1e3, 2) for d, v in e.items()} for k, e in expand.items()})
+  parts = Costs(step=step, slot=slot, first_call=first_call, prefill=prefill, verify=verify, context=context,
+                expand=expand)
+  extra: dict[str, dict[int, float]] = {}
+  meta: dict[str, Any] = {"anchors": []}
+  for anchor in anchors:
+    kind = "chain" if anchor.is_chain else "tree"
+    once = []
+    real = _round_cost(target, target_params, draft_params, vocab, dcfg, batch=B, cache_len=S, tcfg=anchor, n=n,
+                       first=once)
+    first_call[kind] = max(first_call.get(kind, 0.0), once[0])
+    bare = dataclasses.replace(parts, extra={kind: {1: 0.0}}).round_s(anchor)
+    extra.setdefault(kind, {})[anchor.depth] = max(0.0, real - bare)
+    meta["anchors"].append({"shape": anchor.shape, "round": real, "parts": bare})
+    log(f"anchor round {anchor.shape}: {real * 1e3:.1f} ms, parts {bare * 1e3:.1f} ms")
+  if set(extra) != {"chain", "tree"}:
+    raise ValueError("calibrate needs a chain and a tree among its anchors")
+  if target_cfg is not None:  # the engine's own executables (prefill + loop) pay more on first run than loops do
+    first_call = {kind: _engine_first_call(target_params, target_cfg, draft_params, vocab, dcfg, batch=B, tcfg=t)
+                  for kind, t in (("plain", None), ("chain", anchors[0]),
+                                  ("tree", next(a for a in anchors if not a.is_chain)))}
+  first_call.setdefault("plain", min(first_call.values()))
+  meta["seconds"] = time.perf_counter() - t0
+  log(f"first calls {({k: round(v, 3) for k, v in first_call.items()})} s; calibrated in {meta['seconds']:.0f} s")
+  return dataclasses.replace(parts, extra=extra, meta=meta, first_call=first_call)
+
+
+def _engine_first_call(params, cfg, draft_params, vocab, dcfg, *, batch, tcfg) -> float:
+  """What the engine's generator pays on the first run of a new shape beyond a later run (XLA:CPU finishes some
+  work there: 0.75 s for SmolLM2's plain decoding on 2 cores), on a dummy batch of 16-token prompts."""
+  from eagle3_jax import engine, sampling
+
+  kw = dict(sampling_cfg=sampling.SamplingConfig(), max_new_tokens=8)
+  gen = (engine.VanillaGenerator(params, cfg, **kw) if tcfg is None else
+         engine.SpeculativeGenerator(params, cfg, draft_params, vocab, dcfg=dcfg, tree_cfg=tcfg, **kw))
+  batch_ = engine.Batch(tokens=np.ones((batch, 16), np.int32), lengths=np.full((batch,), 16, np.int32), n_real=batch)
+  runs = []
+  for _ in range(3):
+    t0 = time.perf_counter()
+    out = gen.generate(batch_)
+    runs.append(time.perf_counter() - t0 - out.stats["compile_s"])
+  return max(runs[0] - min(runs[1:]), 0.0)
+
+
+def _decode_step_cost(params, cfg, *, batch, cache_len, n, first):
+  """Seconds per decode.decode_step (greedy), the vanilla engine's loop body."""
+  from eagle3_jax import decode, sampling
+  from eagle3_jax.target import llama
+
+  T, M = 16, cache_len - 16
+  kw = dict(cfg=cfg, sampling_cfg=sampling.SamplingConfig(), max_new_tokens=M)
+  state = jax.jit(functools.partial(decode.prefill, **kw))(
+      params, jnp.ones((batch, T), jnp.int32), jnp.full((batch,), T, jnp.int32),
+      llama.init_cache(cfg, batch, cache_len, jax.tree.leaves(params)[0].dtype), jax.random.key(0))
+  return _time_loop(lambda p, s: decode.decode_step(p, s, **kw), params, state, n, first=first)
+
+
+def _round_cost(target, target_params, draft_params, vocab, dcfg, *, batch, cache_len, tcfg, n, first=None):
+  """Seconds per real spec_round (random prompt, rows kept running so the work per round is constant)."""
+  T = 16
+  M = cache_len - T - tcfg.total_tokens
+  spec = speculative.SpecConfig(tree=tcfg, max_new_tokens=M, cache_len=cache_len)
+  embed = target.embed(target_params)
+  tokens = jnp.ones((batch, T), jnp.int32)
+  lengths = jnp.full((batch,), T, jnp.int32)
+  state = speculative.prefill_jit(target, target_params, draft_params, embed, tokens, lengths, jax.random.key(0),
+                                  dcfg=dcfg, spec=spec)
+  fn = lambda p, s: speculative.spec_round(target, p[0], p[1], p[2], p[3], s, dcfg=dcfg, spec=spec)  # noqa: E731
+  return _time_loop(fn, (target_params, draft_params, embed, vocab), state,
+                    min(n, max(1, (M - 1) // (tcfg.depth + 1) // 4)), first=first)
+
+
+def cached_costs(target: speculative.Target, target_params: Any, target_cfg: Any, draft_params: Any,
+                 vocab: draft.DraftVocab, dcfg: draft.DraftConfig, *, batch: int,
+                 cache_dir: str | os.PathLike | None = None, verbose: bool = False) -> Costs:
+  """The calibration for this machine, target, draft shape, batch size and dtype: read from cache_dir (default
+  ~/.cache/eagle3_jax/autotree) when one was made for exactly these, else measured and saved."""
+  from eagle3_jax.target import loading
+
+  dtype = target.embed(target_params).dtype
+  key = json.loads(json.dumps(cost_key(target_cfg, dcfg, batch=batch, dtype=dtype)))  # tuples as stored
+  digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+  root = pathlib.Path(cache_dir) if cache_dir is not None else loading.cache_root() / "autotree"
+  path = root / f"costs-{digest}.json"
+  if path.is_file():
+    stored = json.loads(path.read_text())
+    if stored.get("key") == key:
+      return Costs.from_json(stored["costs"])
+  costs = calibrate(target, target_params, draft_params, vocab, dcfg, batch=batch, verbose=verbose,
+                    target_cfg=target_cfg if hasattr(target_cfg, "num_layers") else None)
+  root.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(".tmp")
+  tmp.write_text(json.dumps({"key": key, "costs": costs.to_json()}, indent=1))
+  os.replace(tmp, path)  # atomic: a killed calibration never leaves a half-written cache entry
+  return costs
