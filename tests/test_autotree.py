@@ -139,3 +139,12 @@ def test_random_draft_measured_end_to_end_chooses_plain_decoding(tiny_cfg, tmp_p
   assert autotree.choose(costs, acc, batch=1).tree is None
   oracle = autotree.Acceptance(np.ones_like(acc.ranks))
   assert autotree.choose(costs, oracle, batch=1).tree.depth == autotree.MAX_DEPTH
+
+
+def test_batch_rounds_wait_for_the_slowest_row():
+  from eagle3_jax.autotree.acceptance import batch_rounds
+
+  assert batch_rounds(np.ones(10, np.int32), batch=4, tokens=63) == 32  # 2 tokens a round, no spread
+  mixed = np.array([0, 0, 1, 3, 0, 2])
+  one, four = batch_rounds(mixed, batch=1, tokens=63), batch_rounds(mixed, batch=4, tokens=63)
+  assert 63 / (1 + mixed.mean()) - 1 < one < four < 63

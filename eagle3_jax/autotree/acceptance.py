@@ -56,19 +56,24 @@ class Acceptance:
       alive &= (self.ranks[:, d] >= 1) & (self.ranks[:, d] <= top_k)
     return out
 
-  def tau(self, tcfg: TreeConfig) -> float:
-    """Predicted tokens per round (accepted + the bonus) for this shape."""
+  def accepted(self, tcfg: TreeConfig) -> np.ndarray:
+    """[N] draft nodes position n would have accepted with this shape (the bonus not counted)."""
     if tcfg.depth > self.ranks.shape[1]:
       raise ValueError(f"acceptance statistics reach depth {self.ranks.shape[1]}, the tree needs {tcfg.depth}")
     nodes = static_tree(self.rates(tcfg.top_k), tcfg)
-    accepted = np.zeros(len(self.ranks))
+    accepted = np.zeros(len(self.ranks), np.int32)
     prefix = [()] * len(self.ranks)
     alive = np.ones(len(self.ranks), bool)
     for d in range(tcfg.depth):
       prefix = [p + (int(r),) for p, r in zip(prefix, self.ranks[:, d])]
       alive &= np.array([p in nodes for p in prefix])
       accepted += alive
-    return 1.0 + float(accepted.mean())
+    return accepted
+
+  def tau(self, tcfg: TreeConfig) -> float:
+    """Predicted tokens per round (accepted + the bonus) for this shape."""
+    return 1.0 + float(self.accepted(tcfg).mean())
+
 
   def save(self, path: str | os.PathLike) -> None:
     from safetensors.numpy import save_file
@@ -84,6 +89,16 @@ class Acceptance:
       if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: not an autotree acceptance file (format {meta.get('format')!r})")
       return cls(ranks=f.get_tensor("ranks"), source=meta.get("source", ""))
+
+
+def batch_rounds(accepted: np.ndarray, *, batch: int, tokens: int, trials: int = 256, seed: int = 0) -> float:
+  """Expected rounds a batch of `batch` rows needs until every row has `tokens` tokens, each round giving a row
+  1 + a draw from `accepted`: the batch runs as long as its slowest row, so at batch > 1 this exceeds tokens / tau.
+  Draws are independent per round (Monte Carlo, fixed seed), which understates how long a hard text stays hard."""
+  rng = np.random.default_rng(seed)
+  gained = np.cumsum(1 + rng.choice(accepted, size=(trials, batch, tokens)), axis=-1)
+  rounds = np.argmax(gained >= tokens, axis=-1) + 1  # every round gives >= 1 token: `tokens` rounds always suffice
+  return float(rounds.max(axis=-1).mean())
 
 
 def static_tree(rates_DK: np.ndarray, tcfg: TreeConfig) -> set[tuple[int, ...]]:

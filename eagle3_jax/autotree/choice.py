@@ -6,7 +6,7 @@ import dataclasses
 import functools
 from typing import Sequence
 
-from eagle3_jax.autotree.acceptance import MAX_DEPTH, MAX_TOP_K, Acceptance
+from eagle3_jax.autotree.acceptance import MAX_DEPTH, MAX_TOP_K, Acceptance, batch_rounds
 from eagle3_jax.autotree.costs import Costs
 from eagle3_jax.tree import TreeConfig
 
@@ -52,26 +52,29 @@ def predict(costs: Costs, acc: Acceptance, *, batch: int, prompt_lengths: Sequen
   """Predicted tokens/s of plain decoding and of every shape, best first.
 
   With prompt_lengths, the engine's work is modelled: its batches (length-sorted, bucketed), each prefilled at its
-  bucket and decoded with a cache of bucket + max_new_tokens slots, every row running to max_new_tokens (EOS is
-  not predicted), plus the first-call cost of each new executable (one per distinct bucket). Without, decoding
-  alone at CACHE_LENS[0].
+  bucket and decoded with a cache of bucket + max_new_tokens slots until its slowest row has max_new_tokens (EOS
+  is not predicted; acceptance.batch_rounds), plus the first-call cost of each new executable (one per distinct
+  bucket). Without, decoding alone at CACHE_LENS[0].
   """
   shapes = candidates(max_depth=min(MAX_DEPTH, acc.ranks.shape[1])) if shapes is None else shapes
   M = max_new_tokens
   buckets = engine_batches(prompt_lengths, batch) if prompt_lengths is not None else None
   n_rows = len(prompt_lengths) if prompt_lengths is not None else batch
 
-  def rate(tau, per_step, once):  # per_step(cache_len) -> seconds of one step or round
+  def rate(tau, rounds, per_step, once):  # per_step(cache_len) -> seconds of one step or round
     if buckets is None:
       return batch * tau / per_step(None)
-    seconds = sum(costs.prefill_s(T) + (M - 1) / tau * per_step(T + M) for T in buckets)
+    seconds = sum(costs.prefill_s(T) + rounds * per_step(T + M) for T in buckets)
     return n_rows * M / (seconds + once * len(set(buckets)))
 
-  out = [Prediction(None, 1.0, costs.step, rate(1.0, costs.step_s, costs.first_call["plain"]))]
+  out = [Prediction(None, 1.0, costs.step, rate(1.0, M - 1, costs.step_s, costs.first_call["plain"]))]
   for tcfg in shapes:
-    tau = acc.tau(tcfg)
+    accepted = acc.accepted(tcfg)
+    tau = 1.0 + float(accepted.mean())
+    rounds = batch_rounds(accepted, batch=batch, tokens=M - 1)  # the first token comes with the prefill
     once = costs.first_call["chain" if tcfg.is_chain else "tree"]
-    out.append(Prediction(tcfg, tau, costs.round_s(tcfg), rate(tau, functools.partial(costs.round_s, tcfg), once)))
+    out.append(Prediction(tcfg, tau, costs.round_s(tcfg),
+                          rate(tau, rounds, functools.partial(costs.round_s, tcfg), once)))
   return sorted(out, key=lambda p: -p.tokens_per_s)
 
 

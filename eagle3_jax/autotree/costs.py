@@ -87,7 +87,9 @@ class Costs:
     return self._line(self.expand[k], depth)
 
   def round_s(self, tcfg: TreeConfig, cache_len: int | None = None) -> float:
-    extra = self._line(self.extra["chain" if tcfg.is_chain else "tree"], tcfg.depth)
+    # Held flat past the anchors: extrapolating a noisy difference of two timings invites absurd shapes.
+    table = self.extra["chain" if tcfg.is_chain else "tree"]
+    extra = self._line(table, min(max(tcfg.depth, min(table)), max(table)))
     return (self.context_s(tcfg.max_accept + 1) + self.expand_s(tcfg.top_k, tcfg.depth)
             + self.verify_s(tcfg.total_tokens) + extra + self._at(cache_len))
 
