@@ -70,7 +70,7 @@ def test_tree_auto_measures_and_falls_back_to_plain_decoding(tiny_target, tmp_pa
   monkeypatch.setenv("EAGLE3_JAX_CACHE", str(tmp_path / "cache"))
   draft_dir = _random_draft(path, tmp_path / "draft")
   args = ["--target", str(path), "--draft", str(draft_dir), "--prompt", "hello world", "--prompt", "why is the sky",
-          "--max-new-tokens", "12", "--compare", *_QUIET]
+          "--max-new-tokens", "12", "--compare", "--tree", "auto", *_QUIET]
   summary = infer.main(args)
   assert summary["auto"]["tree"] == "none" and summary["draft"].startswith("none (auto")
   assert "tree" not in summary and summary["identical_to_vanilla"] is True
