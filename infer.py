@@ -5,7 +5,7 @@ By default the embedded target decodes speculatively with the draft shipped in t
 tree recorded beside it; `--draft DIR` (an EAGLE-3 draft in our export, the official EAGLE / SGLang or the
 speculators layout) names another, `--draft none` decodes plainly. The tree shape is the one recorded beside the
 draft as fastest where it was measured (`--tree recorded`, the default; else 4x4x16), or chosen for this machine
-(`--tree auto`: eagle3_jax.autotree predicts tokens/s of every shape and of plain decoding from a cached calibration
+(`--tree auto`: eagle3_jax.decode.autotree predicts tokens/s of every shape and of plain decoding from a cached calibration
 and the draft's measured acceptance, and uses the best, which may be no draft at all; not yet the default, see
 BENCHMARKS.md "Tree choice"); --draft-top-k/--draft-depth/--draft-tokens set it by hand.
 `--compare` also runs plain decoding on the
@@ -122,7 +122,7 @@ def auto_tree(args, requests, params, cfg, ckpt, tokenizer) -> Any:
   import jax
   import jax.numpy as jnp
 
-  from eagle3_jax import autotree, engine, sampling, speculative
+  from eagle3_jax.decode import autotree, engine, sampling, speculative
 
   path = pathlib.Path(args.draft) / autotree.ACCEPTANCE_FILE
   target = speculative.llama_target(cfg)
@@ -184,8 +184,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
   args = parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-  from eagle3_jax import sampling  # validates the sampling and tree flags before the slow model load
-  from eagle3_jax.tree import TreeConfig
+  from eagle3_jax.decode import sampling  # validates the sampling and tree flags before the slow model load
+  from eagle3_jax.decode.tree import TreeConfig
 
   sampling_cfg = sampling.SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
   if args.draft == "auto":
@@ -214,7 +214,7 @@ def main(argv=None) -> dict:
   import jax
   import jax.numpy as jnp
 
-  from eagle3_jax import engine
+  from eagle3_jax.decode import engine
   from eagle3_jax.target import loading
 
   if args.compile_cache != "none":

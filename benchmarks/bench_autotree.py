@@ -43,9 +43,10 @@ def main(argv=None) -> dict:
   import jax.numpy as jnp
 
   import infer
-  from eagle3_jax import autotree, drafts, engine, speculative
+  from eagle3_jax.decode import autotree, engine, speculative
+  from eagle3_jax import drafts
   from eagle3_jax.target import loading
-  from eagle3_jax.tree import TreeConfig
+  from eagle3_jax.decode.tree import TreeConfig
 
   draft_dir = args.draft or str(drafts.default_draft_path())
   lines = pathlib.Path(args.prompts).read_text().splitlines()[:args.questions]

@@ -65,9 +65,11 @@ def main(argv=None) -> dict:
   import jax.numpy as jnp
 
   import infer
-  from eagle3_jax import decode, draft, engine, layers, sampling, speculative as sp
+  from eagle3_jax.decode import vanilla, engine, sampling, speculative as sp
+  from eagle3_jax import draft
+  from eagle3_jax.nn import layers
   from eagle3_jax.target import llama, loading
-  from eagle3_jax.tree import TreeConfig
+  from eagle3_jax.decode.tree import TreeConfig
 
   cfg, tparams = loading.load_target(args.target, dtype=jnp.float32)
   tokenizer = loading.load_tokenizer(args.target)
@@ -88,8 +90,8 @@ def main(argv=None) -> dict:
     batches = [b for _, b in engine.Engine(None, tokenizer, batch_size=B).batches(prompts)]
 
     def vanilla(batch):
-      S = decode.cache_length(batch.tokens.shape[1], M)
-      st = decode.generate_jit(tparams, batch.tokens, batch.lengths, llama.init_cache(cfg, B, S), jax.random.key(0),
+      S = vanilla.cache_length(batch.tokens.shape[1], M)
+      st = vanilla.generate_jit(tparams, batch.tokens, batch.lengths, llama.init_cache(cfg, B, S), jax.random.key(0),
                                cfg=cfg, sampling_cfg=greedy, max_new_tokens=M)
       return np.asarray(st.tokens)[:batch.n_real], None
 
@@ -158,12 +160,12 @@ def main(argv=None) -> dict:
                                        cache, layers.tree_cache_mask(cache.lengths, tree_mask, S), cfg=cfg)
       return jnp.argmax(logits, -1), cache
 
-    step = jax.jit(lambda p, st: decode.decode_step(p, st, cfg=cfg, sampling_cfg=greedy, max_new_tokens=10 ** 6),
+    step = jax.jit(lambda p, st: vanilla.decode_step(p, st, cfg=cfg, sampling_cfg=greedy, max_new_tokens=10 ** 6),
                    donate_argnums=1)
     copy = lambda: jax.tree.map(jnp.copy, cache).replace(lengths=fresh())
     timed = {}  # name -> a callable running one donated step on its own state, rewound to context L each time
 
-    box_step = {"st": decode.DecodeState(cache=copy(), last=jnp.ones((B,), jnp.int32),
+    box_step = {"st": vanilla.DecodeState(cache=copy(), last=jnp.ones((B,), jnp.int32),
                                          tokens=jnp.zeros((B, 8), jnp.int32), counts=jnp.zeros((B,), jnp.int32),
                                          done=jnp.zeros((B,), bool), key=jax.random.key(0),
                                          steps=jnp.zeros((), jnp.int32))}
@@ -227,8 +229,8 @@ def main(argv=None) -> dict:
     batch = next(iter(engine.Engine(None, tokenizer, batch_size=B).batches(prompts)))[1]
 
     def van_steps(m, batch=batch):
-      S = decode.cache_length(batch.tokens.shape[1], m)
-      return int(decode.generate_jit(tparams, batch.tokens, batch.lengths, llama.init_cache(cfg, B, S),
+      S = vanilla.cache_length(batch.tokens.shape[1], m)
+      return int(vanilla.generate_jit(tparams, batch.tokens, batch.lengths, llama.init_cache(cfg, B, S),
                                      jax.random.key(0), cfg=cfg, sampling_cfg=greedy, max_new_tokens=m).steps)
 
     def spec_steps(m, tree, batch=batch):

@@ -95,7 +95,7 @@ def main(argv=None) -> dict:
   import jax
   import jax.numpy as jnp
 
-  from eagle3_jax import engine, sampling
+  from eagle3_jax.decode import engine, sampling
   from eagle3_jax.target import llama, loading
 
   jax.config.update("jax_compilation_cache_dir", str(loading.cache_root() / "xla"))  # as infer.py does

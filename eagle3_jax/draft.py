@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eagle3_jax import layers
+from eagle3_jax.nn import layers
 from eagle3_jax.config import LlamaConfig, RopeScaling
 from eagle3_jax.params import ParamSpec, abstract_of, axes_of, init_from_specs
 from eagle3_jax.target.llama import KVCache, write_rows

@@ -18,7 +18,7 @@ import numpy as np
 import safetensors.numpy
 from safetensors import safe_open
 
-from eagle3_jax import layers
+from eagle3_jax.nn import layers
 from eagle3_jax.config import LlamaConfig
 from eagle3_jax.target import llama
 

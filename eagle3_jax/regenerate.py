@@ -154,7 +154,7 @@ def regenerate(cfg: RegenConfig, output: str | os.PathLike, *, make_generator: C
   """
   from tqdm import tqdm
 
-  from eagle3_jax import engine
+  from eagle3_jax.decode import engine
 
   output = pathlib.Path(output)
   output.parent.mkdir(parents=True, exist_ok=True)
@@ -277,9 +277,9 @@ def main(argv=None) -> dict[str, Any]:
   import jax
   import jax.numpy as jnp
 
-  from eagle3_jax import engine, sampling
+  from eagle3_jax.decode import engine, sampling
   from eagle3_jax.target import loading
-  from eagle3_jax.tree import TreeConfig
+  from eagle3_jax.decode.tree import TreeConfig
 
   if args.compile_cache != "none":
     cache_dir = loading.cache_root() / "xla" if args.compile_cache == "auto" else args.compile_cache

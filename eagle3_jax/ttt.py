@@ -8,7 +8,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from eagle3_jax import draft, layers
+from eagle3_jax import draft
+from eagle3_jax.nn import layers
 from eagle3_jax.config import LlamaConfig
 from eagle3_jax.draft import DraftConfig, DraftVocab
 

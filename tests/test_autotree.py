@@ -8,10 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eagle3_jax import autotree, draft, layers, speculative, ttt
-from eagle3_jax.autotree import costs as autotree_costs
+from eagle3_jax.decode import autotree, speculative
+from eagle3_jax import draft, ttt
+from eagle3_jax.nn import layers
+from eagle3_jax.decode.autotree import costs as autotree_costs
 from eagle3_jax.target import llama
-from eagle3_jax.tree import TreeConfig
+from eagle3_jax.decode.tree import TreeConfig
 
 
 def _models(tiny_cfg, Vd=96):
@@ -142,7 +144,7 @@ def test_random_draft_measured_end_to_end_chooses_plain_decoding(tiny_cfg, tmp_p
 
 
 def test_batch_rounds_wait_for_the_slowest_row():
-  from eagle3_jax.autotree.acceptance import batch_rounds
+  from eagle3_jax.decode.autotree.acceptance import batch_rounds
 
   assert batch_rounds(np.ones(10, np.int32), batch=4, tokens=63) == 32  # 2 tokens a round, no spread
   mixed = np.array([0, 0, 1, 3, 0, 2])

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eagle3_jax import draft, layers
+from eagle3_jax import draft
+from eagle3_jax.nn import layers
 from eagle3_jax.params import count_params
 
 

@@ -166,5 +166,5 @@ def test_bad_request_and_sampling_flags_raise(tiny_target):
   with pytest.raises(ValueError, match="SamplingConfig.top_p"):
     infer.main(["--target", str(path), "--prompt", "hi", "--top-p", "0"])
   with pytest.raises(ValueError, match="needs 'messages' or 'prompt'"):
-    from eagle3_jax import engine
+    from eagle3_jax.decode import engine
     engine.Engine(None, _tokenizer()).encode([{"text": "x"}])

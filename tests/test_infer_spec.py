@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from eagle3_jax import engine
+from eagle3_jax.decode import engine
 from test_infer import _QUIET, _hf_greedy, infer, tiny_target  # noqa: F401  (tiny_target is a fixture)
 
 

@@ -19,7 +19,8 @@ import safetensors.numpy
 torch = pytest.importorskip("torch")
 import safetensors.torch  # noqa: E402
 
-from eagle3_jax import convert, draft, interop, interop_io, layers  # noqa: E402
+from eagle3_jax import convert, draft, interop, interop_io
+from eagle3_jax.nn import layers  # noqa: E402
 from eagle3_jax.config import LlamaConfig  # noqa: E402
 
 D, F, N, K, H, V, VD = 64, 128, 4, 2, 16, 256, 64
@@ -509,9 +510,10 @@ def test_trained_draft_exports_converts_and_generates_same_tokens(tmp_path):
   converted draft emits the same tokens with the same acceptance (greedy output alone could not tell drafts apart)."""
   if not (ROOT / "train.py").exists():
     pytest.skip("train.py (the training CLI) is not in the tree")
-  speculative = pytest.importorskip("eagle3_jax.speculative", reason="needs the speculative decoder")
+  speculative = pytest.importorskip("eagle3_jax.decode.speculative", reason="needs the speculative decoder")
   train_loop = pytest.importorskip("eagle3_jax.train_loop", reason="needs the training loop")
-  from eagle3_jax import sharding, tree
+  from eagle3_jax import sharding
+  from eagle3_jax.decode import tree
   from eagle3_jax.config import load_config
 
   overrides = [f"run_dir={tmp_path / 'run'}", "num_steps=3", "eval_every=0", "data.eval_fraction=0",

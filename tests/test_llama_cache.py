@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eagle3_jax import layers
+from eagle3_jax.nn import layers
 from eagle3_jax.target import llama
 
 

@@ -8,7 +8,8 @@ import transformers
 import jax
 import jax.numpy as jnp
 
-from eagle3_jax import layers, sharding
+from eagle3_jax.nn import layers
+from eagle3_jax import sharding
 from eagle3_jax.target import llama, loading
 
 B, T = 2, 12

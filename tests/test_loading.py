@@ -206,7 +206,7 @@ def _write_gguf(path, cfg: LlamaConfig, tensors: dict[str, np.ndarray], arch: st
 def _logits(cfg, params):
   tokens = jnp.arange(20).reshape(2, 10) % cfg.vocab_size
   positions = jnp.broadcast_to(jnp.arange(10), (2, 10))
-  from eagle3_jax import layers
+  from eagle3_jax.nn import layers
   return np.asarray(llama.forward(params, tokens, positions, None, layers.causal_mask(jnp.full((2,), 10), 10),
                                   cfg=cfg)[0])
 
@@ -236,7 +236,7 @@ def test_gguf_loads_same_weights_and_logits_as_hf(tmp_path, arch, cfg):
 def test_gguf_rope_freqs_become_llama3_scaling(tmp_path):
   scaling = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
   cfg = dataclasses.replace(_CFG, rope_theta=5e5, rope_scaling=scaling)
-  from eagle3_jax import layers
+  from eagle3_jax.nn import layers
   freqs = layers.rope_inv_freq(8, 5e5) / layers.rope_inv_freq(8, 5e5, scaling)
   assert freqs.max() > 1.0  # the scaling must actually change something at this head size
   path = _write_gguf(tmp_path / "m.gguf", cfg, _hf_tensors(cfg), rope_freqs=freqs.astype(np.float32))

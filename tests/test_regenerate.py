@@ -8,7 +8,8 @@ import pathlib
 import numpy as np
 import pytest
 
-from eagle3_jax import engine, regenerate, sampling
+from eagle3_jax.decode import engine, sampling
+from eagle3_jax import regenerate
 from eagle3_jax.target import loading
 from test_infer import _WORDS, tiny_target  # noqa: F401  (tiny_target is a fixture)
 from test_infer_spec import _random_draft
@@ -36,7 +37,7 @@ def _factory(target_dir, draft_dir=None, max_new_tokens=10, fail_after=None):
   tok = loading.load_tokenizer(target_dir)
   ckpt, tree_cfg = None, None
   if draft_dir is not None:
-    from eagle3_jax.tree import TreeConfig
+    from eagle3_jax.decode.tree import TreeConfig
 
     cfg, ckpt = engine.load_draft(str(draft_dir), cfg)
     tree_cfg = TreeConfig(top_k=2, depth=3, total_tokens=6)

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eagle3_jax import sampling
-from eagle3_jax.sampling import SamplingConfig
+from eagle3_jax.decode import sampling
+from eagle3_jax.decode.sampling import SamplingConfig
 
 
 def _kept(cfg, logits):

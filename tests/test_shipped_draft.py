@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from eagle3_jax import autotree, drafts, interop
+from eagle3_jax.decode import autotree
+from eagle3_jax import drafts, interop
 from test_infer import infer
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(

@@ -10,7 +10,8 @@ import transformers
 import jax
 import jax.numpy as jnp
 
-from eagle3_jax import decode, layers, sampling
+from eagle3_jax.decode import vanilla, sampling
+from eagle3_jax.nn import layers
 from eagle3_jax.target import llama, loading
 
 pytestmark = pytest.mark.slow
@@ -88,8 +89,8 @@ def test_prefill_logits_and_aux_match_transformers(ours, prompt, reference):
 def test_greedy_tokens_match_transformers(ours, prompt, reference):
   cfg, params = ours
   T = prompt.shape[1]
-  cache = llama.init_cache(cfg, 1, decode.cache_length(T, N_NEW))
-  state = decode.generate_jit(params, jnp.asarray(prompt), jnp.array([T]), cache, jax.random.key(0), cfg=cfg,
+  cache = llama.init_cache(cfg, 1, vanilla.cache_length(T, N_NEW))
+  state = vanilla.generate_jit(params, jnp.asarray(prompt), jnp.array([T]), cache, jax.random.key(0), cfg=cfg,
                               sampling_cfg=sampling.SamplingConfig(), max_new_tokens=N_NEW)
   got = np.asarray(state.tokens)[0]
   assert int(state.counts[0]) == N_NEW
@@ -105,8 +106,9 @@ def test_speculative_greedy_equals_vanilla(ours, prompt):
   """The real target under the speculative engine: B = 2 ragged rows, a (4, 4, 16) tree, a random Vd = 16384 draft
   (as configs/smollm2_135m.py shapes it). Nearly every proposal is rejected, so almost every round takes the
   correction path through verify + commit on real SmolLM2 KV; accepting paths are covered on tiny targets."""
-  from eagle3_jax import draft, speculative as sp
-  from eagle3_jax.tree import TreeConfig
+  from eagle3_jax import draft
+  from eagle3_jax.decode import speculative as sp
+  from eagle3_jax.decode.tree import TreeConfig
 
   cfg, params = ours
   n_new, T = 32, prompt.shape[1]
@@ -114,8 +116,8 @@ def test_speculative_greedy_equals_vanilla(ours, prompt):
   tokens = np.zeros((2, T), np.int32)
   tokens[0], tokens[1, : T - 9] = prompt[0], short[0]
   lengths = np.array([T, T - 9], np.int32)
-  want = decode.generate_jit(params, jnp.asarray(tokens), jnp.asarray(lengths),
-                             llama.init_cache(cfg, 2, decode.cache_length(T, n_new)), jax.random.key(0), cfg=cfg,
+  want = vanilla.generate_jit(params, jnp.asarray(tokens), jnp.asarray(lengths),
+                             llama.init_cache(cfg, 2, vanilla.cache_length(T, n_new)), jax.random.key(0), cfg=cfg,
                              sampling_cfg=sampling.SamplingConfig(), max_new_tokens=n_new)
   dcfg = draft.DraftConfig.for_target(cfg, draft_vocab_size=16384)
   vocab = draft.DraftVocab.from_ids(np.arange(16384), cfg.vocab_size)

@@ -10,9 +10,10 @@ import pytest
 from scipy import stats
 
 import spec_oracle
-from eagle3_jax import layers, sampling, speculative as sp
+from eagle3_jax.nn import layers
+from eagle3_jax.decode import sampling, speculative as sp
 from eagle3_jax.target import llama
-from eagle3_jax.tree import TreeConfig
+from eagle3_jax.decode.tree import TreeConfig
 
 V = 8
 ROWS = 12000

@@ -5,9 +5,10 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import spec_oracle
-from eagle3_jax import draft, sharding, speculative as sp
+from eagle3_jax import draft, sharding
+from eagle3_jax.decode import speculative as sp
 from eagle3_jax.target import llama
-from eagle3_jax.tree import TreeConfig
+from eagle3_jax.decode.tree import TreeConfig
 
 
 def test_sharded_generation_equals_single_device(tiny_cfg):

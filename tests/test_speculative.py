@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 
 import spec_oracle
-from eagle3_jax import decode, draft, layers, sampling, speculative as sp
+from eagle3_jax.decode import vanilla, sampling, speculative as sp
+from eagle3_jax import draft
+from eagle3_jax.nn import layers
 from eagle3_jax.target import llama
-from eagle3_jax.tree import TreeConfig
+from eagle3_jax.decode.tree import TreeConfig
 
 TREES = [TreeConfig.chain(4), TreeConfig(top_k=2, depth=3, total_tokens=6), TreeConfig(top_k=4, depth=4, total_tokens=16)]
 tree_id = lambda t: f"k{t.top_k}d{t.depth}n{t.total_tokens}"
@@ -20,8 +22,8 @@ tree_id = lambda t: f"k{t.top_k}d{t.depth}n{t.total_tokens}"
 
 def _vanilla(cfg, params, tokens, lengths, max_new, stop_ids=()):
   B, T = tokens.shape
-  state = decode.generate_jit(params, jnp.asarray(tokens), jnp.asarray(lengths),
-                              llama.init_cache(cfg, B, decode.cache_length(T, max_new)), jax.random.key(0), cfg=cfg,
+  state = vanilla.generate_jit(params, jnp.asarray(tokens), jnp.asarray(lengths),
+                              llama.init_cache(cfg, B, vanilla.cache_length(T, max_new)), jax.random.key(0), cfg=cfg,
                               sampling_cfg=sampling.SamplingConfig(), max_new_tokens=max_new, stop_ids=stop_ids)
   return np.asarray(state.tokens), np.asarray(state.counts)
 

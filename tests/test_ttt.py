@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eagle3_jax import draft, layers, ttt
+from eagle3_jax import draft, ttt
+from eagle3_jax.nn import layers
 from eagle3_jax.config import LlamaConfig
 from eagle3_jax.features import target_features
 from eagle3_jax.target import llama

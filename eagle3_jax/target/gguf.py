@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from eagle3_jax import layers
+from eagle3_jax.nn import layers
 from eagle3_jax.config import LlamaConfig, RopeScaling
 from eagle3_jax.target import loading
 

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eagle3_jax import layers
+from eagle3_jax.nn import layers
 from eagle3_jax.config import LlamaConfig
 from eagle3_jax.params import ParamSpec, abstract_of, axes_of, count_params, init_from_specs  # noqa: F401
 

@@ -22,8 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eagle3_jax import draft, layers, speculative, ttt
-from eagle3_jax.tree import TreeConfig
+from eagle3_jax import draft, ttt
+from eagle3_jax.nn import layers
+from eagle3_jax.decode import speculative
+from eagle3_jax.decode.tree import TreeConfig
 
 MAX_DEPTH = 8  # deepest candidate and the depth of the acceptance statistics
 MAX_TOP_K = 4  # widest candidate; ranks beyond it count as misses

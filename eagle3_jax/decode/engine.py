@@ -13,10 +13,11 @@ from typing import Any, Callable, Protocol, Sequence
 import jax
 import numpy as np
 
-from eagle3_jax import decode, draft, sampling, speculative
+from eagle3_jax.decode import vanilla, sampling, speculative
+from eagle3_jax import draft
 from eagle3_jax.config import LlamaConfig
 from eagle3_jax.target import llama
-from eagle3_jax.tree import TreeConfig
+from eagle3_jax.decode.tree import TreeConfig
 
 
 @dataclasses.dataclass
@@ -69,13 +70,13 @@ class VanillaGenerator:
     self._key = jax.random.key(seed)
     self._compiled: dict[tuple[int, int], Any] = {}
     self._caches: dict[tuple[int, int], llama.KVCache] = {}  # donated each call, handed back by the next state
-    self._traces_at_start = decode.TRACE_COUNT["generate"]
+    self._traces_at_start = vanilla.TRACE_COUNT["generate"]
     self._dtype = jax.tree.leaves(params)[0].dtype
 
   @property
   def compile_count(self) -> int:
     """Traces of the generate function since this generator was built (one per new shape if nothing retraces)."""
-    return decode.TRACE_COUNT["generate"] - self._traces_at_start
+    return vanilla.TRACE_COUNT["generate"] - self._traces_at_start
 
   @property
   def stop_ids(self) -> tuple[int, ...]:
@@ -87,13 +88,13 @@ class VanillaGenerator:
 
   def generate(self, batch: Batch) -> GenerateOutput:
     B, T = batch.tokens.shape
-    S = decode.cache_length(T, self.max_new_tokens)
-    decode.validate(batch.tokens, batch.lengths, cfg=self.cfg, cache_len=S, max_new_tokens=self.max_new_tokens)
+    S = vanilla.cache_length(T, self.max_new_tokens)
+    vanilla.validate(batch.tokens, batch.lengths, cfg=self.cfg, cache_len=S, max_new_tokens=self.max_new_tokens)
     stats = {"compile_s": 0.0}
     if (B, T) not in self._compiled:
       t0 = time.perf_counter()
       self._caches[B, T] = llama.init_cache(self.cfg, B, S, self._dtype)
-      self._compiled[B, T] = decode.generate_jit.lower(
+      self._compiled[B, T] = vanilla.generate_jit.lower(
           self.params, batch.tokens, batch.lengths, self._caches[B, T], self._key, **self._static).compile()
       stats["compile_s"] = time.perf_counter() - t0
     state = self._compiled[B, T](self.params, batch.tokens, batch.lengths, self._caches[B, T], self._key)

@@ -6,9 +6,9 @@ import dataclasses
 import functools
 from typing import Sequence
 
-from eagle3_jax.autotree.acceptance import MAX_DEPTH, MAX_TOP_K, Acceptance, batch_rounds
-from eagle3_jax.autotree.costs import Costs
-from eagle3_jax.tree import TreeConfig
+from eagle3_jax.decode.autotree.acceptance import MAX_DEPTH, MAX_TOP_K, Acceptance, batch_rounds
+from eagle3_jax.decode.autotree.costs import Costs
+from eagle3_jax.decode.tree import TreeConfig
 
 
 def candidates(max_depth: int = MAX_DEPTH, max_top_k: int = MAX_TOP_K,
@@ -41,7 +41,7 @@ class Prediction:
 
 def engine_batches(prompt_lengths: Sequence[int], batch: int) -> list[int]:
   """The prompt bucket of each batch the engine forms (sorted by length, `batch` rows each)."""
-  from eagle3_jax.engine import bucket_length
+  from eagle3_jax.decode.engine import bucket_length
 
   order = sorted(int(n) for n in prompt_lengths)
   return [bucket_length(max(order[i:i + batch])) for i in range(0, len(order), batch)]

@@ -30,7 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from eagle3_jax import accept, decode, draft, layers, sampling, sharding, tree
+from eagle3_jax.decode import accept, vanilla, sampling, tree
+from eagle3_jax import draft, sharding
+from eagle3_jax.nn import layers
 from eagle3_jax.config import LlamaConfig
 from eagle3_jax.target import llama
 
@@ -273,7 +275,7 @@ round_jit = jax.jit(spec_round, static_argnames=_STATIC, donate_argnames=("state
 def validate(target: Target, target_params: Any, draft_params: Any, vocab: draft.DraftVocab, tokens_BT: Any,
              lengths_B: Any, embed_VD: Any = None, *, dcfg: draft.DraftConfig, spec: SpecConfig) -> None:
   """Host-side checks with clear errors (inside jit these would silently read or write the wrong slots)."""
-  tokens_BT, lengths_B = decode.validate_prompts(tokens_BT, lengths_B, target.vocab_size)
+  tokens_BT, lengths_B = vanilla.validate_prompts(tokens_BT, lengths_B, target.vocab_size)
   T = tokens_BT.shape[1]
   P, M = spec.tree.total_tokens, spec.max_new_tokens
   S_t, _ = spec.cache_lengths(T)

@@ -8,8 +8,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from eagle3_jax import sampling
-from eagle3_jax.tree import Tree
+from eagle3_jax.decode import sampling
+from eagle3_jax.decode.tree import Tree
 
 
 @flax.struct.dataclass

@@ -1,4 +1,4 @@
-"""`python -m eagle3_jax.autotree acceptance|predict`: a draft's acceptance file; the shapes ranked here."""
+"""`python -m eagle3_jax.decode.autotree acceptance|predict`: a draft's acceptance file; the shapes ranked here."""
 
 from __future__ import annotations
 
@@ -10,16 +10,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eagle3_jax import speculative
-from eagle3_jax.autotree import (ACCEPTANCE_FILE, Acceptance, acceptance, cached_costs, examples_from_rows,
+from eagle3_jax.decode import speculative
+from eagle3_jax.decode.autotree import (ACCEPTANCE_FILE, Acceptance, acceptance, cached_costs, examples_from_rows,
                                  predict)
-from eagle3_jax.tree import TreeConfig
+from eagle3_jax.decode.tree import TreeConfig
 
 
 def main(argv: Any = None) -> None:
   import argparse
 
-  ap = argparse.ArgumentParser(prog="python -m eagle3_jax.autotree",
+  ap = argparse.ArgumentParser(prog="python -m eagle3_jax.decode.autotree",
                                description="Tree-shape choice for this machine (--tree auto).")
   sub = ap.add_subparsers(dest="cmd", required=True)
   a = sub.add_parser("acceptance", help=f"measure a draft's acceptance on greedy rows, write DRAFT/{ACCEPTANCE_FILE}")
@@ -35,7 +35,8 @@ def main(argv: Any = None) -> None:
   p.add_argument("--top", type=int, default=12)
   args = ap.parse_args(argv)
 
-  from eagle3_jax import drafts, engine
+  from eagle3_jax import drafts
+  from eagle3_jax.decode import engine
   from eagle3_jax.target import loading
 
   path = args.draft or str(drafts.default_draft_path())

@@ -25,9 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eagle3_jax import draft, layers, speculative, tree
-from eagle3_jax.autotree.acceptance import FORMAT, MAX_DEPTH, MAX_TOP_K
-from eagle3_jax.tree import TreeConfig
+from eagle3_jax import draft
+from eagle3_jax.nn import layers
+from eagle3_jax.decode import speculative, tree
+from eagle3_jax.decode.autotree.acceptance import FORMAT, MAX_DEPTH, MAX_TOP_K
+from eagle3_jax.decode.tree import TreeConfig
 
 VERIFY_POINTS = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32)  # tree nodes P timed; others interpolate linearly
 EXPAND_DEPTHS = (1, 4)  # expansion is timed at two depths per top_k; other depths are linear between them
@@ -154,7 +156,7 @@ def calibrate(target: speculative.Target, target_params: Any, draft_params: Any,
               ) -> Costs:
   """Times every part of a round at this batch size (about a minute on 2 CPU cores, mostly compilation), then one
   real rounds of two chains and two trees: what those cost beyond their parts is `extra`. The decode step is the
-  engine's own (decode.decode_step: forward, sampling, bookkeeping) when target_cfg (a LlamaConfig) is given,
+  engine's own (vanilla.decode_step: forward, sampling, bookkeeping) when target_cfg (a LlamaConfig) is given,
   else the bare forward."""
   B, S = batch, CACHE_LENS[0]
   embed = target.embed(target_params)
@@ -251,7 +253,7 @@ def calibrate(target: speculative.Target, target_params: Any, draft_params: Any,
 def _engine_first_call(params, cfg, draft_params, vocab, dcfg, *, batch, tcfg) -> float:
   """What the engine's generator pays on the first run of a new shape beyond a later run (XLA:CPU finishes some
   work there: 0.75 s for SmolLM2's plain decoding on 2 cores), on a dummy batch of 16-token prompts."""
-  from eagle3_jax import engine, sampling
+  from eagle3_jax.decode import engine, sampling
 
   kw = dict(sampling_cfg=sampling.SamplingConfig(), max_new_tokens=8)
   gen = (engine.VanillaGenerator(params, cfg, **kw) if tcfg is None else
@@ -266,16 +268,16 @@ def _engine_first_call(params, cfg, draft_params, vocab, dcfg, *, batch, tcfg) -
 
 
 def _decode_step_cost(params, cfg, *, batch, cache_len, n, first):
-  """Seconds per decode.decode_step (greedy), the vanilla engine's loop body."""
-  from eagle3_jax import decode, sampling
+  """Seconds per vanilla.decode_step (greedy), the vanilla engine's loop body."""
+  from eagle3_jax.decode import vanilla, sampling
   from eagle3_jax.target import llama
 
   T, M = 16, cache_len - 16
   kw = dict(cfg=cfg, sampling_cfg=sampling.SamplingConfig(), max_new_tokens=M)
-  state = jax.jit(functools.partial(decode.prefill, **kw))(
+  state = jax.jit(functools.partial(vanilla.prefill, **kw))(
       params, jnp.ones((batch, T), jnp.int32), jnp.full((batch,), T, jnp.int32),
       llama.init_cache(cfg, batch, cache_len, jax.tree.leaves(params)[0].dtype), jax.random.key(0))
-  return _time_loop(lambda p, s: decode.decode_step(p, s, **kw), params, state, n, first=first)
+  return _time_loop(lambda p, s: vanilla.decode_step(p, s, **kw), params, state, n, first=first)
 
 
 def _round_cost(target, target_params, draft_params, vocab, dcfg, *, batch, cache_len, tcfg, n, first=None):

@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eagle3_jax import layers, sampling
+from eagle3_jax.nn import layers
+from eagle3_jax.decode import sampling
 from eagle3_jax.config import LlamaConfig
 from eagle3_jax.target import llama
 
