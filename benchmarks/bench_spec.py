@@ -89,7 +89,7 @@ def main(argv=None) -> dict:
   for B in ([] if "e2e" in skip else batch_sizes):
     batches = [b for _, b in engine.Engine(None, tokenizer, batch_size=B).batches(prompts)]
 
-    def vanilla(batch):
+    def run_vanilla(batch):
       S = vanilla.cache_length(batch.tokens.shape[1], M)
       st = vanilla.generate_jit(tparams, batch.tokens, batch.lengths, llama.init_cache(cfg, B, S), jax.random.key(0),
                                cfg=cfg, sampling_cfg=greedy, max_new_tokens=M)
@@ -102,7 +102,7 @@ def main(argv=None) -> dict:
       out = sp.outputs(st, spec)
       return out["tokens"][:batch.n_real], (out["rounds"][:batch.n_real], out["accepted"][:batch.n_real])
 
-    kinds = {"vanilla": vanilla} | {f"{t.top_k}x{t.depth}x{t.total_tokens}": (lambda b, t=t: speculative(b, t))
+    kinds = {"vanilla": run_vanilla} | {f"{t.top_k}x{t.depth}x{t.total_tokens}": (lambda b, t=t: speculative(b, t))
                                     for t in trees}
     for name, fn in kinds.items():  # compile + warm up
       t0 = time.perf_counter()
