@@ -22,9 +22,9 @@ def main(argv=None) -> dict:
 
   import jax
 
-  from eagle3_jax import train_loop
+  from eagle3_jax.train import loop
 
-  summary = train_loop.train(cfg)
+  summary = loop.train(cfg)
   if jax.process_index() == 0:
     print(json.dumps(summary), flush=True)
   return summary

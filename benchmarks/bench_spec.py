@@ -34,7 +34,8 @@ def load_draft(arg: str, cfg, params):
   """(cfg with the draft's aux layers, dcfg, draft params, vocab, embed) from a checkpoint, or a random draft."""
   import jax
 
-  from eagle3_jax import draft, interop
+  from eagle3_jax.draft import head as draft
+  from eagle3_jax import interop
 
   if arg != "random":
     ckpt = interop.read_draft(arg, num_target_layers=cfg.num_layers)
@@ -66,7 +67,7 @@ def main(argv=None) -> dict:
 
   import infer
   from eagle3_jax.decode import vanilla, engine, sampling, speculative as sp
-  from eagle3_jax import draft
+  from eagle3_jax.draft import head as draft
   from eagle3_jax.nn import layers
   from eagle3_jax.target import llama, loading
   from eagle3_jax.decode.tree import TreeConfig

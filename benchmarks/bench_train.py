@@ -25,9 +25,10 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from eagle3_jax import data, features, sharding, train_lib, train_loop, train_memory, ttt  # noqa: E402
+from eagle3_jax.train import data, features, step as step_lib, loop, memory, ttt
+from eagle3_jax import sharding  # noqa: E402
 from eagle3_jax.config import LlamaConfig, load_config  # noqa: E402
-from eagle3_jax.draft import DraftVocab  # noqa: E402
+from eagle3_jax.draft.head import DraftVocab  # noqa: E402
 
 GiB = 1 << 30
 
@@ -75,17 +76,17 @@ def main(argv=None) -> str:
   mesh = sharding.make_mesh(cfg.mesh, devices=jax.devices()[:1])
   peak = matmul_rate()
 
-  target_cfg, target = train_loop.load_target(cfg, mesh)
-  tokenizer = train_loop.load_tokenizer(cfg)
-  statics = train_lib.StepStatics.of(cfg, target_cfg)
+  target_cfg, target = loop.load_target(cfg, mesh)
+  tokenizer = loop.load_tokenizer(cfg)
+  statics = step_lib.StepStatics.of(cfg, target_cfg)
   Vd = statics.draft_cfg.draft_vocab_size
   # Throughput does not depend on which ids the draft vocabulary keeps: take every third id.
   vocab = DraftVocab.from_ids(np.linspace(0, target_cfg.vocab_size - 1, Vd).astype(np.int64), target_cfg.vocab_size)
   local = next(data.make_iterator(cfg.data, tokenizer, shard_index=0, shard_count=1))
   shapes = tuple((k, v.shape) for k, v in local.items())
-  steps = train_lib.build_steps(statics, cfg.optim, cfg.num_steps, mesh, cfg.target.dtype, shapes)
-  batch = train_lib.global_batch(mesh, local)
-  stop = train_lib.stop_flags(mesh, B, False)
+  steps = step_lib.build_steps(statics, cfg.optim, cfg.num_steps, mesh, cfg.target.dtype, shapes)
+  batch = step_lib.global_batch(mesh, local)
+  stop = step_lib.stop_flags(mesh, B, False)
   state = steps.init(jax.random.key(0))
 
   t0 = time.perf_counter()
@@ -142,11 +143,11 @@ def main(argv=None) -> str:
   # XLA's cost analysis counts a while/scan body once, so it misses 6 of the 7 TTT steps: use the analytic count.
   flops = analytic["target"] + analytic["draft"]
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-  estimate = train_memory.memory_budget(cfg, target_cfg, num_devices=1)
+  estimate = memory.memory_budget(cfg, target_cfg, num_devices=1)
   v5p_cfg = load_config(ROOT / "configs" / "llama3_70b_v5p.py")
   llama70 = LlamaConfig(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64,
                         num_kv_heads=8, head_dim=128, rope_theta=500000.0)
-  v5p = train_memory.memory_budget(v5p_cfg, llama70, num_devices=64, num_processes=16)
+  v5p = memory.memory_budget(v5p_cfg, llama70, num_devices=64, num_processes=16)
 
   cmd = "python benchmarks/bench_train.py " + " ".join(argv if argv is not None else sys.argv[1:])
   load = os.getloadavg()
@@ -172,9 +173,9 @@ def main(argv=None) -> str:
       f"{analytic['draft'] / draft_s / 1e9:.1f} GFLOP/s |",
       f"| compile | {compile_s:.1f} s |",
       f"| step memory (XLA: args + temps + outputs − aliased) | {step_bytes / GiB:.2f} GiB |",
-      f"| step memory (eagle3_jax.train_memory arithmetic) | {estimate['total'] / GiB:.2f} GiB |",
+      f"| step memory (eagle3_jax.train.memory arithmetic) | {estimate['total'] / GiB:.2f} GiB |",
       f"| process peak RSS | {rss / GiB:.2f} GiB |", "",
-      "configs/llama3_70b_v5p.py per chip (eagle3_jax.train_memory; v5p-128, fsdp 16 × tensor 4, "
+      "configs/llama3_70b_v5p.py per chip (eagle3_jax.train.memory; v5p-128, fsdp 16 × tensor 4, "
       f"{v5p['rows_per_device']} rows × 2048 tokens per chip):", "",
       "| part | GiB per chip |", "|---|---|",
       *[f"| {k.replace('_', ' ')} | {v5p[k] / GiB:.2f} |" for k in

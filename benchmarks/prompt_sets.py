@@ -2,7 +2,7 @@
 
     python benchmarks/prompt_sets.py --out runs/bench [--chat 80] [--humaneval 164]
 
-- chat: first user turns of ShareGPT rows at shuffled positions 17000.. of the order `eagle3_jax.regenerate` uses
+- chat: first user turns of ShareGPT rows at shuffled positions 17000.. of the order `eagle3_jax.train.regenerate` uses
   (seed 0). The default draft is trained on positions 0..16000 only, so these prompts were never trained on or
   regenerated for training; they pass the same filters as regeneration (a usable conversation, a non-empty first
   turn of at most 768 tokens under the chat template).
@@ -23,9 +23,9 @@ HELD_OUT_START = 17000  # first shuffled ShareGPT position never used for traini
 
 
 def chat_set(n: int, tokenizer, max_prompt_tokens: int = 768) -> list[dict]:
-  from eagle3_jax import chat, data_sources, regenerate
+  from eagle3_jax.train import chat, sources, regenerate
 
-  rows = data_sources.load_rows(data_sources.SHAREGPT)
+  rows = sources.load_rows(sources.SHAREGPT)
   order = regenerate.row_order(len(rows), regenerate.RegenConfig(start=HELD_OUT_START))
   out = []
   for index in order:

@@ -29,7 +29,8 @@ def main(argv=None) -> list[dict]:
   ap.add_argument("--eval-fraction", type=float, default=0.03)
   ap.add_argument("--max-length", type=int, default=1152)
   args = ap.parse_args(argv)
-  from eagle3_jax import data, vocab
+  from eagle3_jax.train import data
+  from eagle3_jax.draft import vocab
   from eagle3_jax.target import loading
 
   tok = loading.load_tokenizer(None)

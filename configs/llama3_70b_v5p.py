@@ -6,13 +6,13 @@
 Mesh fsdp 16 × tensor 4: the 141 GB bf16 target is split 64 ways (2.2 GiB per chip), heads / MLP / vocab over
 tensor inside a host's 4 chips, FSDP across hosts. data.batch_size is per host: 4 × 16 hosts = 64 sequences of
 2048 tokens per step, 4 rows per chip, no rematerialisation. jax.distributed.initialize() finds the slice by itself.
-Per chip (eagle3_jax.train_memory: jax.eval_shape of the real parameter tables and rules + activation arithmetic;
+Per chip (eagle3_jax.train.memory: jax.eval_shape of the real parameter tables and rules + activation arithmetic;
 tests/test_configs.py holds it under 95 GiB): target 2.1 GiB, draft 0.26 + Adam 0.53 + grads 0.26 GiB, gathered
 weights 1.7 GiB, activations 36 GiB; 41 GiB in all. ttt.remat=true brings activations to 12 GiB (8 rows per chip
 would then fit); optim.grad_accum=2 halves them.
 """
 
-from eagle3_jax.data import DataConfig
+from eagle3_jax.train.data import DataConfig
 from eagle3_jax.sharding import MeshConfig
 from eagle3_jax.train_config import DraftSpec, OptimSpec, TargetSpec, TrainConfig, TTTSpec
 

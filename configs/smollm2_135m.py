@@ -2,7 +2,7 @@
 on SmolLM2's own answers to ShareGPT prompts. The recipe of the shipped draft (eagle3_jax/drafts/), run as
 `scripts/default_draft.sh regen` then `scripts/default_draft.sh train` (both resumable, niced, with pid files), i.e.
 
-  python -m eagle3_jax.regenerate --source sharegpt --output runs/regen/sharegpt_t0.jsonl --stop 16000 \\
+  python -m eagle3_jax.train.regenerate --source sharegpt --output runs/regen/sharegpt_t0.jsonl --stop 16000 \\
       --first-turn-only --temperatures 0:0.8,1.0:0.2 --max-prompt-tokens 768   # ~50 answer tokens/s on 2 CPU cores
   python train.py --config configs/smollm2_135m.py run_dir=RUN data.source=RUN/data.jsonl  # dumps features first
 
@@ -34,7 +34,7 @@ fp32 compute because XLA:CPU has no fast bf16 matmul; on an accelerator pass tar
 compute_dtype=bfloat16.
 """
 
-from eagle3_jax.data import DataConfig
+from eagle3_jax.train.data import DataConfig
 from eagle3_jax.sharding import MeshConfig
 from eagle3_jax.train_config import DraftSpec, OptimSpec, TargetSpec, TrainConfig, TTTSpec
 

@@ -7,7 +7,7 @@ built in memory, and configs/tiny_chat.jsonl (384 short generated conversations)
 import os
 
 from eagle3_jax.config import LlamaConfig
-from eagle3_jax.data import DataConfig
+from eagle3_jax.train.data import DataConfig
 from eagle3_jax.sharding import MeshConfig
 from eagle3_jax.train_config import DraftSpec, OptimSpec, TargetSpec, TrainConfig, TTTSpec
 

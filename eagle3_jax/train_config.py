@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from eagle3_jax.config import LlamaConfig
-from eagle3_jax.data import DataConfig
+from eagle3_jax.train.data import DataConfig
 from eagle3_jax.sharding import MeshConfig
 
 _DTYPES = ("float32", "bfloat16")
@@ -112,7 +112,7 @@ class TrainConfig:
   mesh: MeshConfig = MeshConfig()
   compute_dtype: str = "float32"  # draft forward/backward dtype; master weights and Adam moments stay fp32
   features: str = "online"  # "online": target inside the step; "offline": read a feature store
-  feature_dir: str = ""  # offline feature store (eagle3_jax.features); dumped from data.source if incomplete
+  feature_dir: str = ""  # offline feature store (eagle3_jax.train.features); dumped from data.source if incomplete
   feature_dtype: str = "bfloat16"  # storage dtype of dumped features (2304 values a token for SmolLM2)
   num_steps: int = 1000  # optimiser steps (the lr schedule spans these)
   stop_after: int = 0  # end this invocation at this step (checkpoint, exit; resume later), 0 = at num_steps

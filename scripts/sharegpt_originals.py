@@ -37,7 +37,7 @@ def main(argv=None) -> None:
   ap.add_argument("--max-prompt-chars", type=int, default=2000)
   ap.add_argument("--max-answer-chars", type=int, default=1200)
   args = ap.parse_args(argv)
-  from eagle3_jax import chat, data, data_sources, regenerate
+  from eagle3_jax.train import chat, data, sources, regenerate
 
   if not 0 <= args.start < args.stop <= 17000:
     ap.error(f"--start {args.start} --stop {args.stop}: need 0 <= start < stop <= 17000 (17000.. are benchmark prompts)")
@@ -49,7 +49,7 @@ def main(argv=None) -> None:
   (out / "eval.jsonl").write_text("".join(x + "\n" for i, x in enumerate(lines) if i in held))
   (out / "regen_train.jsonl").write_text("".join(x + "\n" for i, x in enumerate(lines) if i not in held))
 
-  rows = data_sources.load_rows(data_sources.SHAREGPT)
+  rows = sources.load_rows(sources.SHAREGPT)
   order = regenerate.row_order(len(rows), regenerate.RegenConfig(start=args.start, stop=args.stop))
   written = []
   for index in order:

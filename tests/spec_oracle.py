@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eagle3_jax import draft
+from eagle3_jax.draft import head as draft
 from eagle3_jax.config import LlamaConfig
 from eagle3_jax.target import llama
 

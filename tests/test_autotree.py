@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from eagle3_jax.decode import autotree, speculative
-from eagle3_jax import draft, ttt
+from eagle3_jax.draft import head as draft
+from eagle3_jax.train import ttt
 from eagle3_jax.nn import layers
 from eagle3_jax.decode.autotree import costs as autotree_costs
 from eagle3_jax.target import llama

@@ -7,7 +7,8 @@ import runpy
 import jax
 import pytest
 
-from eagle3_jax import draft, train_memory
+from eagle3_jax.draft import head as draft
+from eagle3_jax.train import memory
 from eagle3_jax.config import LlamaConfig, load_config
 from eagle3_jax.params import count_params
 from eagle3_jax.target import llama
@@ -69,7 +70,7 @@ def test_llama3_70b_v5p_fits_the_chip():
   AbstractMesh, activations by arithmetic; the sum must leave >= 25% of the 95 GiB for XLA's own buffers."""
   v5p = runpy.run_path(str(CONFIGS / "llama3_70b_v5p.py"))  # its NUM_CHIPS / NUM_HOSTS
   cfg = load_config(CONFIGS / "llama3_70b_v5p.py")
-  budget = train_memory.memory_budget(cfg, LLAMA3_70B, num_devices=v5p["NUM_CHIPS"], num_processes=v5p["NUM_HOSTS"])
+  budget = memory.memory_budget(cfg, LLAMA3_70B, num_devices=v5p["NUM_CHIPS"], num_processes=v5p["NUM_HOSTS"])
   assert budget["mesh"] == {"data": 1, "fsdp": 16, "tensor": 4}
   # eval_shape counts: the Llama-3.3-70B parameter count, and a draft one decoder layer wide (+ 32000-id head).
   assert budget["target_params"] == sum(math.prod(a.shape) for a in jax.tree.leaves(llama.abstract_params(LLAMA3_70B)))
@@ -82,17 +83,17 @@ def test_llama3_70b_v5p_fits_the_chip():
   # Adam's two fp32 moments per draft weight, sharded like it (plus a scalar count).
   assert budget["optimizer_state"] == pytest.approx(2 * budget["draft_params"], rel=1e-3)
   assert budget["rows_per_device"] == 4
-  assert budget["total"] < 0.75 * train_memory.HBM_BYTES["tpu_v5p"], {k: v / GiB for k, v in budget.items()
+  assert budget["total"] < 0.75 * memory.HBM_BYTES["tpu_v5p"], {k: v / GiB for k, v in budget.items()
                                                                        if isinstance(v, int)}
   # And it is not vacuous: eight rows per chip without remat would not leave that margin.
-  big = train_memory.memory_budget(load_config(CONFIGS / "llama3_70b_v5p.py", ["data.batch_size=8"]), LLAMA3_70B,
+  big = memory.memory_budget(load_config(CONFIGS / "llama3_70b_v5p.py", ["data.batch_size=8"]), LLAMA3_70B,
                                    num_devices=v5p["NUM_CHIPS"], num_processes=v5p["NUM_HOSTS"])
-  assert big["total"] > 0.75 * train_memory.HBM_BYTES["tpu_v5p"]
+  assert big["total"] > 0.75 * memory.HBM_BYTES["tpu_v5p"]
 
 
 def test_llama3_8b_fits_an_80gb_gpu():
-  budget = train_memory.memory_budget(load_config(CONFIGS / "llama3_8b.py"), LLAMA3_8B, num_devices=8)
+  budget = memory.memory_budget(load_config(CONFIGS / "llama3_8b.py"), LLAMA3_8B, num_devices=8)
   assert budget["draft_param_count"] == count_params(draft.abstract_params(draft.DraftConfig.for_target(LLAMA3_8B,
                                                                                                     32000)))
   assert 424e6 < budget["draft_param_count"] < 425e6  # the official EAGLE3-LLaMA3.1-Instruct-8B: 424.69 M
-  assert budget["total"] < 0.75 * train_memory.HBM_BYTES["h100"]
+  assert budget["total"] < 0.75 * memory.HBM_BYTES["h100"]

@@ -11,7 +11,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from eagle3_jax import data, data_sources
+from eagle3_jax.train import data, sources
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "data"
 MESSAGES = str(FIXTURES / "messages.jsonl")
@@ -325,7 +325,7 @@ def test_json_array_parquet_and_cut_off_files(tmp_path):
   assert len(both) == 6 and "messages" in both[4] and "conversations" in both[3]  # max_rows counts all files
   rows = data.load_rows(str(cut), cache_dir=str(tmp_path))  # datasets refuses it; the record scanner does not
   assert [r["id"] for r in rows] == ["a_0", "a_1", "b_0"]
-  assert [r["id"] for r in data_sources._JsonRecords(str(cut), max_rows=2)] == ["a_0", "a_1"]
+  assert [r["id"] for r in sources._JsonRecords(str(cut), max_rows=2)] == ["a_0", "a_1"]
 
 
 def test_packaged_sharegpt_first_rows():

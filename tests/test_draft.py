@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eagle3_jax import draft
+from eagle3_jax.draft import head as draft
 from eagle3_jax.nn import layers
 from eagle3_jax.params import count_params
 

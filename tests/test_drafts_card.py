@@ -5,7 +5,8 @@ import json
 
 import numpy as np
 
-from eagle3_jax import drafts, vocab
+from eagle3_jax import drafts
+from eagle3_jax.draft import vocab
 
 
 def _run(path, *, source, init_from="", steps, tokens, acc, provenance):

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eagle3_jax import draft, features, ttt
+from eagle3_jax.draft import head as draft
+from eagle3_jax.train import features, ttt
 from eagle3_jax.config import LlamaConfig
 from eagle3_jax.target import llama
 

@@ -13,7 +13,8 @@ from test_infer import _QUIET, _hf_greedy, infer, tiny_target  # noqa: F401  (ti
 
 def _random_draft(target_dir, out_dir):
   """A random draft in the official EAGLE layout; aux layers (1, 1, 1) differ from the 2-layer target's default."""
-  from eagle3_jax import draft, interop
+  from eagle3_jax.draft import head as draft
+  from eagle3_jax import interop
   from eagle3_jax.target import loading
 
   cfg, _ = loading.load_target(target_dir)

@@ -19,7 +19,9 @@ import safetensors.numpy
 torch = pytest.importorskip("torch")
 import safetensors.torch  # noqa: E402
 
-from eagle3_jax import convert, draft, interop, interop_io
+from eagle3_jax import convert, interop
+from eagle3_jax.draft import head as draft
+from eagle3_jax.interop import files
 from eagle3_jax.nn import layers  # noqa: E402
 from eagle3_jax.config import LlamaConfig  # noqa: E402
 
@@ -426,7 +428,7 @@ def test_write_is_atomic(tmp_path, monkeypatch):
     raise OSError("disk full")
 
   with monkeypatch.context() as m:
-    m.setattr(interop_io.safetensors.numpy, "save_file", disk_full)
+    m.setattr(files.safetensors.numpy, "save_file", disk_full)
     with pytest.raises(OSError):
       interop.write_draft(tmp_path / "d", first)
   assert list(tmp_path.iterdir()) == []  # no half-written directory, no temp left behind
@@ -434,7 +436,7 @@ def test_write_is_atomic(tmp_path, monkeypatch):
   with pytest.raises(FileExistsError):
     interop.write_draft(tmp_path / "d", second)
   with monkeypatch.context() as m:
-    m.setattr(interop_io.safetensors.numpy, "save_file", disk_full)
+    m.setattr(files.safetensors.numpy, "save_file", disk_full)
     with pytest.raises(OSError):
       interop.write_draft(tmp_path / "d", second, overwrite=True)
   assert [p.name for p in tmp_path.iterdir()] == ["d"]
@@ -511,7 +513,7 @@ def test_trained_draft_exports_converts_and_generates_same_tokens(tmp_path):
   if not (ROOT / "train.py").exists():
     pytest.skip("train.py (the training CLI) is not in the tree")
   speculative = pytest.importorskip("eagle3_jax.decode.speculative", reason="needs the speculative decoder")
-  train_loop = pytest.importorskip("eagle3_jax.train_loop", reason="needs the training loop")
+  train_loop = pytest.importorskip("eagle3_jax.train.loop", reason="needs the training loop")
   from eagle3_jax import sharding
   from eagle3_jax.decode import tree
   from eagle3_jax.config import load_config

@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 
-from eagle3_jax.checkpoint import Checkpointer
+from eagle3_jax.train.checkpoint import Checkpointer
 
 ROOT = pathlib.Path(__file__).parent.parent
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from eagle3_jax.decode import engine, sampling
-from eagle3_jax import regenerate
+from eagle3_jax.train import regenerate
 from eagle3_jax.target import loading
 from test_infer import _WORDS, tiny_target  # noqa: F401  (tiny_target is a fixture)
 from test_infer_spec import _random_draft
@@ -129,7 +129,7 @@ def test_cli_first_turn_only_output_trains(tiny_target, tmp_path, capsys):
 
   import dataclasses
 
-  from eagle3_jax import train_loop
+  from eagle3_jax.train import loop
   from eagle3_jax.config import load_config
 
   cfg = load_config(pathlib.Path(__file__).parents[1] / "configs" / "tiny.py", [
@@ -138,7 +138,7 @@ def test_cli_first_turn_only_output_trains(tiny_target, tmp_path, capsys):
       "checkpoint_every=1000"])
   cfg = dataclasses.replace(cfg, target=dataclasses.replace(cfg.target, path=str(path), random=None, tokenizer=None,
                                                                          aux_layers=(1, 1, 1)))
-  result = train_loop.train(cfg)
+  result = loop.train(cfg)
   assert result["step"] == 30 and result["data"]["used"] > 0
   metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
   ce = [m["ce_j"][0] for m in metrics if m["split"] == "train"]

@@ -12,8 +12,9 @@ import jax
 import numpy as np
 import pytest
 
-from eagle3_jax import sharding, train_lib, train_loop
-from eagle3_jax.checkpoint import Checkpointer
+from eagle3_jax import sharding
+from eagle3_jax.train import step as step_lib, loop
+from eagle3_jax.train.checkpoint import Checkpointer
 from eagle3_jax.config import load_config
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -23,10 +24,10 @@ COMMON = ["num_steps=8", "log_every=1", "eval_every=0", "export=false", "progres
 
 
 def _final_params(cfg, run_dir):
-  statics = train_lib.StepStatics.of(cfg, cfg.target.random)
-  tx = train_lib.make_optimizer(cfg.optim, cfg.num_steps)
+  statics = step_lib.StepStatics.of(cfg, cfg.target.random)
+  tx = step_lib.make_optimizer(cfg.optim, cfg.num_steps)
   ckpt = Checkpointer(pathlib.Path(run_dir) / "checkpoints")
-  state = ckpt.restore(ckpt.latest_step(), train_lib.abstract_state(sharding.make_mesh(cfg.mesh),
+  state = ckpt.restore(ckpt.latest_step(), step_lib.abstract_state(sharding.make_mesh(cfg.mesh),
                                                                      statics.draft_cfg, tx), None)
   ckpt.close()
   return jax.device_get(state)
@@ -42,10 +43,10 @@ def test_resume_is_exact(tmp_path):
   Adam state, and the same batches (per-step loss and token counts) after the restore."""
   straight, split = tmp_path / "straight", tmp_path / "split"
   cfg = load_config(TINY, COMMON + [f"run_dir={straight}"])
-  a = train_loop.train(cfg)
-  first = train_loop.train(load_config(TINY, COMMON + [f"run_dir={split}", "stop_after=4"]))
+  a = loop.train(cfg)
+  first = loop.train(load_config(TINY, COMMON + [f"run_dir={split}", "stop_after=4"]))
   assert first["step"] == 4 and first["export_dir"] is None
-  b = train_loop.train(load_config(TINY, COMMON + [f"run_dir={split}"]))
+  b = loop.train(load_config(TINY, COMMON + [f"run_dir={split}"]))
   assert b["resumed_from"] == 4 and b["step"] == 8 == a["step"]
   sa, sb = _final_params(cfg, straight), _final_params(cfg, split)
   jax.tree.map(np.testing.assert_array_equal, sa, sb)
@@ -55,7 +56,7 @@ def test_resume_is_exact(tmp_path):
   assert a["data"] == b["data"]  # the iterator's counters (rows read, tokens) were restored with it
   # The run's draft vocabulary is reused only for the data it was counted on.
   with pytest.raises(ValueError, match="another dataset"):
-    train_loop.train(load_config(TINY, COMMON + [f"run_dir={split}", "data.max_rows=100", "num_steps=9"]))
+    loop.train(load_config(TINY, COMMON + [f"run_dir={split}", "data.max_rows=100", "num_steps=9"]))
 
 
 def _run(args, **kw):
@@ -93,8 +94,8 @@ def test_sigterm_saves_and_the_next_run_resumes(tmp_path):
 
 def test_checkpointer_keeps_n_and_restores_the_iterator_position(tmp_path):
   cfg = load_config(TINY, ["data.max_length=48", "data.overflow=truncate"])
-  tokenizer = train_loop.char_tokenizer()
-  from eagle3_jax import data
+  tokenizer = loop.char_tokenizer()
+  from eagle3_jax.train import data
 
   it = data.make_iterator(cfg.data, tokenizer, shard_index=0, shard_count=1)
   state = {"w": jax.numpy.arange(6.0).reshape(2, 3), "step": jax.numpy.zeros((), jax.numpy.int32)}
@@ -124,19 +125,19 @@ def test_offline_resume_is_exact_and_dumps_the_store_itself(tmp_path):
                      "data.max_length=80", "data.batch_size=4"]
   common = [c for c in common if c != "data.max_length=48"]
   cfg = load_config(TINY, common + [f"run_dir={tmp_path / 'straight'}"])
-  a = train_loop.train(cfg)
+  a = loop.train(cfg)
   index = json.loads((store / "index.json").read_text())
   assert index["complete"] and index["seq_len"] == 80 and index["num_examples"] > 300
-  train_loop.train(load_config(TINY, common + [f"run_dir={tmp_path / 'split'}", "stop_after=4"]))
-  b = train_loop.train(load_config(TINY, common + [f"run_dir={tmp_path / 'split'}"]))
+  loop.train(load_config(TINY, common + [f"run_dir={tmp_path / 'split'}", "stop_after=4"]))
+  b = loop.train(load_config(TINY, common + [f"run_dir={tmp_path / 'split'}"]))
   assert b["resumed_from"] == 4 and a["step"] == b["step"] == 8
   jax.tree.map(np.testing.assert_array_equal, _final_params(cfg, tmp_path / "straight"),
                _final_params(cfg, tmp_path / "split"))
   ra, rb = _train_rows(tmp_path / "straight"), _train_rows(tmp_path / "split")
   assert [ra[s]["loss"] for s in range(1, 9)] == [rb[s]["loss"] for s in range(1, 9)]
   with pytest.raises(ValueError, match="dumped from other data"):
-    train_loop.train(load_config(TINY, common + [f"run_dir={tmp_path / 'other'}", "data.max_rows=200"]))
-  from eagle3_jax import features
+    loop.train(load_config(TINY, common + [f"run_dir={tmp_path / 'other'}", "data.max_rows=200"]))
+  from eagle3_jax.train import features
 
   it = features.BucketedBatches(features.FeatureStore(store), 4, seed=cfg.data.seed)
   assert len({next(it)["tokens"].shape[1] for _ in range(8)}) > 1  # the 8 steps saw batches of several lengths
@@ -145,18 +146,18 @@ def test_offline_resume_is_exact_and_dumps_the_store_itself(tmp_path):
 def test_init_from_starts_from_an_exported_draft(tmp_path):
   """init_from: a new run starts with the exported weights and vocabulary (its step-0 eval equals the export's
   eval), a draft of another shape is refused by name, and a resumed run ignores init_from."""
-  first = train_loop.train(load_config(TINY, COMMON + [f"run_dir={tmp_path / 'a'}", "export=true"]))
+  first = loop.train(load_config(TINY, COMMON + [f"run_dir={tmp_path / 'a'}", "export=true"]))
   export = first["export_dir"]
   warm = load_config(TINY, COMMON + [f"run_dir={tmp_path / 'b'}", f"init_from={export}", "num_steps=1",
                                      "optim.lr=1e-12", "optim.warmup_steps=0", "export=true"])
-  b = train_loop.train(warm)
+  b = loop.train(warm)
   from eagle3_jax import interop
 
   ea, eb = interop.read_draft(export), interop.read_draft(b["export_dir"])
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), ea.params, eb.params)
   np.testing.assert_array_equal(np.asarray(ea.vocab.d2t), np.asarray(eb.vocab.d2t))
   with pytest.raises(ValueError, match="another shape .*draft_vocab_size"):
-    train_loop.train(load_config(TINY, COMMON + [f"run_dir={tmp_path / 'c'}", f"init_from={export}",
+    loop.train(load_config(TINY, COMMON + [f"run_dir={tmp_path / 'c'}", f"init_from={export}",
                                                  "draft.draft_vocab_size=32"]))
 
 
@@ -166,11 +167,11 @@ def test_ttt_curriculum_phases_and_resume_across_them(tmp_path):
   sched = COMMON + ["ttt.schedule=0:1,4:3"]
   cfg = load_config(TINY, sched + [f"run_dir={tmp_path / 'straight'}"])
   assert [cfg.ttt.steps_at(s) for s in range(8)] == [1, 1, 1, 1, 3, 3, 3, 3]
-  a = train_loop.train(cfg)
+  a = loop.train(cfg)
   rows = _train_rows(tmp_path / "straight")
   assert [len(rows[s]["acc_j"]) for s in range(1, 9)] == [1] * 4 + [3] * 4
-  train_loop.train(load_config(TINY, sched + [f"run_dir={tmp_path / 'split'}", "stop_after=2"]))
-  b = train_loop.train(load_config(TINY, sched + [f"run_dir={tmp_path / 'split'}"]))
+  loop.train(load_config(TINY, sched + [f"run_dir={tmp_path / 'split'}", "stop_after=2"]))
+  b = loop.train(load_config(TINY, sched + [f"run_dir={tmp_path / 'split'}"]))
   assert a["step"] == b["step"] == 8
   jax.tree.map(np.testing.assert_array_equal, _final_params(cfg, tmp_path / "straight"),
                _final_params(cfg, tmp_path / "split"))

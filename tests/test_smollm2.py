@@ -106,7 +106,7 @@ def test_speculative_greedy_equals_vanilla(ours, prompt):
   """The real target under the speculative engine: B = 2 ragged rows, a (4, 4, 16) tree, a random Vd = 16384 draft
   (as configs/smollm2_135m.py shapes it). Nearly every proposal is rejected, so almost every round takes the
   correction path through verify + commit on real SmolLM2 KV; accepting paths are covered on tiny targets."""
-  from eagle3_jax import draft
+  from eagle3_jax.draft import head as draft
   from eagle3_jax.decode import speculative as sp
   from eagle3_jax.decode.tree import TreeConfig
 

@@ -5,7 +5,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import spec_oracle
-from eagle3_jax import draft, sharding
+from eagle3_jax.draft import head as draft
+from eagle3_jax import sharding
 from eagle3_jax.decode import speculative as sp
 from eagle3_jax.target import llama
 from eagle3_jax.decode.tree import TreeConfig

@@ -11,7 +11,7 @@ import pytest
 
 import spec_oracle
 from eagle3_jax.decode import vanilla, sampling, speculative as sp
-from eagle3_jax import draft
+from eagle3_jax.draft import head as draft
 from eagle3_jax.nn import layers
 from eagle3_jax.target import llama
 from eagle3_jax.decode.tree import TreeConfig

@@ -10,10 +10,11 @@ import numpy as np
 import optax
 import pytest
 
-from eagle3_jax import interop, sharding, train_lib, train_loop
-from eagle3_jax.checkpoint import Checkpointer
+from eagle3_jax import interop, sharding
+from eagle3_jax.train import step as step_lib, loop
+from eagle3_jax.train.checkpoint import Checkpointer
 from eagle3_jax.config import load_config
-from eagle3_jax.draft import DraftVocab
+from eagle3_jax.draft.head import DraftVocab
 from eagle3_jax.train_config import OptimSpec
 
 TINY = pathlib.Path(__file__).parent.parent / "configs" / "tiny.py"
@@ -29,7 +30,7 @@ def test_tiny_run_learns_and_exports(tmp_path):
   official layout (what was trained is what read_draft returns), and the summary has the promised fields."""
   cfg = load_config(TINY, [f"run_dir={tmp_path}", "num_steps=150", "log_every=1", "eval_every=0", "progress=false",
                            "checkpoint_every=1000"])
-  summary = train_loop.train(cfg)
+  summary = loop.train(cfg)
   for key in ("step", "loss", "acc_0", "tokens_per_s", "checkpoint_dir"):
     assert summary[key] is not None, key
   assert summary["step"] == 150 and summary["tokens_per_s"] > 0
@@ -48,17 +49,17 @@ def test_tiny_run_learns_and_exports(tmp_path):
   steps = ckpt.all_steps()
   assert steps == [150]
   target_cfg = cfg.target.random
-  statics = train_lib.StepStatics.of(cfg, target_cfg)
+  statics = step_lib.StepStatics.of(cfg, target_cfg)
   mesh = sharding.make_mesh(cfg.mesh)
-  tx = train_lib.make_optimizer(cfg.optim, cfg.num_steps)
-  state = ckpt.restore(150, train_lib.abstract_state(mesh, statics.draft_cfg, tx), None)
+  tx = step_lib.make_optimizer(cfg.optim, cfg.num_steps)
+  state = ckpt.restore(150, step_lib.abstract_state(mesh, statics.draft_cfg, tx), None)
   ckpt.close()
   jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=0),
                jax.device_get(state.params), exported.params)
   assert exported.cfg == statics.draft_cfg
   assert exported.aux_layer_ids == tuple(target_cfg.aux_layer_ids)
   # The draft vocabulary stored in the run dir is the exported one.
-  from eagle3_jax import vocab
+  from eagle3_jax.draft import vocab
 
   vm = vocab.load_vocab(pathlib.Path(summary["run_dir"]) / "draft_vocab.safetensors")
   np.testing.assert_array_equal(np.asarray(exported.vocab.d2t), vm.d2t)
@@ -68,7 +69,7 @@ def test_tiny_run_learns_and_exports(tmp_path):
                                            ("linear", "constant")])
 def test_lr_schedule(warmup, decay):
   o = OptimSpec(lr=1e-3, warmup_steps=10, warmup=warmup, decay=decay, end_lr_ratio=0.1)
-  f = train_lib.lr_schedule(o, 110)
+  f = step_lib.lr_schedule(o, 110)
   lrs = np.asarray([float(f(s)) for s in range(0, 111)])
   assert 0 < lrs[0] < 1e-3 / 2 and np.all(np.diff(lrs[:10]) > 0)  # first step already moves, then warms up
   assert lrs[9] == pytest.approx(1e-3) and lrs[10] == pytest.approx(1e-3)
@@ -101,23 +102,23 @@ class _Setup:
     self.batch = _random_batch(8, 32, 128)
     self.tx = optax.sgd(0.5)
     target_cfg = self.cfg.target.random
-    self.target = train_lib.random_target(jax.random.key(1), self.mesh, target_cfg, init_std=0.1)
-    statics = train_lib.StepStatics.of(self.cfg, target_cfg)
-    self.state0 = jax.device_get(train_lib.create_state(jax.random.key(0), self.mesh, statics.draft_cfg, self.tx))
+    self.target = step_lib.random_target(jax.random.key(1), self.mesh, target_cfg, init_std=0.1)
+    statics = step_lib.StepStatics.of(self.cfg, target_cfg)
+    self.state0 = jax.device_get(step_lib.create_state(jax.random.key(0), self.mesh, statics.draft_cfg, self.tx))
     self.step, self.full, self.m_full = self.run(self.cfg)
 
   def run(self, cfg, n=1):
     """(jitted step, state after n steps, last metrics) starting from the shared initial state."""
-    statics = train_lib.StepStatics.of(cfg, cfg.target.random)
-    state_sh = train_lib.state_shardings(self.mesh, statics.draft_cfg, self.tx)
-    step = train_lib.jit_train_step(statics, self.tx, self.mesh, state_sh,
-                                    train_lib.target_shardings(self.mesh, cfg.target.random, jnp.float32),
-                                    train_lib.batch_shardings(self.mesh, self.batch))
+    statics = step_lib.StepStatics.of(cfg, cfg.target.random)
+    state_sh = step_lib.state_shardings(self.mesh, statics.draft_cfg, self.tx)
+    step = step_lib.jit_train_step(statics, self.tx, self.mesh, state_sh,
+                                    step_lib.target_shardings(self.mesh, cfg.target.random, jnp.float32),
+                                    step_lib.batch_shardings(self.mesh, self.batch))
     state = jax.device_put(self.state0, state_sh)  # a fresh copy: the step donates it
-    batch = train_lib.global_batch(self.mesh, self.batch)
+    batch = step_lib.global_batch(self.mesh, self.batch)
     out = []
     for _ in range(n):
-      state, m = step(state, self.target, self.vocab, batch, train_lib.stop_flags(self.mesh, 8, False))
+      state, m = step(state, self.target, self.vocab, batch, step_lib.stop_flags(self.mesh, 8, False))
       out.append((jax.device_get(state), jax.device_get(m)))
     return step, *out[0]
 
@@ -153,15 +154,15 @@ def test_bf16_compute_keeps_fp32_master_weights(setup):
 
 
 def test_offline_features_run(tmp_path):
-  """features=offline trains from a store that eagle3_jax.features dumped for the same target and data."""
-  from eagle3_jax import data, features
+  """features=offline trains from a store that eagle3_jax.train.features dumped for the same target and data."""
+  from eagle3_jax.train import data, features
 
   cfg = load_config(TINY, [f"run_dir={tmp_path / 'run'}", "data.max_length=48", "data.overflow=truncate",
                            "data.num_epochs=1", "num_steps=4", "eval_every=0", "export=false", "progress=false",
                            "log_every=1"])
   mesh = sharding.make_mesh(cfg.mesh)
-  target_cfg, target = train_loop.load_target(cfg, mesh)
-  tokenizer = train_loop.load_tokenizer(cfg)
+  target_cfg, target = loop.load_target(cfg, mesh)
+  tokenizer = loop.load_tokenizer(cfg)
   store = tmp_path / "features"
   index = features.dump_features(store, data.make_iterator(cfg.data, tokenizer, shard_index=0, shard_count=1),
                                  jax.device_get(target), target_cfg=target_cfg, target_name="tiny-random",
@@ -169,8 +170,8 @@ def test_offline_features_run(tmp_path):
                                  dtype="float32")
   assert index["num_examples"] > 32
   offline = dataclasses.replace(cfg, features="offline", feature_dir=str(store))
-  summary = train_loop.train(offline)
+  summary = loop.train(offline)
   assert summary["step"] == 4 and np.isfinite(summary["loss"])
   with pytest.raises(ValueError, match="max_length"):
-    train_loop.train(dataclasses.replace(offline, data=dataclasses.replace(cfg.data, max_length=64),
+    loop.train(dataclasses.replace(offline, data=dataclasses.replace(cfg.data, max_length=64),
                                          run_dir=str(tmp_path / "other")))

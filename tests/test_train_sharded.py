@@ -9,9 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eagle3_jax import sharding, train_lib
+from eagle3_jax import sharding
+from eagle3_jax.train import step as step_lib
 from eagle3_jax.config import load_config
-from eagle3_jax.draft import DraftVocab
+from eagle3_jax.draft.head import DraftVocab
 
 TINY = pathlib.Path(__file__).parent.parent / "configs" / "tiny.py"
 B, T = 8, 32
@@ -28,17 +29,17 @@ def _batch():
 def _train(mesh, cfg, n):
   """n AdamW steps from the same seeds on `mesh`; returns (final state, metrics per step) with shardings kept."""
   target_cfg = cfg.target.random
-  statics = train_lib.StepStatics.of(cfg, target_cfg)
+  statics = step_lib.StepStatics.of(cfg, target_cfg)
   batch = _batch()
-  steps = train_lib.build_steps(statics, cfg.optim, cfg.num_steps, mesh, cfg.target.dtype,
+  steps = step_lib.build_steps(statics, cfg.optim, cfg.num_steps, mesh, cfg.target.dtype,
                                 tuple((k, v.shape) for k, v in batch.items()))
   state = steps.init(jax.random.key(0))
-  target = train_lib.random_target(jax.random.key(1), mesh, target_cfg, dtype=jnp.float32, init_std=0.1)
+  target = step_lib.random_target(jax.random.key(1), mesh, target_cfg, dtype=jnp.float32, init_std=0.1)
   vocab = DraftVocab.from_ids(np.arange(0, 128, 2), 128)
-  gb = train_lib.global_batch(mesh, batch)
+  gb = step_lib.global_batch(mesh, batch)
   metrics = []
   for _ in range(n):
-    state, m = steps.train(state, target, vocab, gb, train_lib.stop_flags(mesh, B, False))
+    state, m = steps.train(state, target, vocab, gb, step_lib.stop_flags(mesh, B, False))
     metrics.append(jax.device_get(m))
   return state, target, gb, metrics
 
@@ -74,7 +75,7 @@ def test_sharded_step_equals_single_device(runs):
 
 def test_large_weights_are_really_sharded(runs):
   _, (state, target, batch, _), cfg = runs
-  dcfg = train_lib.StepStatics.of(cfg, cfg.target.random).draft_cfg
+  dcfg = step_lib.StepStatics.of(cfg, cfg.target.random).draft_cfg
   D, F, Vd, V = dcfg.hidden_size, dcfg.intermediate_size, dcfg.draft_vocab_size, cfg.target.random.vocab_size
 
   def shard_shape(x):

@@ -7,10 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eagle3_jax import draft, ttt
+from eagle3_jax.draft import head as draft
+from eagle3_jax.train import ttt
 from eagle3_jax.nn import layers
 from eagle3_jax.config import LlamaConfig
-from eagle3_jax.features import target_features
+from eagle3_jax.train.features import target_features
 from eagle3_jax.target import llama
 
 B, T = 3, 10

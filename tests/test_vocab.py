@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eagle3_jax import data, vocab
+from eagle3_jax.train import data
+from eagle3_jax.draft import vocab
 from test_data import MESSAGES, make_tokenizer
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "data"

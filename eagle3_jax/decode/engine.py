@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from eagle3_jax.decode import vanilla, sampling, speculative
-from eagle3_jax import draft
+from eagle3_jax.draft import head as draft
 from eagle3_jax.config import LlamaConfig
 from eagle3_jax.target import llama
 from eagle3_jax.decode.tree import TreeConfig

@@ -31,7 +31,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from eagle3_jax.decode import accept, vanilla, sampling, tree
-from eagle3_jax import draft, sharding
+from eagle3_jax.draft import head as draft
+from eagle3_jax import sharding
 from eagle3_jax.nn import layers
 from eagle3_jax.config import LlamaConfig
 from eagle3_jax.target import llama

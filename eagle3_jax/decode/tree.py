@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eagle3_jax import draft
+from eagle3_jax.draft import head as draft
 from eagle3_jax.target.llama import KVCache
 
 

@@ -57,7 +57,7 @@ def card(run_dir: str | pathlib.Path, *, measured: str = "") -> str:
   """A draft card from its training run (and the runs it was warm-started from): data, rows and tokens, steps and
   recipe, final held-out acc_j and simulated tau, vocabulary provenance and coverage; `measured` (markdown) adds
   real decoding results."""
-  from eagle3_jax import vocab
+  from eagle3_jax.draft import vocab
 
   chain = run_chain(run_dir)
   lines = [

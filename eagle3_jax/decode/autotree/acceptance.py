@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eagle3_jax import draft, ttt
+from eagle3_jax.draft import head as draft
+from eagle3_jax.train import ttt
 from eagle3_jax.nn import layers
 from eagle3_jax.decode import speculative
 from eagle3_jax.decode.tree import TreeConfig
@@ -164,7 +165,7 @@ def examples_from_rows(path: str | os.PathLike, tokenizer: Any, *, max_length: i
                        ) -> list[tuple[np.ndarray, np.ndarray]]:
   """(tokens, answer mask) of the greedy rows (temperature 0 or unrecorded) of a messages JSONL, e.g. held-out
   regenerated conversations: their assistant turns must be the target's own greedy answers."""
-  from eagle3_jax import chat
+  from eagle3_jax.train import chat
 
   encoder = chat.ChatEncoder(tokenizer, max_length=max_length, overflow="drop")
   out = []

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eagle3_jax import draft
+from eagle3_jax.draft import head as draft
 from eagle3_jax.nn import layers
 from eagle3_jax.decode import speculative, tree
 from eagle3_jax.decode.autotree.acceptance import FORMAT, MAX_DEPTH, MAX_TOP_K

@@ -10,11 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from eagle3_jax import interop_formats as formats
-from eagle3_jax import interop_io
-from eagle3_jax.draft import DraftConfig, DraftVocab, param_specs
-from eagle3_jax.interop_formats import (aux_ids_from_output_numbering, aux_ids_to_output_numbering,  # noqa: F401
-                                        default_aux_layer_ids)
+from eagle3_jax.draft.head import DraftConfig, DraftVocab, param_specs
+from eagle3_jax.interop import files, formats
 
 READ_LAYOUTS = ("eagle", "sglang", "speculators", "modelopt")
 WRITE_LAYOUTS = ("eagle", "speculators")
@@ -71,7 +68,7 @@ def _to_torch(x: np.ndarray, n_in: int) -> np.ndarray:
 
 
 def _float(key: str, w: np.ndarray, dtype: np.dtype) -> np.ndarray:
-  if w.dtype not in interop_io.FLOAT_DTYPES:
+  if w.dtype not in files.FLOAT_DTYPES:
     raise ValueError(f"key {key!r} has dtype {w.dtype}, expected a float tensor")
   return w.astype(dtype)
 
@@ -154,13 +151,13 @@ def read_draft(path, *, num_target_layers: int | None = None, dtype=np.float32) 
   num_target_layers is needed only when config.json states no aux layer ids (official EAGLE files), and then
   also bounds-checks the ids. Unknown, missing or wrong-shaped keys and unsupported variants raise ValueError.
   """
-  path, dtype = pathlib.Path(path), interop_io.as_float_dtype(dtype)
-  config = interop_io.load_json(path / "config.json")
+  path, dtype = pathlib.Path(path), files.as_float_dtype(dtype)
+  config = files.load_json(path / "config.json")
   own = formats.own_block(config)
   speculators = any(k in config for k in ("speculators_model_type", "speculators_config", "transformer_layer_config"))
   parse = formats.parse_speculators if speculators else formats.parse_eagle
   shape, aux, extra = parse(config, num_target_layers)
-  tensors, weight_file = interop_io.load_tensors(path)
+  tensors, weight_file = files.load_tensors(path)
   if speculators:
     layout = "speculators"
   elif "d2t" in tensors and "t2d" not in tensors:
@@ -239,7 +236,7 @@ def _validate(ckpt: DraftCheckpoint, layout: str, include_embed: bool) -> None:
   if formats.check_aux_ids(aux, "aux_layer_ids", None) != tuple(aux):
     raise ValueError(f"aux_layer_ids={tuple(aux)} must be ascending: engines concatenate the taps in layer order")
   if layout == "eagle":
-    aux_ids_to_output_numbering(ckpt.aux_layer_ids)
+    formats.aux_ids_to_output_numbering(ckpt.aux_layer_ids)
   if ckpt.embed is not None and tuple(ckpt.embed.shape) != (cfg.vocab_size, cfg.hidden_size):
     raise ValueError(f"embed has shape {tuple(ckpt.embed.shape)}, expected ({cfg.vocab_size}, {cfg.hidden_size})")
   if cfg.target_hidden_size != cfg.hidden_size and (ckpt.embed is None or not include_embed):
@@ -257,7 +254,7 @@ def write_draft(path, ckpt: DraftCheckpoint, *, layout: str = "eagle", verifier:
   Keyword arguments override ckpt.extra (verifier is required for speculators). The directory appears
   atomically; an existing one is replaced only with overwrite=True.
   """
-  dtype = interop_io.as_float_dtype(dtype)
+  dtype = files.as_float_dtype(dtype)
   _validate(ckpt, layout, include_embed)
   extra = {k: ckpt.extra[k] for k in formats.PORTABLE_EXTRA if ckpt.extra.get(k) is not None}
   for key, value in (("verifier", verifier), ("verifier_architectures", verifier_architectures),
@@ -278,4 +275,4 @@ def write_draft(path, ckpt: DraftCheckpoint, *, layout: str = "eagle", verifier:
   tensors["t2d"] = _host(ckpt.vocab.t2d).astype(bool)
   if ckpt.embed is not None and include_embed:
     tensors[EMBED_KEY] = _host(ckpt.embed).astype(dtype)
-  interop_io.write_dir_atomic(pathlib.Path(path), config, tensors, overwrite=overwrite)
+  files.write_dir_atomic(pathlib.Path(path), config, tensors, overwrite=overwrite)

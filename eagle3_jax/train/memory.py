@@ -11,7 +11,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AbstractMesh, NamedSharding
 
-from eagle3_jax import draft, sharding, train_lib
+from eagle3_jax.draft import head as draft
+from eagle3_jax import sharding
+from eagle3_jax.train import step as step_lib
 from eagle3_jax.config import LlamaConfig
 from eagle3_jax.sharding import MeshConfig
 from eagle3_jax.target import llama
@@ -50,11 +52,11 @@ def memory_budget(cfg: TrainConfig, target_cfg: LlamaConfig, *, num_devices: int
   """
   mesh = abstract_mesh(cfg.mesh, num_devices)
   tdtype, cdtype = jnp.dtype(cfg.target.dtype), jnp.dtype(cfg.compute_dtype)
-  statics = train_lib.StepStatics.of(cfg, target_cfg)
+  statics = step_lib.StepStatics.of(cfg, target_cfg)
   dcfg = statics.draft_cfg
-  tx = train_lib.make_optimizer(cfg.optim, cfg.num_steps)
-  state = jax.eval_shape(functools.partial(train_lib.init_state, draft_cfg=dcfg, tx=tx), jax.random.key(0))
-  state_sh = train_lib.state_shardings(mesh, dcfg, tx)
+  tx = step_lib.make_optimizer(cfg.optim, cfg.num_steps)
+  state = jax.eval_shape(functools.partial(step_lib.init_state, draft_cfg=dcfg, tx=tx), jax.random.key(0))
+  state_sh = step_lib.state_shardings(mesh, dcfg, tx)
   shard = lambda a, s: math.prod(s.shard_shape(a.shape)) * jnp.dtype(a.dtype).itemsize  # noqa: E731
   draft_params = int(sum(jax.tree.leaves(jax.tree.map(shard, state.params, state_sh.params))))
   opt_leaves = [(a, s) for a, s in zip(jax.tree.leaves(state.opt_state), jax.tree.leaves(

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from eagle3_jax import data
+from eagle3_jax.train import data
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1

@@ -45,7 +45,7 @@ def _dump_features(target_params: Any, tokens_BT: jax.Array, lengths_B: jax.Arra
                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(aux, hidden, argmax): the argmax over the full vocabulary is stored so that offline steps never run the
   target's whole [D, V] head (at Vd = V/6 it would cost as much as the draft itself)."""
-  from eagle3_jax import ttt  # deferred: ttt imports the draft
+  from eagle3_jax.train import ttt  # deferred: ttt imports the draft
 
   aux, hidden = target_features(target_params, tokens_BT, lengths_B, target_cfg=target_cfg)
   return aux, hidden, ttt.full_argmax(target_params, hidden, target_cfg=target_cfg)

@@ -1,6 +1,6 @@
 """Regeneration: conversations whose assistant turns are replaced by the target's own answers, turn by turn.
 
-    python -m eagle3_jax.regenerate --source sharegpt --output runs/regen/sharegpt.jsonl --stop 2000
+    python -m eagle3_jax.train.regenerate --source sharegpt --output runs/regen/sharegpt.jsonl --stop 2000
 
 A draft is only as good as its match to the text it will meet at inference: the target's own answers, not the
 answers another model wrote. Each row of `--source` (ShareGPT, messages, the packaged ShareGPT) keeps its system and
@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from eagle3_jax import chat, data_sources
+from eagle3_jax.train import chat, sources
 
 log = logging.getLogger(__name__)
 STATE_FORMAT = "eagle3-jax-regenerate/1"
@@ -42,7 +42,7 @@ STATE_FORMAT = "eagle3-jax-regenerate/1"
 class RegenConfig:
   """What to regenerate and how; every field that changes the output is checked again on resume."""
 
-  source: str = data_sources.SHAREGPT  # as DataConfig.source: "sharegpt", .json/.jsonl/.parquet paths or globs
+  source: str = sources.SHAREGPT  # as DataConfig.source: "sharegpt", .json/.jsonl/.parquet paths or globs
   shuffle_seed: int | None = 0  # the row order; None keeps file order
   start: int = 0  # slice [start, stop) of that order
   stop: int | None = None
@@ -159,7 +159,7 @@ def regenerate(cfg: RegenConfig, output: str | os.PathLike, *, make_generator: C
   output = pathlib.Path(output)
   output.parent.mkdir(parents=True, exist_ok=True)
   state = _State(output, cfg)
-  rows = data_sources.load_rows(cfg.source)
+  rows = sources.load_rows(cfg.source)
   order = row_order(len(rows), cfg)
   with open(output, "ab") as f:  # drop what a killed run appended after its last recorded chunk
     f.truncate(state.bytes)
@@ -240,8 +240,8 @@ def summary(state: _State, output: pathlib.Path) -> dict[str, Any]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  ap = argparse.ArgumentParser(prog="python -m eagle3_jax.regenerate", description=__doc__.splitlines()[0])
-  ap.add_argument("--source", default=data_sources.SHAREGPT, help="'sharegpt' or .json/.jsonl/.parquet files")
+  ap = argparse.ArgumentParser(prog="python -m eagle3_jax.train.regenerate", description=__doc__.splitlines()[0])
+  ap.add_argument("--source", default=sources.SHAREGPT, help="'sharegpt' or .json/.jsonl/.parquet files")
   ap.add_argument("--output", required=True, help="JSONL to write (or resume); <output>.state.json beside it")
   ap.add_argument("--target", default=None, help="HF directory or .gguf (default: embedded SmolLM2-135M)")
   ap.add_argument("--start", type=int, default=0, help="first position in the shuffled row order")

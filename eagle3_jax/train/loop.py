@@ -18,9 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from eagle3_jax import checkpoint, data, features, sharding, train_lib, vocab as vocab_lib
+from eagle3_jax.train import checkpoint, data, features, step as step_lib
+from eagle3_jax import sharding
+from eagle3_jax.draft import vocab as vocab_lib
 from eagle3_jax.config import LlamaConfig
-from eagle3_jax.draft import DraftVocab
+from eagle3_jax.draft.head import DraftVocab
 from eagle3_jax.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -78,14 +80,14 @@ def load_target(cfg: TrainConfig, mesh) -> tuple[LlamaConfig, Any]:
   dtype = jnp.dtype(cfg.target.dtype)
   if cfg.target.random is not None:
     tcfg = cfg.target.random
-    return tcfg, train_lib.random_target(jax.random.key(cfg.target.seed), mesh, tcfg, dtype=dtype,
+    return tcfg, step_lib.random_target(jax.random.key(cfg.target.seed), mesh, tcfg, dtype=dtype,
                                          init_std=cfg.target.random_init_std)
   from eagle3_jax.target import loading
 
   tcfg, params = loading.load_target(cfg.target.path, mesh=mesh, dtype=dtype)
   if cfg.target.aux_layers is not None:
     tcfg = dataclasses.replace(tcfg, aux_layers=tuple(cfg.target.aux_layers))
-  return tcfg, jax.device_put(params, train_lib.target_shardings(mesh, tcfg, dtype))
+  return tcfg, jax.device_put(params, step_lib.target_shardings(mesh, tcfg, dtype))
 
 
 def warm_start(cfg: TrainConfig, target_cfg: LlamaConfig, draft_cfg: Any) -> Any:
@@ -313,14 +315,14 @@ def evaluate(eval_fn, params: Any, target_params: Any, vocab: DraftVocab, cfg: T
   for _ in range(cfg.eval_batches):
     local = next(it, None)
     local = _empty_batch(cfg) if local is None else local
-    m = eval_fn(params, target_params, vocab, train_lib.global_batch(mesh, local))
+    m = eval_fn(params, target_params, vocab, step_lib.global_batch(mesh, local))
     sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
-  out = train_lib.finish_eval(jax.device_get(sums), cfg.eval_batches)
+  out = step_lib.finish_eval(jax.device_get(sums), cfg.eval_batches)
   return {"loss": float(out["loss"]), "ce_j": [float(x) for x in out["ce_j"]],
           "acc_j": [float(a) for a in out["acc_j"]], "tau": out["tau"]}
 
 
-def export_draft(path: pathlib.Path, params: Any, vm: vocab_lib.VocabMap, statics: train_lib.StepStatics,
+def export_draft(path: pathlib.Path, params: Any, vm: vocab_lib.VocabMap, statics: step_lib.StepStatics,
                  cfg: TrainConfig, tokenizer) -> str:
   """Writes the draft in the official EAGLE-3 layout (safetensors + config.json), from process 0."""
   from eagle3_jax import interop
@@ -361,7 +363,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
   target_cfg, target_params = load_target(cfg, mesh)
   tokenizer = load_tokenizer(cfg)
-  statics = train_lib.StepStatics.of(cfg, target_cfg)
+  statics = step_lib.StepStatics.of(cfg, target_cfg)
   ckpt = checkpoint.Checkpointer(run_dir / "checkpoints", keep=cfg.keep_checkpoints,
                                  async_save=cfg.async_checkpointing)
   latest = ckpt.latest_step()
@@ -370,7 +372,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
   vocab = DraftVocab.from_ids(vm.ids, target_cfg.vocab_size)
   train_it = train_iterator(cfg, tokenizer, target_cfg, target_params)
   shapes = batch_shapes(cfg, target_cfg, online=statics.online)
-  steps = train_lib.build_steps(statics, cfg.optim, cfg.num_steps, mesh, cfg.target.dtype, tuple(shapes.items()))
+  steps = step_lib.build_steps(statics, cfg.optim, cfg.num_steps, mesh, cfg.target.dtype, tuple(shapes.items()))
   train_fns = {cfg.ttt.steps: steps.train}
   has_eval = bool(cfg.data.eval_source or cfg.data.eval_fraction)
 
@@ -382,20 +384,20 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
       state = state.replace(params=jax.device_put(params, steps.state_sh.params))
   else:
     log.info("resuming from %s step %d", ckpt.directory, latest)
-    state = ckpt.restore(latest, train_lib.abstract_state(mesh, statics.draft_cfg, steps.tx), train_it)
+    state = ckpt.restore(latest, step_lib.abstract_state(mesh, statics.draft_cfg, steps.tx), train_it)
   step = int(jax.device_get(state.step))
 
   previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-  recorder = _Recorder(cfg, run_dir, step, train_lib.lr_schedule(cfg.optim, cfg.num_steps))
+  recorder = _Recorder(cfg, run_dir, step, step_lib.lr_schedule(cfg.optim, cfg.num_steps))
   saved_at, stopped, pending, last_eval, export_dir = latest, False, None, None, None
   end = min(cfg.num_steps, cfg.stop_after or cfg.num_steps)
   try:
     while step < end and not stopped:
-      batch = train_lib.global_batch(mesh, next(train_it))
-      flags = train_lib.stop_flags(mesh, cfg.data.batch_size, _STOP.is_set())
+      batch = step_lib.global_batch(mesh, next(train_it))
+      flags = step_lib.stop_flags(mesh, cfg.data.batch_size, _STOP.is_set())
       R = cfg.ttt.steps_at(step)
       if R not in train_fns:  # one compiled step per curriculum phase, built when the phase begins
-        train_fns[R] = train_lib.build_steps(dataclasses.replace(statics, ttt_steps=R), cfg.optim, cfg.num_steps,
+        train_fns[R] = step_lib.build_steps(dataclasses.replace(statics, ttt_steps=R), cfg.optim, cfg.num_steps,
                                              mesh, cfg.target.dtype, tuple(shapes.items())).train
       state, metrics = train_fns[R](state, target_params, vocab, batch, flags)
       step += 1

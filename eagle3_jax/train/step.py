@@ -14,9 +14,11 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from eagle3_jax import draft, features, sharding, ttt
+from eagle3_jax.draft import head as draft
+from eagle3_jax.train import features, ttt
+from eagle3_jax import sharding
 from eagle3_jax.config import LlamaConfig
-from eagle3_jax.draft import DraftConfig, DraftVocab
+from eagle3_jax.draft.head import DraftConfig, DraftVocab
 from eagle3_jax.params import ParamSpec, init_from_specs
 from eagle3_jax.target import llama
 from eagle3_jax.train_config import OptimSpec, TrainConfig

@@ -23,9 +23,9 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 # Re-exported: callers use data.* for the whole pipeline.
-from eagle3_jax.chat import (EMPTY, MALFORMED, OK, TOO_LONG, TRUNCATED, ChatEncoder, MalformedRow,  # noqa: F401
+from eagle3_jax.train.chat import (EMPTY, MALFORMED, OK, TOO_LONG, TRUNCATED, ChatEncoder, MalformedRow,  # noqa: F401
                              normalize_conversation)
-from eagle3_jax.data_sources import SHAREGPT, Rows, load_rows, resolve_source, sharegpt_path  # noqa: F401
+from eagle3_jax.train.sources import SHAREGPT, Rows, load_rows, resolve_source, sharegpt_path  # noqa: F401
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

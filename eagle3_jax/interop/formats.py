@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from eagle3_jax.draft import DraftConfig
+from eagle3_jax.draft.head import DraftConfig
 
 FORMAT_KEY = "eagle3_jax"  # our own config.json block: records the aux-layer numbering this file uses
 FORMAT_VERSION = 1

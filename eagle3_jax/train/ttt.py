@@ -8,10 +8,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from eagle3_jax import draft
+from eagle3_jax.draft import head as draft
 from eagle3_jax.nn import layers
 from eagle3_jax.config import LlamaConfig
-from eagle3_jax.draft import DraftConfig, DraftVocab
+from eagle3_jax.draft.head import DraftConfig, DraftVocab
 
 # Same finite "minus infinity" as layers.attention, so both attention paths agree bit for bit on masked entries.
 _MASKED = -1e30
