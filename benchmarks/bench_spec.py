@@ -26,6 +26,7 @@ import sys
 import time
 
 import numpy as np
+from eagle3_jax.nn import masks
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
@@ -68,7 +69,6 @@ def main(argv=None) -> dict:
   import infer
   from eagle3_jax.decode import vanilla, engine, sampling, speculative as sp
   from eagle3_jax.draft import head as draft
-  from eagle3_jax.nn import layers
   from eagle3_jax.target import llama, loading
   from eagle3_jax.decode.tree import TreeConfig
 
@@ -148,7 +148,7 @@ def main(argv=None) -> dict:
     @jax.jit
     def fill(tparams, cache):  # a realistic committed prefix (the cost of attention grows with it)
       _, _, cache = llama.forward(tparams, jnp.ones((B, L), jnp.int32), jnp.broadcast_to(jnp.arange(L), (B, L)),
-                                  cache, layers.cache_causal_mask(cache.lengths, L, S), cfg=cfg)
+                                  cache, masks.cache_causal_mask(cache.lengths, L, S), cfg=cfg)
       return cache.replace(lengths=fresh())
 
     cache = fill(tparams, cache)
@@ -158,7 +158,7 @@ def main(argv=None) -> dict:
       T = tokens.shape[1]
       tree_mask = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T))
       logits, _, cache = llama.forward(tparams, tokens, cache.lengths[:, None] + jnp.arange(T)[None],
-                                       cache, layers.tree_cache_mask(cache.lengths, tree_mask, S), cfg=cfg)
+                                       cache, masks.block_mask(cache.lengths, tree_mask, S), cfg=cfg)
       return jnp.argmax(logits, -1), cache
 
     step = jax.jit(lambda p, st: vanilla.decode_step(p, st, cfg=cfg, sampling_cfg=greedy, max_new_tokens=10 ** 6),
@@ -265,7 +265,7 @@ def main(argv=None) -> dict:
     def forwards(tparams, T):
       def body(i, acc):
         toks = (jnp.arange(T, dtype=jnp.int32)[None] * 7 + i) % cfg.vocab_size
-        logits, _, _ = llama.forward(tparams, toks, jnp.arange(T)[None], None, layers.causal_mask(jnp.full((1,), T), T),
+        logits, _, _ = llama.forward(tparams, toks, jnp.arange(T)[None], None, masks.causal_mask(jnp.full((1,), T), T),
                                      cfg=cfg)
         return acc + logits[0, -1, 0]
       return jax.lax.fori_loop(0, 8, body, 0.0)

@@ -11,10 +11,10 @@ import pytest
 from eagle3_jax.decode import autotree, speculative
 from eagle3_jax.draft import head as draft
 from eagle3_jax.train import ttt
-from eagle3_jax.nn import layers
 from eagle3_jax.decode.autotree import costs as autotree_costs
 from eagle3_jax.target import llama
 from eagle3_jax.decode.tree import TreeConfig
+from eagle3_jax.nn import attention, masks
 
 
 def _models(tiny_cfg, Vd=96):
@@ -42,9 +42,9 @@ def test_ttt_ranks_match_unrolled_reference(tiny_cfg):
     q, k, v = draft.qkv(dparams, params["embed"][pad(x, j + 1)], hidden,
                         jnp.broadcast_to(jnp.arange(T) + j, (B, T)), cfg=dcfg)
     ks, vs = ks + [k], vs + [v]
-    mask = jnp.broadcast_to(ttt.extended_mask(T, j), (B, T, (j + 1) * T))
-    hidden = draft.post_attention(dparams, hidden, layers.attention(q, jnp.concatenate(ks, 1),
-                                                                    jnp.concatenate(vs, 1), mask), cfg=dcfg)
+    mask = jnp.broadcast_to(masks.ttt_extended_mask(T, j), (B, T, (j + 1) * T))
+    hidden = draft.post_attention(dparams, hidden, attention.attention(
+        q, attention.head_major(jnp.concatenate(ks, 1)), attention.head_major(jnp.concatenate(vs, 1)), mask), cfg=dcfg)
     logits = np.asarray(draft.logits(dparams, hidden, cfg=dcfg))
     for b in range(B):
       for t in range(T):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from eagle3_jax.decode import vanilla, engine, sampling
-from eagle3_jax.nn import layers
 from eagle3_jax.target import llama
+from eagle3_jax.nn import masks
 
 GREEDY = sampling.SamplingConfig()
 M = 10  # max_new_tokens
@@ -49,7 +49,7 @@ def _last_logits(params, tokens_1T, length, *, cfg):
   """Logits at position length-1 of a full forward without a cache (padding past `length` is masked out)."""
   T = tokens_1T.shape[1]
   logits, _, _ = llama.forward(params, tokens_1T, jnp.arange(T)[None], None,
-                               layers.causal_mask(length[None], T), cfg=cfg)
+                               masks.causal_mask(length[None], T), cfg=cfg)
   return logits[:, length - 1]
 
 

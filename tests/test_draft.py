@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from eagle3_jax.draft import head as draft
-from eagle3_jax.nn import layers
 from eagle3_jax.params import count_params
+from eagle3_jax.nn import masks
 
 
 @pytest.fixture
@@ -28,11 +28,11 @@ def test_cached_steps_equal_one_pass(dcfg):
   aux = jax.random.normal(jax.random.key(2), (B, T, 3 * dcfg.target_hidden_size))
   pos = jnp.broadcast_to(jnp.arange(T), (B, T))
   full, _ = draft.forward(params, emb, draft.fuse(params, aux), pos, None,
-                          layers.causal_mask(jnp.full((B,), T), T), cfg=dcfg)
+                          masks.causal_mask(jnp.full((B,), T), T), cfg=dcfg)
   cache = draft.init_cache(dcfg, B, S)
   outs = []
   for t0, t1 in [(0, 4), (4, 5), (5, 7)]:
-    mask = layers.cache_causal_mask(cache.lengths, t1 - t0, S)
+    mask = masks.cache_causal_mask(cache.lengths, t1 - t0, S)
     out, cache = draft.forward(params, emb[:, t0:t1], draft.fuse(params, aux[:, t0:t1]), pos[:, t0:t1], cache,
                                mask, cfg=dcfg)
     cache = cache.replace(lengths=cache.lengths + (t1 - t0))

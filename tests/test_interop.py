@@ -22,8 +22,8 @@ import safetensors.torch  # noqa: E402
 from eagle3_jax import convert, interop
 from eagle3_jax.draft import head as draft
 from eagle3_jax.interop import files
-from eagle3_jax.nn import layers  # noqa: E402
 from eagle3_jax.config import LlamaConfig  # noqa: E402
+from eagle3_jax.nn import masks
 
 D, F, N, K, H, V, VD = 64, 128, 4, 2, 16, 256, 64
 L = 30  # target layers: official taps (2, 15, 27) in input numbering = (1, 14, 26) in output numbering
@@ -152,7 +152,7 @@ def _jax_logits(params, tokens, aux, embed, *, cfg):
   B, T = tokens.shape
   pos = jnp.broadcast_to(jnp.arange(T), (B, T))
   out, _ = draft.forward(params, embed[tokens], draft.fuse(params, aux), pos, None,
-                         layers.causal_mask(jnp.full((B,), T), T), cfg=cfg)
+                         masks.causal_mask(jnp.full((B,), T), T), cfg=cfg)
   return draft.logits(params, out, cfg=cfg)
 
 
@@ -481,14 +481,14 @@ def draft_chain(ckpt, embed, tokens, aux, steps):
   cache = draft.init_cache(ckpt.cfg, B, S)
   pos = jnp.broadcast_to(jnp.arange(T), (B, T))
   out, cache = _forward(ckpt.params, embed[tokens], draft.fuse(ckpt.params, aux), pos, cache,
-                        layers.cache_causal_mask(cache.lengths, T, S), cfg=ckpt.cfg)
+                        masks.cache_causal_mask(cache.lengths, T, S), cfg=ckpt.cfg)
   cache = cache.replace(lengths=cache.lengths + T)
   hidden, chain = out[:, -1:], []
   for i in range(steps):
     tok = ckpt.vocab.to_target(jnp.argmax(_logits(ckpt.params, hidden, cfg=ckpt.cfg), -1))
     chain.append(np.asarray(tok))
     hidden, cache = _forward(ckpt.params, embed[tok], hidden, jnp.full((B, 1), T + i), cache,
-                             layers.cache_causal_mask(cache.lengths, 1, S), cfg=ckpt.cfg)
+                             masks.cache_causal_mask(cache.lengths, 1, S), cfg=ckpt.cfg)
     cache = cache.replace(lengths=cache.lengths + 1)
   return np.concatenate(chain, 1)
 

@@ -4,14 +4,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eagle3_jax.nn import layers
 from eagle3_jax.target import llama
+from eagle3_jax.nn import masks
 
 
 def _full(params, cfg, toks):
   B, T = toks.shape
   pos = jnp.broadcast_to(jnp.arange(T), (B, T))
-  return llama.forward(params, toks, pos, None, layers.causal_mask(jnp.full((B,), T), T), cfg=cfg)
+  return llama.forward(params, toks, pos, None, masks.causal_mask(jnp.full((B,), T), T), cfg=cfg)
 
 
 def test_prefill_then_single_token_steps_equal_full_forward(tiny_cfg):
@@ -22,12 +22,12 @@ def test_prefill_then_single_token_steps_equal_full_forward(tiny_cfg):
   step = jax.jit(lambda p, t, pos, c, m: llama.forward(p, t, pos, c, m, cfg=tiny_cfg))
   cache = llama.init_cache(tiny_cfg, B, S)
   pos = jnp.broadcast_to(jnp.arange(T), (B, T))
-  logits, aux, cache = step(params, toks[:, :T0], pos[:, :T0], cache, layers.cache_causal_mask(cache.lengths, T0, S))
+  logits, aux, cache = step(params, toks[:, :T0], pos[:, :T0], cache, masks.cache_causal_mask(cache.lengths, T0, S))
   cache = cache.replace(lengths=cache.lengths + T0)
   outs, auxs = [logits], [aux]
   for t in range(T0, T):
     logits, aux, cache = step(params, toks[:, t:t + 1], pos[:, t:t + 1], cache,
-                              layers.cache_causal_mask(cache.lengths, 1, S))
+                              masks.cache_causal_mask(cache.lengths, 1, S))
     cache = cache.replace(lengths=cache.lengths + 1)
     outs.append(logits)
     auxs.append(aux)
@@ -50,10 +50,10 @@ def test_tree_mask_rows_equal_their_visible_path_alone(tiny_cfg):
       anc[i, j] = True
       j = parents[j]
   cache = llama.init_cache(tiny_cfg, 1, S)
-  _, _, cache = llama.forward(params, prefix, jnp.arange(4)[None], cache, layers.cache_causal_mask(cache.lengths, 4, S),
+  _, _, cache = llama.forward(params, prefix, jnp.arange(4)[None], cache, masks.cache_causal_mask(cache.lengths, 4, S),
                               cfg=tiny_cfg)
   cache = cache.replace(lengths=cache.lengths + 4)
-  mask = layers.tree_cache_mask(cache.lengths, jnp.asarray(anc)[None], S)
+  mask = masks.block_mask(cache.lengths, jnp.asarray(anc)[None], S)
   logits, _, _ = llama.forward(params, nodes, 4 + jnp.asarray(depth)[None], cache, mask, cfg=tiny_cfg)
   for i in range(P):
     path = [j for j in range(P) if anc[i, j]]  # ancestors in index order == root-to-node order here

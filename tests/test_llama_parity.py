@@ -8,9 +8,9 @@ import transformers
 import jax
 import jax.numpy as jnp
 
-from eagle3_jax.nn import layers
 from eagle3_jax import sharding
 from eagle3_jax.target import llama, loading
+from eagle3_jax.nn import masks
 
 B, T = 2, 12
 _SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=7, num_attention_heads=4,
@@ -54,7 +54,7 @@ def _hf_outputs(model, tokens):
 
 def _our_outputs(cfg, params, tokens):
   positions = jnp.broadcast_to(jnp.arange(T), (B, T))
-  mask = layers.causal_mask(jnp.full((B,), T), T)
+  mask = masks.causal_mask(jnp.full((B,), T), T)
   fwd = jax.jit(llama.forward, static_argnames="cfg")
   logits, aux, _ = fwd(params, jnp.asarray(tokens), positions, None, mask, cfg=cfg)
   return np.asarray(logits), np.asarray(aux)

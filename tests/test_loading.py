@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from eagle3_jax import config as config_lib
 from eagle3_jax.config import LlamaConfig, RopeScaling
 from eagle3_jax.target import gguf, llama, loading
+from eagle3_jax.nn import masks
 
 _BASE = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 96, "hidden_size": 32,
          "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -206,8 +207,7 @@ def _write_gguf(path, cfg: LlamaConfig, tensors: dict[str, np.ndarray], arch: st
 def _logits(cfg, params):
   tokens = jnp.arange(20).reshape(2, 10) % cfg.vocab_size
   positions = jnp.broadcast_to(jnp.arange(10), (2, 10))
-  from eagle3_jax.nn import layers
-  return np.asarray(llama.forward(params, tokens, positions, None, layers.causal_mask(jnp.full((2,), 10), 10),
+  return np.asarray(llama.forward(params, tokens, positions, None, masks.causal_mask(jnp.full((2,), 10), 10),
                                   cfg=cfg)[0])
 
 

@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from eagle3_jax.decode import vanilla, sampling
-from eagle3_jax.nn import layers
 from eagle3_jax.target import llama, loading
+from eagle3_jax.nn import masks
 
 pytestmark = pytest.mark.slow
 
@@ -75,7 +75,7 @@ def test_prefill_logits_and_aux_match_transformers(ours, prompt, reference):
   cfg, params = ours
   T = prompt.shape[1]
   logits, aux, _ = jax.jit(llama.forward, static_argnames="cfg")(
-      params, jnp.asarray(prompt), jnp.arange(T)[None], None, layers.causal_mask(jnp.array([T]), T), cfg=cfg)
+      params, jnp.asarray(prompt), jnp.arange(T)[None], None, masks.causal_mask(jnp.array([T]), T), cfg=cfg)
   logits, aux = np.asarray(logits), np.asarray(aux)
   with torch.no_grad():
     out = reference(torch.tensor(prompt, dtype=torch.long), output_hidden_states=True)

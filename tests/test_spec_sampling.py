@@ -10,10 +10,10 @@ import pytest
 from scipy import stats
 
 import spec_oracle
-from eagle3_jax.nn import layers
 from eagle3_jax.decode import sampling, speculative as sp
 from eagle3_jax.target import llama
 from eagle3_jax.decode.tree import TreeConfig
+from eagle3_jax.nn import masks
 
 V = 8
 ROWS = 12000
@@ -27,7 +27,7 @@ def _exact(cfg, params, scfg):
   n, T = seqs.shape
   logits, _, _ = jax.jit(llama.forward, static_argnames="cfg")(
       params, jnp.asarray(seqs), jnp.broadcast_to(jnp.arange(T), (n, T)), None,
-      layers.causal_mask(jnp.full((n,), T), T), cfg=cfg)
+      masks.causal_mask(jnp.full((n,), T), T), cfg=cfg)
   probs = np.asarray(sampling.target_probs(logits[:, T - 3:], scfg), np.float64).reshape(V, V, 3, V)
   p1 = probs[0, 0, 0]
   p2 = probs[:, 0, 1]  # [t1, t2]

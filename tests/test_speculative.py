@@ -12,9 +12,9 @@ import pytest
 import spec_oracle
 from eagle3_jax.decode import vanilla, sampling, speculative as sp
 from eagle3_jax.draft import head as draft
-from eagle3_jax.nn import layers
 from eagle3_jax.target import llama
 from eagle3_jax.decode.tree import TreeConfig
+from eagle3_jax.nn import kv_cache, masks
 
 TREES = [TreeConfig.chain(4), TreeConfig(top_k=2, depth=3, total_tokens=6), TreeConfig(top_k=4, depth=4, total_tokens=16)]
 tree_id = lambda t: f"k{t.top_k}d{t.depth}n{t.total_tokens}"
@@ -65,7 +65,7 @@ def test_greedy_single_row_with_stop_id_through_the_bare_protocol(random_pair):
   cfg, tparams, dcfg, dparams, vocab = random_pair
   bare = sp.Target(forward=functools.partial(llama.forward, cfg=cfg), init_cache=functools.partial(llama.init_cache, cfg),
                    embed=lambda params: params["embed"], vocab_size=cfg.vocab_size, aux_size=3 * cfg.hidden_size,
-                   max_positions=cfg.max_position_embeddings, slot_axis=llama.SLOT_AXIS)
+                   max_positions=cfg.max_position_embeddings, slot_axis=kv_cache.SLOT_AXIS)
   free, _ = _vanilla(cfg, tparams, PROMPTS, LENGTHS, 16)  # compiled already by the B = 4 test
   stop = int(free[0, 5])  # a token the target really emits mid-way
   tokens, lengths = PROMPTS[:1], LENGTHS[:1]
@@ -107,7 +107,7 @@ def test_greedy_equals_vanilla_accepting_draft_and_commits_kv(context_pair):
   B = len(seqs)
   _, _, fresh = jax.jit(llama.forward, static_argnames="cfg")(
       tparams, batch, jnp.broadcast_to(jnp.arange(n), (B, n)), llama.init_cache(cfg, B, n),
-      layers.cache_causal_mask(jnp.zeros((B,), jnp.int32), n, n), cfg=cfg)
+      masks.cache_causal_mask(jnp.zeros((B,), jnp.int32), n, n), cfg=cfg)
   for b in range(B):
     L = int(state.cache.lengths[b])
     assert lengths[b] + out["counts"][b] - tree_cfg.depth - 2 <= L <= len(seqs[b])  # a finished row stops moving

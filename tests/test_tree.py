@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from eagle3_jax.draft import head as draft
-from eagle3_jax.nn import layers
 from eagle3_jax.decode import tree
 from eagle3_jax.target import llama
+from eagle3_jax.nn import masks
 
 
 def _numpy_pool(rng, cfg: tree.TreeConfig, B: int):
@@ -70,7 +70,7 @@ def test_block_mask():
   rows = np.zeros((1, 2, 3), bool)
   rows[0, 0, 0] = True
   rows[0, 1, [0, 2]] = True
-  m = np.asarray(tree.block_mask(jnp.array([2]), jnp.asarray(rows), 7))
+  m = np.asarray(masks.block_mask(jnp.array([2]), jnp.asarray(rows), 7))
   np.testing.assert_array_equal(m[0, 0], [1, 1, 1, 0, 0, 0, 0])
   np.testing.assert_array_equal(m[0, 1], [1, 1, 1, 0, 1, 0, 0])
 
@@ -94,13 +94,13 @@ def test_verify_logits_equal_sequential_decoding(tiny_cfg):
 
   cache = llama.init_cache(tiny_cfg, B, S)
   pos = jnp.broadcast_to(jnp.arange(T), (B, T))
-  _, _, cache = llama.forward(params, jnp.asarray(prompts), pos, cache, layers.cache_causal_mask(cache.lengths, T, S),
+  _, _, cache = llama.forward(params, jnp.asarray(prompts), pos, cache, masks.cache_causal_mask(cache.lengths, T, S),
                               cfg=tiny_cfg)
   L = jnp.asarray(lengths, jnp.int32)
   block = jnp.concatenate([jnp.asarray(root)[:, None], t.tokens], axis=1)
   positions = L[:, None] + jnp.concatenate([jnp.zeros((B, 1), jnp.int32), t.depths], axis=1)
   verify, _, _ = llama.forward(params, block, positions, cache.replace(lengths=L),
-                               layers.tree_cache_mask(L, t.mask, S), cfg=tiny_cfg)
+                               masks.block_mask(L, t.mask, S), cfg=tiny_cfg)
 
   # Every node's path, run from scratch as one right-padded batch of plain causal sequences.
   seqs, ends, where = [], [], []
@@ -114,7 +114,7 @@ def test_verify_logits_equal_sequential_decoding(tiny_cfg):
   n = len(seqs)
   full, _, _ = jax.jit(llama.forward, static_argnames="cfg")(
       params, jnp.asarray(seqs), jnp.broadcast_to(jnp.arange(seqs.shape[1]), seqs.shape), None,
-      layers.causal_mask(jnp.asarray(ends), seqs.shape[1]), cfg=tiny_cfg)
+      masks.causal_mask(jnp.asarray(ends), seqs.shape[1]), cfg=tiny_cfg)
   expected = np.asarray(full)[np.arange(n), ends - 1]
   got = np.stack([np.asarray(verify)[b, i] for b, i in where])
   np.testing.assert_allclose(got, expected, atol=2e-5, rtol=1e-4)
@@ -135,7 +135,7 @@ def test_expand_scores_equal_sequential_draft(tiny_cfg):
   ctx_emb = jax.random.normal(jax.random.key(7), (B, n_ctx, dcfg.hidden_size))
   cache = draft.init_cache(dcfg, B, S)
   out, cache = draft.forward(dparams, ctx_emb, ctx_hidden, jnp.broadcast_to(jnp.arange(n_ctx), (B, n_ctx)), cache,
-                             layers.cache_causal_mask(cache.lengths, n_ctx, S), cfg=dcfg)
+                             masks.cache_causal_mask(cache.lengths, n_ctx, S), cfg=dcfg)
   cache = cache.replace(lengths=jnp.full((B,), n_ctx, jnp.int32))
   last = out[:, -1]
   t, after = jax.jit(tree.expand, static_argnames=("dcfg", "cfg"))(dparams, embed, vocab, last, cache, dcfg=dcfg,
@@ -145,7 +145,7 @@ def test_expand_scores_equal_sequential_draft(tiny_cfg):
   @jax.jit
   def step(hidden, token, c):
     o, c = draft.forward(dparams, embed[token][:, None], hidden[:, None], c.lengths[:, None], c,
-                         layers.cache_causal_mask(c.lengths, 1, S), cfg=dcfg)
+                         masks.cache_causal_mask(c.lengths, 1, S), cfg=dcfg)
     return o[:, 0], c.replace(lengths=c.lengths + 1)
 
   logp = lambda h: np.asarray(jax.nn.log_softmax(draft.logits(dparams, h, cfg=dcfg), axis=-1))

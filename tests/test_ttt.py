@@ -9,10 +9,11 @@ import pytest
 
 from eagle3_jax.draft import head as draft
 from eagle3_jax.train import ttt
-from eagle3_jax.nn import layers
 from eagle3_jax.config import LlamaConfig
 from eagle3_jax.train.features import target_features
 from eagle3_jax.target import llama
+from eagle3_jax.nn import attention, masks
+import ttt_reference
 
 B, T = 3, 10
 LENGTHS = np.array([10, 7, 4])
@@ -66,7 +67,7 @@ def _args(s):
 def test_scan_matches_python_reference(setup, dcfg, steps, loss_norm):
   kw = dict(cfg=dcfg, steps=steps, loss_norm=loss_norm)
   loss, m = jax.jit(lambda *a: ttt.ttt_loss(*a, **kw))(*_args(setup))
-  ref_loss, ref_m = ttt.ttt_loss_reference(*_args(setup), **kw)
+  ref_loss, ref_m = ttt_reference.ttt_loss_reference(*_args(setup), **kw)
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
   assert set(m) == set(ref_m)
   for k in m:
@@ -82,7 +83,7 @@ def test_step0_is_plain_soft_cross_entropy(setup, dcfg):
   x_next = jnp.pad(s["tokens"][:, 1:], ((0, 0), (0, 1)))
   pos = jnp.broadcast_to(jnp.arange(T), (B, T))
   out, _ = draft.forward(p, embed[x_next], draft.fuse(p, s["aux"]), pos, None,
-                         layers.causal_mask(jnp.full((B,), T), T), cfg=dcfg)
+                         masks.causal_mask(jnp.full((B,), T), T), cfg=dcfg)
   logq = jax.nn.log_softmax(draft.logits(p, out, cfg=dcfg))[:, :T - 2]  # row t predicts x[t+2]
   target = s["probs"][:, 1:T - 1]
   w = s["loss_mask"][:, 2:] * s["in_vocab"][:, 1:T - 1]
@@ -101,7 +102,7 @@ def test_extended_mask_is_causal_plus_identities():
   expected = np.array([[1, 0, 0, 1, 0, 0, 1, 0, 0],
                        [1, 1, 0, 0, 1, 0, 0, 1, 0],
                        [1, 1, 1, 0, 0, 1, 0, 0, 1]], bool)
-  np.testing.assert_array_equal(ttt.extended_mask(3, 2), expected)
+  np.testing.assert_array_equal(masks.ttt_extended_mask(3, 2), expected)
 
 
 @pytest.mark.parametrize("step", [0, 1, 3])
@@ -111,14 +112,14 @@ def test_ttt_attention_equals_dense_extended_mask(step):
   q = jax.random.normal(kq, (B, T, N, H))
   kbuf = jax.random.normal(kk, (R, B, T, K, H))
   vbuf = jax.random.normal(kv, (R, B, T, K, H))
-  got = ttt.ttt_attention(q, kbuf, vbuf, jnp.int32(step))
+  got = attention.ttt_attention(q, kbuf, vbuf, jnp.int32(step))
   keys = jnp.concatenate(list(kbuf[:step + 1]), axis=1)
   vals = jnp.concatenate(list(vbuf[:step + 1]), axis=1)
-  mask = jnp.broadcast_to(ttt.extended_mask(T, step), (B, T, (step + 1) * T))
-  np.testing.assert_allclose(got, layers.attention(q, keys, vals, mask), atol=1e-6)
+  mask = jnp.broadcast_to(masks.ttt_extended_mask(T, step), (B, T, (step + 1) * T))
+  np.testing.assert_allclose(got, attention.attention(q, attention.head_major(keys), attention.head_major(vals), mask), atol=1e-6)
   # Slots beyond the step (later steps' keys in the scan buffer) must not matter.
   garbage = kbuf.at[step + 1:].set(1e3), vbuf.at[step + 1:].set(-1e3)
-  np.testing.assert_allclose(ttt.ttt_attention(q, *garbage, step), got, atol=1e-6)
+  np.testing.assert_allclose(attention.ttt_attention(q, *garbage, step), got, atol=1e-6)
 
 
 @pytest.fixture(scope="module")

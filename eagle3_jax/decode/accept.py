@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
 
 import flax.struct
 import jax
@@ -104,30 +103,3 @@ def sample(key: jax.Array, logits_BPV: jax.Array, tree: Tree, depth: int, top_k:
     p = p.at[jnp.arange(B)[:, None], tried].set(0.0, mode="drop")
     bonus = jax.random.categorical(keys[depth], jnp.log(p), axis=-1).astype(jnp.int32)
     return Accepted(count=count, path=path, bonus=bonus)
-
-
-def commit(cache: Any, starts_B: jax.Array, acc: Accepted, num_nodes: int, slot_axis: int = 1) -> Any:
-  """Moves the accepted nodes' K/V from slots starts + path to the contiguous slots starts + 1.. of each row.
-
-  Works on any cache pytree whose rank >= 2 leaves are [B, ...] buffers with their slots on `slot_axis` (rank-1
-  leaves such as `lengths` are left alone). The root already sits at slot starts; lengths are the caller's to move.
-  """
-  depth = acc.path.shape[1]
-  keep = jnp.arange(depth)[None, :] < acc.count[:, None]
-  ax = slot_axis - 1  # inside vmap over rows
-
-  def move_row(buf, start, path, keep_row):
-    block = jax.lax.dynamic_slice_in_dim(buf, start, num_nodes + 1, axis=ax)
-    shape = [1] * buf.ndim
-    shape[ax] = depth
-    moved = jnp.where(keep_row.reshape(shape), jnp.take(block, path, axis=ax),
-                      jax.lax.slice_in_dim(block, 1, depth + 1, axis=ax))
-    return jax.lax.dynamic_update_slice_in_dim(buf, moved, start + 1, axis=ax)
-
-  def move(buf):
-    if buf.ndim < 2:
-      return buf
-    return jax.vmap(move_row)(buf, starts_B, acc.path, keep)
-
-  with jax.named_scope("commit"):
-    return jax.tree.map(move, cache)

@@ -18,6 +18,7 @@ from eagle3_jax.draft import head as draft
 from eagle3_jax.config import LlamaConfig
 from eagle3_jax.target import llama
 from eagle3_jax.decode.tree import TreeConfig
+from eagle3_jax.nn import kv_cache
 
 
 @dataclasses.dataclass
@@ -69,7 +70,7 @@ class VanillaGenerator:
                         stop_ids=tuple(sorted(set(int(i) for i in stop_ids))), pad_id=int(pad_id))
     self._key = jax.random.key(seed)
     self._compiled: dict[tuple[int, int], Any] = {}
-    self._caches: dict[tuple[int, int], llama.KVCache] = {}  # donated each call, handed back by the next state
+    self._caches: dict[tuple[int, int], kv_cache.KVCache] = {}  # donated each call, handed back by the next state
     self._traces_at_start = vanilla.TRACE_COUNT["generate"]
     self._dtype = jax.tree.leaves(params)[0].dtype
 

@@ -33,9 +33,9 @@ from jax.sharding import Mesh
 from eagle3_jax.decode import accept, vanilla, sampling, tree
 from eagle3_jax.draft import head as draft
 from eagle3_jax import sharding
-from eagle3_jax.nn import layers
 from eagle3_jax.config import LlamaConfig
 from eagle3_jax.target import llama
+from eagle3_jax.nn import kv_cache, masks
 
 # Incremented on every trace: tests and the engine use it to prove that nothing retraces per round or per call.
 TRACE_COUNT = {"generate": 0, "round": 0}
@@ -66,7 +66,7 @@ def llama_target(cfg: LlamaConfig) -> Target:
                 aux_size=len(cfg.aux_layer_ids) * cfg.hidden_size, max_positions=cfg.max_position_embeddings,
                 forward_hidden=functools.partial(llama.forward_hidden, cfg=cfg),
                 lm_head=functools.partial(llama.lm_head, cfg=cfg), cache_axes=llama.cache_axes(cfg),
-                slot_axis=llama.SLOT_AXIS)
+                slot_axis=kv_cache.SLOT_AXIS)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -101,7 +101,7 @@ class SpecState:
   """Everything the round loop carries (see the module docstring for the length invariants)."""
 
   cache: Any  # target cache
-  draft_cache: llama.KVCache
+  draft_cache: kv_cache.KVCache
   pending_hidden: jax.Array  # [B,R,D] fc(aux) of target rows the draft has not consumed
   pending_tokens: jax.Array  # int32[B,R] token following each pending row; the last valid one is the next root
   pending_count: jax.Array  # int32[B] 1..R
@@ -114,16 +114,10 @@ class SpecState:
   steps: jax.Array  # int32[] loop iterations
 
 
-def cache_slots(cache: Any, slot_axis: int = 1) -> int:
-  """S of a protocol cache: the slot axis of its first rank >= 2 leaf."""
-  return next(x.shape[slot_axis] for x in jax.tree.leaves(cache) if x.ndim >= 2)
-
-
 def _state_axes(state: SpecState, target: Target) -> SpecState:
   row = lambda x: ("batch",) + (None,) * (x.ndim - 1)
   axes = jax.tree.map(row, state)
-  dc = ("batch", "kv_heads", "cache_seq", "head_dim")
-  axes = axes.replace(draft_cache=llama.KVCache(k=(dc,), v=(dc,), lengths=("batch",)), key=(), steps=())
+  axes = axes.replace(draft_cache=kv_cache.axes(1), key=(), steps=())
   if target.cache_axes is not None:
     axes = axes.replace(cache=target.cache_axes)
   return axes
@@ -167,7 +161,7 @@ def prefill(target: Target, target_params: Any, draft_params: Any, embed_VD: jax
     cache = target.init_cache(B, S_t, embed_VD.dtype)
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     # Padded queries write junk K/V past each prompt; no later query sees a slot before it is rewritten.
-    mask = layers.cache_causal_mask(jnp.zeros((B,), jnp.int32), T, S_t)
+    mask = masks.cache_causal_mask(jnp.zeros((B,), jnp.int32), T, S_t)
     take_last = lambda x: jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
     if target.forward_hidden is not None and target.lm_head is not None:
       hidden, aux, cache = target.forward_hidden(target_params, tokens_BT, positions, cache, mask)
@@ -183,8 +177,8 @@ def prefill(target: Target, target_params: Any, draft_params: Any, embed_VD: jax
     _, k, v = draft.qkv(draft_params, jnp.take(embed_VD, next_tokens, axis=0), hidden_d, positions, cfg=dcfg)
     dcache = draft.init_cache(dcfg, B, S_d, hidden_d.dtype)
     zeros = jnp.zeros((B,), jnp.int32)
-    dcache = dcache.replace(k=(llama.write_rows(dcache.k[0], k, zeros),),
-                            v=(llama.write_rows(dcache.v[0], v, zeros),), lengths=last)
+    dcache = dcache.replace(k=(kv_cache.write_rows(dcache.k[0], k, zeros),),
+                            v=(kv_cache.write_rows(dcache.v[0], v, zeros),), lengths=last)
   R = spec.rows
   state = SpecState(
       cache=cache.replace(lengths=lengths_B), draft_cache=dcache,
@@ -211,7 +205,7 @@ def spec_round(target: Target, target_params: Any, draft_params: Any, embed_VD: 
     positions = base[:, None] + jnp.arange(R, dtype=jnp.int32)[None, :]
     # Static R rows; rows past pending_count are junk written past the committed prefix, invisible to later queries.
     out, dcache = draft.forward(draft_params, jnp.take(embed_VD, state.pending_tokens, axis=0), state.pending_hidden,
-                                positions, dcache, layers.cache_causal_mask(base, R, dcache.max_len), cfg=dcfg)
+                                positions, dcache, masks.cache_causal_mask(base, R, dcache.max_len), cfg=dcfg)
     last_hidden = jnp.take_along_axis(out, (state.pending_count - 1)[:, None, None], axis=1)[:, 0]
     dcache = dcache.replace(lengths=base + state.pending_count)
   draft_tree, dcache = tree.expand(draft_params, embed_VD, vocab, last_hidden, dcache, dcfg=dcfg, cfg=tcfg)
@@ -221,7 +215,7 @@ def spec_round(target: Target, target_params: Any, draft_params: Any, embed_VD: 
     root = take_row(state.pending_tokens, state.pending_count - 1)
     block_tokens = jnp.concatenate([root[:, None], draft_tree.tokens], axis=1)  # [B,P+1]
     positions = L[:, None] + jnp.concatenate([jnp.zeros_like(root)[:, None], draft_tree.depths], axis=1)
-    mask = layers.tree_cache_mask(L, draft_tree.mask, cache_slots(state.cache, target.slot_axis))
+    mask = masks.block_mask(L, draft_tree.mask, kv_cache.slots(state.cache, target.slot_axis))
     logits, aux, cache = target.forward(target_params, block_tokens, positions, state.cache, mask)
 
   key, sub = jax.random.split(state.key)
@@ -230,7 +224,7 @@ def spec_round(target: Target, target_params: Any, draft_params: Any, embed_VD: 
   else:
     acc = accept.sample(sub, logits, draft_tree, tcfg.max_accept, tcfg.top_k, spec.sampling)
   if not tcfg.is_chain:  # a chain's accepted nodes already sit at contiguous slots
-    cache = accept.commit(cache, L, acc, tcfg.total_tokens, target.slot_axis)
+    cache = kv_cache.commit(cache, L, acc.path, acc.count, tcfg.total_tokens, target.slot_axis)
 
   j = jnp.arange(R)[None, :]
   rows = jnp.concatenate([jnp.zeros_like(root)[:, None], acc.path], axis=1)  # root + accepted, padded with root

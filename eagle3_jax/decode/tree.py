@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from eagle3_jax.draft import head as draft
-from eagle3_jax.target.llama import KVCache
+from eagle3_jax.nn import masks
+from eagle3_jax.nn.kv_cache import KVCache
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -75,18 +76,6 @@ class Tree:
   mask: jax.Array  # bool[B,P+1,P+1] row i sees column j iff j is i or an ancestor of i
 
 
-def ancestor_mask(parents_BP: jax.Array, depth: int) -> jax.Array:
-  """[B,P+1,P+1] ancestor-or-self mask of a tree given each node's parent in the (P+1)-block."""
-  B, P = parents_BP.shape
-  par = jnp.concatenate([jnp.zeros((B, 1), parents_BP.dtype), parents_BP], axis=1)  # root is its own parent
-  eye = jnp.eye(P + 1, dtype=jnp.bool_)[None]
-  anc = jnp.broadcast_to(eye, (B, P + 1, P + 1))
-  # After d rounds every node holds its ancestors up to d levels up; depth rounds reach the root.
-  for _ in range(depth):
-    anc = eye | jnp.take_along_axis(anc, par[:, :, None], axis=1)
-  return anc
-
-
 def build(scores_BC: jax.Array, tokens_BC: jax.Array, pool_parent_BC: jax.Array, cfg: TreeConfig) -> Tree:
   """Keeps the top total_tokens candidates by cumulative log-prob as a connected tree, in level order.
 
@@ -104,17 +93,7 @@ def build(scores_BC: jax.Array, tokens_BC: jax.Array, pool_parent_BC: jax.Array,
   is_parent = sel[:, None, :] == pool_parent[:, :, None]  # [B,P(child),P(candidate parent)]
   parents = jnp.where(is_parent.any(-1), jnp.argmax(is_parent, axis=-1) + 1, 0).astype(jnp.int32)
   return Tree(tokens=tokens.astype(jnp.int32), scores=scores, parents=parents, depths=depths,
-              mask=ancestor_mask(parents, cfg.max_accept))
-
-
-def block_mask(starts_B: jax.Array, rows_BTQ: jax.Array, S: int) -> jax.Array:
-  """[B,T,S]: every slot below starts[b], plus block slot starts[b] + q where rows[b, t, q] (a temporary block)."""
-  B, T, Q = rows_BTQ.shape
-  s = jnp.arange(S)
-  rel = s[None, :] - starts_B[:, None]  # [B,S]
-  in_block = (rel >= 0) & (rel < Q)
-  rows = jnp.take_along_axis(rows_BTQ, jnp.broadcast_to(jnp.clip(rel, 0, Q - 1)[:, None, :], (B, T, S)), axis=2)
-  return (rel < 0)[:, None, :] | (rows & in_block[:, None, :])
+              mask=masks.ancestor_mask(parents, cfg.max_accept))
 
 
 def expand(draft_params: Any, embed_VD: jax.Array, vocab: draft.DraftVocab, last_BD: jax.Array, cache: KVCache, *,
@@ -144,7 +123,7 @@ def expand(draft_params: Any, embed_VD: jax.Array, vocab: draft.DraftVocab, last
       positions = jnp.broadcast_to((base + level - 1)[:, None], (B, k))
       emb = jnp.take(embed_VD, f_tok, axis=0)
       out, cache = draft.forward(draft_params, emb, f_hidden, positions,
-                                 cache.replace(lengths=base + (level - 1) * k), block_mask(base, anc, S), cfg=dcfg)
+                                 cache.replace(lengths=base + (level - 1) * k), masks.block_mask(base, anc, S), cfg=dcfg)
       child_logp = jax.nn.log_softmax(draft.logits(draft_params, out, cfg=dcfg), axis=-1)
       c_score, c_idx = jax.lax.top_k(child_logp, k)  # [B,k,k]
       cum = (f_score[:, :, None] + c_score).reshape(B, k * k)

@@ -10,10 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eagle3_jax.nn import layers
 from eagle3_jax.decode import sampling
 from eagle3_jax.config import LlamaConfig
 from eagle3_jax.target import llama
+from eagle3_jax.nn import kv_cache, masks
 
 # Incremented each time `generate` is traced: tests and the engine use it to prove nothing retraces per call.
 TRACE_COUNT = {"generate": 0}
@@ -28,7 +28,7 @@ class DecodeState:
   emitted tokens (a stop token included); the rest hold pad_id.
   """
 
-  cache: llama.KVCache
+  cache: kv_cache.KVCache
   last: jax.Array  # int32[B] latest emitted token, not yet in the cache
   tokens: jax.Array  # int32[B, M] output buffer, M = max_new_tokens
   counts: jax.Array  # int32[B] emitted tokens per row
@@ -87,7 +87,7 @@ def _emit(state: DecodeState, new_B: jax.Array, *, max_new_tokens: int, stop_ids
   return state.replace(tokens=tokens, counts=counts, done=done, last=jnp.where(active, new_B, state.last))
 
 
-def prefill(params: Any, tokens_BT: jax.Array, lengths_B: jax.Array, cache: llama.KVCache, key: jax.Array, *,
+def prefill(params: Any, tokens_BT: jax.Array, lengths_B: jax.Array, cache: kv_cache.KVCache, key: jax.Array, *,
             cfg: LlamaConfig, sampling_cfg: sampling.SamplingConfig, max_new_tokens: int,
             stop_ids: tuple[int, ...] = (), pad_id: int = 0) -> DecodeState:
   """Runs right-padded prompts [B,T] through the target and samples each row's first token."""
@@ -97,7 +97,7 @@ def prefill(params: Any, tokens_BT: jax.Array, lengths_B: jax.Array, cache: llam
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     # Padded queries (t >= length) write junk K/V past the prompt; decoding overwrites those slots before any
     # query can see them, because a query at slot s only sees slots <= s.
-    mask = layers.cache_causal_mask(cache.lengths, T, cache.max_len)
+    mask = masks.cache_causal_mask(cache.lengths, T, cache.max_len)
     hidden, _, cache = llama.forward_hidden(params, tokens_BT, positions, cache, mask, cfg=cfg)
     # Only each row's last prompt position needs logits: [B,T,V] would cost T x 49152 x 4 bytes per row.
     last_hidden = jnp.take_along_axis(hidden, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
@@ -117,7 +117,7 @@ def decode_step(params: Any, state: DecodeState, *, cfg: LlamaConfig, sampling_c
   with jax.named_scope("decode_step"):
     cache = state.cache
     positions = cache.lengths[:, None]
-    mask = layers.cache_causal_mask(cache.lengths, 1, cache.max_len)
+    mask = masks.cache_causal_mask(cache.lengths, 1, cache.max_len)
     hidden, _, cache = llama.forward_hidden(params, state.last[:, None], positions, cache, mask, cfg=cfg)
     logits = llama.lm_head(params, hidden[:, 0], cfg=cfg)
     key, sub = jax.random.split(state.key)
@@ -136,7 +136,7 @@ def decode_loop(params: Any, state: DecodeState, *, cfg: LlamaConfig, sampling_c
   return jax.lax.while_loop(lambda s: ~jnp.all(s.done), step, state)
 
 
-def generate(params: Any, tokens_BT: jax.Array, lengths_B: jax.Array, cache: llama.KVCache, key: jax.Array, *,
+def generate(params: Any, tokens_BT: jax.Array, lengths_B: jax.Array, cache: kv_cache.KVCache, key: jax.Array, *,
              cfg: LlamaConfig, sampling_cfg: sampling.SamplingConfig, max_new_tokens: int,
              stop_ids: tuple[int, ...] = (), pad_id: int = 0) -> DecodeState:
   """Prefill + decode loop for a batch of right-padded prompts; returns the final state (tokens, counts, key).

@@ -13,7 +13,8 @@ import numpy as np
 from eagle3_jax.nn import layers
 from eagle3_jax.config import LlamaConfig, RopeScaling
 from eagle3_jax.params import ParamSpec, abstract_of, axes_of, init_from_specs
-from eagle3_jax.target.llama import KVCache, write_rows
+from eagle3_jax.nn.kv_cache import KVCache, write_rows
+from eagle3_jax.nn import attention, kv_cache
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -158,9 +159,7 @@ def logits(params: Any, out_BTD: jax.Array, *, cfg: DraftConfig) -> jax.Array:
 
 def init_cache(cfg: DraftConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
   """The draft's own one-layer KV cache, same conventions as the target's (writes at lengths[b] + t)."""
-  shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-  return KVCache(k=(jnp.zeros(shape, dtype),), v=(jnp.zeros(shape, dtype),),
-                 lengths=jnp.zeros((batch,), jnp.int32))
+  return kv_cache.init(1, batch, cfg.num_kv_heads, max_len, cfg.head_dim, dtype)
 
 
 def forward(params: Any, emb_BTD: jax.Array, hidden_BTD: jax.Array, positions_BT: jax.Array,
@@ -174,8 +173,8 @@ def forward(params: Any, emb_BTD: jax.Array, hidden_BTD: jax.Array, positions_BT
     q, k, v = qkv(params, emb_BTD, hidden_BTD, positions_BT, cfg=cfg)
     if cache is not None:
       kc, vc = write_rows(cache.k[0], k, cache.lengths), write_rows(cache.v[0], v, cache.lengths)
-      attn = layers.cache_attention(q, kc, vc, mask)
+      attn = attention.attention(q, kc, vc, mask)
       cache = cache.replace(k=(kc,), v=(vc,))
     else:
-      attn = layers.attention(q, k, v, mask)
+      attn = attention.attention(q, attention.head_major(k), attention.head_major(v), mask)
     return post_attention(params, hidden_BTD, attn, cfg=cfg), cache

@@ -1,1 +1,1 @@
-"""nn."""
+"""Building blocks shared by target and draft: norms, RoPE, the MLP, attention and masks."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +11,8 @@ import numpy as np
 from eagle3_jax.nn import layers
 from eagle3_jax.config import LlamaConfig
 from eagle3_jax.params import ParamSpec, abstract_of, axes_of, count_params, init_from_specs  # noqa: F401
+from eagle3_jax.nn import attention, kv_cache
+from eagle3_jax.nn.kv_cache import KVCache
 
 
 def param_specs(cfg: LlamaConfig) -> dict[str, Any]:
@@ -58,45 +59,12 @@ def init_params(cfg: LlamaConfig, key: jax.Array, dtype=jnp.float32) -> Any:
   return init_from_specs(param_specs(cfg), key, dtype)
 
 
-@flax.struct.dataclass
-class KVCache:
-  """Static-shape KV cache: one [B,K,S,H] array per layer; `lengths[b]` = committed tokens of row b.
-
-  New tokens are always written at slots lengths[b] + t; forward never moves `lengths` (the caller commits).
-  Slot index == position for committed tokens, so masks can be built from slot indices alone.
-  Head-major (slots on axis 2, SLOT_AXIS) so attention reads each head's keys as one contiguous [S,H] matrix:
-  slot-major [B,S,K,H] made XLA:CPU transpose every layer's cache on every call (measured 38 -> 10 ms of attention
-  per SmolLM2 decode step at S = 2048).
-  """
-
-  k: tuple[jax.Array, ...]
-  v: tuple[jax.Array, ...]
-  lengths: jax.Array  # int32[B]
-
-  @property
-  def max_len(self) -> int:
-    return self.k[0].shape[SLOT_AXIS]
-
-
-SLOT_AXIS = 2  # of every [B,K,S,H] cache buffer
-
-
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-  shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-  zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
-  return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
-                 lengths=jnp.zeros((batch,), jnp.int32))
+  return kv_cache.init(cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim, dtype)
 
 
 def cache_axes(cfg: LlamaConfig) -> KVCache:
-  ax = ("batch", "kv_heads", "cache_seq", "head_dim")
-  return KVCache(k=(ax,) * cfg.num_layers, v=(ax,) * cfg.num_layers, lengths=("batch",))
-
-
-def write_rows(buf_BKSH: jax.Array, new_BTKH: jax.Array, starts_B: jax.Array) -> jax.Array:
-  """Writes new_BTKH[b] at slots starts[b].. of row b (in place when the buffer is donated)."""
-  new_BKTH = jnp.swapaxes(new_BTKH, 1, 2).astype(buf_BKSH.dtype)
-  return jax.vmap(lambda buf, new, s: jax.lax.dynamic_update_slice(buf, new, (0, s, 0)))(buf_BKSH, new_BKTH, starts_B)
+  return kv_cache.axes(cfg.num_layers)
 
 
 def _attention_block(cfg: LlamaConfig, p: dict, x_BTD: jax.Array, positions_BT: jax.Array,
@@ -113,11 +81,11 @@ def _attention_block(cfg: LlamaConfig, p: dict, x_BTD: jax.Array, positions_BT: 
   q = layers.apply_rope(q, positions_BT, inv_freq)
   k = layers.apply_rope(k, positions_BT, inv_freq)
   if kv is not None:
-    k_cache, v_cache = write_rows(kv[0], k, starts_B), write_rows(kv[1], v, starts_B)
-    out = layers.cache_attention(q, k_cache, v_cache, mask)
+    k_cache, v_cache = kv_cache.write_rows(kv[0], k, starts_B), kv_cache.write_rows(kv[1], v, starts_B)
+    out = attention.attention(q, k_cache, v_cache, mask)
     kv = (k_cache, v_cache)
   else:
-    out = layers.attention(q, k, v, mask)
+    out = attention.attention(q, attention.head_major(k), attention.head_major(v), mask)
   # Flattened to [B,T,N*H] @ [N*H,D] (a free reshape of row-major wo): contracting over (N, H) as two axes made
   # XLA:CPU transpose all of wo in every call (30 x 1.3 MB copies per SmolLM2 step, 6.6 of ~42 ms).
   B, T, N, H = out.shape

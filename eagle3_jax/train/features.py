@@ -18,9 +18,9 @@ import numpy as np
 import safetensors.numpy
 from safetensors import safe_open
 
-from eagle3_jax.nn import layers
 from eagle3_jax.config import LlamaConfig
 from eagle3_jax.target import llama
+from eagle3_jax.nn import masks
 
 FORMAT = "eagle3-jax-features/2"  # /2 adds the target's full-vocabulary argmax per token
 INDEX = "index.json"
@@ -37,7 +37,7 @@ def target_features(target_params: Any, tokens_BT: jax.Array, lengths_B: jax.Arr
   B, T = tokens_BT.shape
   positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
   hidden, aux, _ = llama.forward_hidden(target_params, tokens_BT, positions, None,
-                                        layers.causal_mask(lengths_B, T), cfg=target_cfg)
+                                        masks.causal_mask(lengths_B, T), cfg=target_cfg)
   return jax.lax.stop_gradient(aux), jax.lax.stop_gradient(hidden)
 
 

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from eagle3_jax.draft import head as draft
-from eagle3_jax.nn import layers
+from eagle3_jax.nn import attention
 from eagle3_jax.config import LlamaConfig
 from eagle3_jax.draft.head import DraftConfig, DraftVocab
 
-# Same finite "minus infinity" as layers.attention, so both attention paths agree bit for bit on masked entries.
-_MASKED = -1e30
 LOSS_NORMS = ("batch", "tokens")
 
 
@@ -80,34 +77,6 @@ def teacher(target_params: Any, hidden_BTD: jax.Array, vocab: DraftVocab, *, tar
       argmax_BT = full_argmax(target_params, hidden_BTD, target_cfg=target_cfg, vocab_chunk=vocab_chunk)
     in_vocab = vocab.t2d[argmax_BT]
   return jax.lax.stop_gradient(probs), in_vocab
-
-
-# ----- TTT attention -------------------------------------------------------------------------------------------
-
-
-def ttt_attention(q_BTNH: jax.Array, k_RBTKH: jax.Array, v_RBTKH: jax.Array, step: Any) -> jax.Array:
-  """Attention of TTT step `step` (corrected mask): row t sees step-0 keys s <= t and its own chain of keys
-  from steps 1..step at row t (the diagonal). Buffer slot 0 holds the step-0 K/V over all T positions, slot i
-  the keys step i wrote; slots beyond `step` are ignored whatever they hold.
-
-  Equals layers.attention over the keys [K_0; K_1; ...; K_step] with the mask causal ⊕ identity per extra step,
-  at O(T·R) instead of O(T²·R) extra cost.
-  """
-  B, T, N, H = q_BTNH.shape
-  R, K = k_RBTKH.shape[0], k_RBTKH.shape[3]
-  q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-  with jax.named_scope("ttt_attention"):
-    scale = 1.0 / math.sqrt(H)
-    causal_TS = jnp.arange(T)[:, None] >= jnp.arange(T)[None, :]
-    s0 = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_RBTKH[0]).astype(jnp.float32) * scale
-    s0 = jnp.where(causal_TS, s0, _MASKED)
-    sd = jnp.einsum("BTKGH,RBTKH->BKGTR", q_BTKGH, k_RBTKH).astype(jnp.float32) * scale
-    slot = jnp.arange(R)
-    sd = jnp.where((slot >= 1) & (slot <= step), sd, _MASKED)
-    probs = jax.nn.softmax(jnp.concatenate([s0, sd], axis=-1), axis=-1).astype(v_RBTKH.dtype)
-    out = (jnp.einsum("BKGTS,BSKH->BTKGH", probs[..., :T], v_RBTKH[0])
-           + jnp.einsum("BKGTR,RBTKH->BTKGH", probs[..., T:], v_RBTKH))
-  return out.reshape(B, T, N, H)
 
 
 # ----- loss ----------------------------------------------------------------------------------------------------
@@ -211,7 +180,7 @@ def ttt_scan(draft_params: Any, embed_VD: jax.Array, aux_BTA: jax.Array, tok_pad
       q, k, v = draft.qkv(draft_params, emb, hidden, t_BT + j, cfg=cfg)
       kbuf = jax.lax.dynamic_update_index_in_dim(kbuf, k.astype(kbuf.dtype), j, 0)
       vbuf = jax.lax.dynamic_update_index_in_dim(vbuf, v.astype(vbuf.dtype), j, 0)
-      out = draft.post_attention(draft_params, hidden, ttt_attention(q, kbuf, vbuf, j), cfg=cfg)
+      out = draft.post_attention(draft_params, hidden, attention.ttt_attention(q, kbuf, vbuf, j), cfg=cfg)
       y = per_step(draft.logits(draft_params, out, cfg=cfg), j)
     return (out.astype(hidden.dtype), kbuf, vbuf), y
 
@@ -245,39 +214,6 @@ def ttt_ranks(draft_params: Any, embed_VD: jax.Array, aux_BTA: jax.Array, tokens
     return jnp.where(ok, rank, 0)
 
   return ttt_scan(draft_params, embed_VD, aux_BTA, tok_pad, per_step, cfg=cfg, steps=steps)
-
-
-def ttt_loss_reference(draft_params: Any, embed_VD: jax.Array, aux_BTA: jax.Array, tokens_BT: jax.Array,
-                       loss_mask_BT: jax.Array, probs_BTVd: jax.Array, in_vocab_BT: jax.Array, *, cfg: DraftConfig,
-                       steps: int = 7, decay: float = 0.8, remat: bool = False, loss_norm: str = "batch"
-                       ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """ttt_loss written the obvious way for tests: a Python loop, explicit shifts, and dense attention over the
-  concatenated keys of all steps so far under the extended mask (causal ⊕ identity per extra step)."""
-  del remat
-  _check_norm(loss_norm)
-  B, T = tokens_BT.shape
-  hidden = draft.fuse(draft_params, aux_BTA)
-  pos_w = _shift_pad(loss_mask_BT.astype(jnp.float32), 1, T) * in_vocab_BT
-  target_BT = jnp.argmax(probs_BTVd, axis=-1)
-  ks, vs, terms = [], [], []
-  for j in range(steps):
-    emb = embed_VD[_shift_pad(tokens_BT, j + 1, T)]
-    q, k, v = draft.qkv(draft_params, emb, hidden, jnp.broadcast_to(jnp.arange(T) + j, (B, T)), cfg=cfg)
-    ks, vs = ks + [k], vs + [v]
-    mask = jnp.broadcast_to(extended_mask(T, j), (B, T, (j + 1) * T))
-    attn = layers.attention(q, jnp.concatenate(ks, 1), jnp.concatenate(vs, 1), mask)
-    hidden = draft.post_attention(draft_params, hidden, attn, cfg=cfg)
-    lm = _shift_pad(loss_mask_BT.astype(jnp.float32), j + 2, T)
-    terms.append(_step_terms(draft.logits(draft_params, hidden, cfg=cfg), _shift_pad(probs_BTVd, j + 1, T),
-                             _shift_pad(target_BT, j + 1, T), _shift_pad(pos_w, j + 1, T)) + (jnp.sum(lm),))
-  ce_sum, correct, weight_sum, mask_sum = (jnp.stack(x) for x in zip(*terms))
-  return _finish(ce_sum, correct, weight_sum, mask_sum, B=B, T=T, decay=decay, loss_norm=loss_norm)
-
-
-def extended_mask(T: int, step: int) -> jax.Array:
-  """[T, (step+1)·T] dense TTT mask: causal over the step-0 keys, then an identity block per extra step."""
-  eye = jnp.eye(T, dtype=bool)
-  return jnp.concatenate([jnp.tril(jnp.ones((T, T), bool))] + [eye] * step, axis=1)
 
 
 def simulated_tau(acc_R: jax.Array) -> jax.Array:

@@ -24,9 +24,9 @@ import numpy as np
 
 from eagle3_jax.draft import head as draft
 from eagle3_jax.train import ttt
-from eagle3_jax.nn import layers
 from eagle3_jax.decode import speculative
 from eagle3_jax.decode.tree import TreeConfig
+from eagle3_jax.nn import masks
 
 MAX_DEPTH = 8  # deepest candidate and the depth of the acceptance statistics
 MAX_TOP_K = 4  # widest candidate; ranks beyond it count as misses
@@ -155,7 +155,7 @@ def _ranks_fn(target: speculative.Target, dcfg: draft.DraftConfig, depth: int, m
     cache = target.init_cache(B, T, embed.dtype)
     run = target.forward_hidden or target.forward  # aux is the second output of both
     _, aux, _ = run(target_params, tokens_BT, positions, cache,
-                               layers.cache_causal_mask(jnp.zeros((B,), jnp.int32), T, T))
+                               masks.cache_causal_mask(jnp.zeros((B,), jnp.int32), T, T))
     return ttt.ttt_ranks(draft_params, embed, aux, tokens_BT, vocab, cfg=dcfg, steps=depth, max_rank=max_rank)
 
   return fn

@@ -26,10 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from eagle3_jax.draft import head as draft
-from eagle3_jax.nn import layers
 from eagle3_jax.decode import speculative, tree
 from eagle3_jax.decode.autotree.acceptance import FORMAT, MAX_DEPTH, MAX_TOP_K
 from eagle3_jax.decode.tree import TreeConfig
+from eagle3_jax.nn import masks
 
 VERIFY_POINTS = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32)  # tree nodes P timed; others interpolate linearly
 EXPAND_DEPTHS = (1, 4)  # expansion is timed at two depths per top_k; other depths are linear between them
@@ -169,7 +169,7 @@ def calibrate(target: speculative.Target, target_params: Any, draft_params: Any,
     tokens = jnp.ones((B, T), jnp.int32)
     positions = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
     tmask = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T))
-    mask = layers.tree_cache_mask(start, tmask, S)
+    mask = masks.block_mask(start, tmask, S)
 
     def fn(params, cache):
       logits, _, cache = target.forward(params, tokens, positions, cache, mask)
@@ -199,7 +199,7 @@ def calibrate(target: speculative.Target, target_params: Any, draft_params: Any,
   def context_pass(R):
     emb = jnp.zeros((B, R, dcfg.hidden_size), dtype)
     positions = L[:, None] + jnp.arange(R, dtype=jnp.int32)[None, :]
-    mask = layers.cache_causal_mask(L, R, S)
+    mask = masks.cache_causal_mask(L, R, S)
 
     def fn(params, carry):
       cache, h = carry
