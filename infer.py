@@ -23,6 +23,7 @@ import json
 import logging
 import pathlib
 import sys
+from eagle3_jax.target import protocol
 from typing import Any
 
 _CHAT_QUESTIONS = (
@@ -122,10 +123,10 @@ def auto_tree(args, requests, params, cfg, ckpt, tokenizer) -> Any:
   import jax
   import jax.numpy as jnp
 
-  from eagle3_jax.decode import autotree, engine, sampling, speculative
+  from eagle3_jax.decode import autotree, engine, sampling
 
   path = pathlib.Path(args.draft) / autotree.ACCEPTANCE_FILE
-  target = speculative.llama_target(cfg)
+  target = protocol.llama_target(cfg)
   dparams = jax.tree.map(lambda x: jnp.asarray(x, params["embed"].dtype), ckpt.params)
   first_turns = [{"messages": [{"role": "user", "content": r["turns"][0]}]} if "turns" in r else r for r in requests]
   greedy = engine.VanillaGenerator(params, cfg, sampling_cfg=sampling.SamplingConfig(),

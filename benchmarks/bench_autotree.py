@@ -22,6 +22,7 @@ import pathlib
 import shutil
 import sys
 import tempfile
+from eagle3_jax.target import protocol
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -43,7 +44,7 @@ def main(argv=None) -> dict:
   import jax.numpy as jnp
 
   import infer
-  from eagle3_jax.decode import autotree, engine, speculative
+  from eagle3_jax.decode import autotree, engine
   from eagle3_jax import drafts
   from eagle3_jax.target import loading
   from eagle3_jax.decode.tree import TreeConfig
@@ -57,7 +58,7 @@ def main(argv=None) -> dict:
   cfg, params = loading.load_target(None, dtype=jnp.float32)
   tokenizer = loading.load_tokenizer(None)
   cfg, ckpt = engine.load_draft(draft_dir, cfg)
-  target = speculative.llama_target(cfg)
+  target = protocol.llama_target(cfg)
   dparams = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), ckpt.params)
   first = [{"messages": [{"role": "user", "content": r["turns"][0]}]} if "turns" in r else r for r in requests]
   prompt_ids = engine.Engine(None, tokenizer).encode(first)

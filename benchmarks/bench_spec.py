@@ -27,6 +27,7 @@ import time
 
 import numpy as np
 from eagle3_jax.nn import masks
+from eagle3_jax.target import protocol
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
@@ -76,7 +77,7 @@ def main(argv=None) -> dict:
   tokenizer = loading.load_tokenizer(args.target)
   cfg, dcfg, dparams, vocab, embed = load_draft(args.draft, cfg, tparams)
   embed = tparams["embed"] if embed is None else jnp.asarray(embed)
-  target = sp.llama_target(cfg)
+  target = protocol.llama_target(cfg)
   M = args.max_new_tokens
   trees = [TreeConfig(top_k=k, depth=d, total_tokens=n)
            for k, d, n in (map(int, t.split("x")) for t in args.trees.split(","))]
@@ -93,7 +94,7 @@ def main(argv=None) -> dict:
     def run_vanilla(batch):
       S = vanilla.cache_length(batch.tokens.shape[1], M)
       st = vanilla.generate_jit(tparams, batch.tokens, batch.lengths, llama.init_cache(cfg, B, S), jax.random.key(0),
-                               cfg=cfg, sampling_cfg=greedy, max_new_tokens=M)
+                               target=target, sampling_cfg=greedy, max_new_tokens=M)
       return np.asarray(st.tokens)[:batch.n_real], None
 
     def speculative(batch, tree):
@@ -161,7 +162,7 @@ def main(argv=None) -> dict:
                                        cache, masks.block_mask(cache.lengths, tree_mask, S), cfg=cfg)
       return jnp.argmax(logits, -1), cache
 
-    step = jax.jit(lambda p, st: vanilla.decode_step(p, st, cfg=cfg, sampling_cfg=greedy, max_new_tokens=10 ** 6),
+    step = jax.jit(lambda p, st: vanilla.decode_step(p, st, target=protocol.llama_target(cfg), sampling_cfg=greedy, max_new_tokens=10 ** 6),
                    donate_argnums=1)
     copy = lambda: jax.tree.map(jnp.copy, cache).replace(lengths=fresh())
     timed = {}  # name -> a callable running one donated step on its own state, rewound to context L each time
@@ -232,7 +233,7 @@ def main(argv=None) -> dict:
     def van_steps(m, batch=batch):
       S = vanilla.cache_length(batch.tokens.shape[1], m)
       return int(vanilla.generate_jit(tparams, batch.tokens, batch.lengths, llama.init_cache(cfg, B, S),
-                                     jax.random.key(0), cfg=cfg, sampling_cfg=greedy, max_new_tokens=m).steps)
+                                     jax.random.key(0), target=target, sampling_cfg=greedy, max_new_tokens=m).steps)
 
     def spec_steps(m, tree, batch=batch):
       spec = sp.SpecConfig(tree=tree, max_new_tokens=m)

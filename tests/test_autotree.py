@@ -8,13 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eagle3_jax.decode import autotree, speculative
+from eagle3_jax.decode import autotree
 from eagle3_jax.draft import head as draft
 from eagle3_jax.train import ttt
 from eagle3_jax.decode.autotree import costs as autotree_costs
 from eagle3_jax.target import llama
 from eagle3_jax.decode.tree import TreeConfig
 from eagle3_jax.nn import attention, masks
+from eagle3_jax.target import protocol
 
 
 def _models(tiny_cfg, Vd=96):
@@ -105,7 +106,7 @@ def test_choice_oracle_picks_the_deepest_and_random_picks_none():
 
 def _calibrate_args(tiny_cfg):
   cfg, params, dcfg, dparams, vocab = _models(tiny_cfg)
-  return speculative.llama_target(cfg), params, cfg, dparams, vocab, dcfg
+  return protocol.llama_target(cfg), params, cfg, dparams, vocab, dcfg
 
 
 def test_calibration_is_cached_and_invalidated(tiny_cfg, tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ import pytest
 from eagle3_jax.decode import vanilla, engine, sampling
 from eagle3_jax.target import llama
 from eagle3_jax.nn import masks
+from eagle3_jax.target import protocol
 
 GREEDY = sampling.SamplingConfig()
 M = 10  # max_new_tokens
@@ -38,9 +39,9 @@ def _prompts(lengths, T, seed=0, V=128):
 def _generate(params, cfg, tokens, lengths, *, key=None, sampling_cfg=GREEDY, max_new=M, stop_ids=(), pad_id=0):
   B, T = tokens.shape
   cache = llama.init_cache(cfg, B, vanilla.cache_length(T, max_new))
-  vanilla.validate(tokens, lengths, cfg=cfg, cache_len=cache.max_len, max_new_tokens=max_new)
+  vanilla.validate(tokens, lengths, target=protocol.llama_target(cfg), cache_len=cache.max_len, max_new_tokens=max_new)
   key = jax.random.key(1) if key is None else key
-  return vanilla.generate_jit(params, jnp.asarray(tokens), jnp.asarray(lengths), cache, key, cfg=cfg,
+  return vanilla.generate_jit(params, jnp.asarray(tokens), jnp.asarray(lengths), cache, key, target=protocol.llama_target(cfg),
                              sampling_cfg=sampling_cfg, max_new_tokens=max_new, stop_ids=stop_ids, pad_id=pad_id)
 
 
@@ -159,13 +160,13 @@ def test_engine_check_catches_retracing(params, cfg):
 def test_bad_inputs_raise(cfg, lengths, T, max_new, cache_extra, match):
   tokens = np.ones((len(lengths), T), np.int32)
   with pytest.raises(ValueError, match=match):
-    vanilla.validate(tokens, np.asarray(lengths), cfg=cfg, cache_len=T + max_new + cache_extra,
+    vanilla.validate(tokens, np.asarray(lengths), target=protocol.llama_target(cfg), cache_len=T + max_new + cache_extra,
                     max_new_tokens=max_new)
 
 
 def test_bad_token_ids_and_generator_raise(params, cfg):
   with pytest.raises(ValueError, match="token ids must lie in"):
-    vanilla.validate(np.full((1, 4), 128), np.asarray([2]), cfg=cfg, cache_len=8, max_new_tokens=2)
+    vanilla.validate(np.full((1, 4), 128), np.asarray([2]), target=protocol.llama_target(cfg), cache_len=8, max_new_tokens=2)
   gen = engine.VanillaGenerator(params, cfg, sampling_cfg=GREEDY, max_new_tokens=60)
   with pytest.raises(ValueError, match="max_position_embeddings"):
     gen.generate(engine.Batch(tokens=np.ones((1, 8), np.int32), lengths=np.asarray([8], np.int32), n_real=1))

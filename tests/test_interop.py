@@ -24,6 +24,7 @@ from eagle3_jax.draft import head as draft
 from eagle3_jax.interop import files
 from eagle3_jax.config import LlamaConfig  # noqa: E402
 from eagle3_jax.nn import masks
+from eagle3_jax.target import protocol
 
 D, F, N, K, H, V, VD = 64, 128, 4, 2, 16, 256, 64
 L = 30  # target layers: official taps (2, 15, 27) in input numbering = (1, 14, 26) in output numbering
@@ -532,7 +533,7 @@ def test_trained_draft_exports_converts_and_generates_same_tokens(tmp_path):
   cfg = load_config(ROOT / "configs/tiny.py", overrides)
   tcfg, target_params = train_loop.load_target(cfg, sharding.make_mesh(cfg.mesh))
   assert original.aux_layer_ids == tcfg.aux_layer_ids
-  target = speculative.llama_target(tcfg)
+  target = protocol.llama_target(tcfg)
   spec = speculative.SpecConfig(tree=tree.TreeConfig(top_k=2, depth=3, total_tokens=6), max_new_tokens=12)
   tokens = np.random.default_rng(7).integers(4, tcfg.vocab_size, size=(2, 8))
   outs = [speculative.outputs(speculative.generate(target, target_params, c.params, c.vocab, tokens, np.array([8, 5]),

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from eagle3_jax.decode import vanilla, sampling
 from eagle3_jax.target import llama, loading
 from eagle3_jax.nn import masks
+from eagle3_jax.target import protocol
 
 pytestmark = pytest.mark.slow
 
@@ -90,7 +91,7 @@ def test_greedy_tokens_match_transformers(ours, prompt, reference):
   cfg, params = ours
   T = prompt.shape[1]
   cache = llama.init_cache(cfg, 1, vanilla.cache_length(T, N_NEW))
-  state = vanilla.generate_jit(params, jnp.asarray(prompt), jnp.array([T]), cache, jax.random.key(0), cfg=cfg,
+  state = vanilla.generate_jit(params, jnp.asarray(prompt), jnp.array([T]), cache, jax.random.key(0), target=protocol.llama_target(cfg),
                               sampling_cfg=sampling.SamplingConfig(), max_new_tokens=N_NEW)
   got = np.asarray(state.tokens)[0]
   assert int(state.counts[0]) == N_NEW
@@ -117,12 +118,12 @@ def test_speculative_greedy_equals_vanilla(ours, prompt):
   tokens[0], tokens[1, : T - 9] = prompt[0], short[0]
   lengths = np.array([T, T - 9], np.int32)
   want = vanilla.generate_jit(params, jnp.asarray(tokens), jnp.asarray(lengths),
-                             llama.init_cache(cfg, 2, vanilla.cache_length(T, n_new)), jax.random.key(0), cfg=cfg,
+                             llama.init_cache(cfg, 2, vanilla.cache_length(T, n_new)), jax.random.key(0), target=protocol.llama_target(cfg),
                              sampling_cfg=sampling.SamplingConfig(), max_new_tokens=n_new)
   dcfg = draft.DraftConfig.for_target(cfg, draft_vocab_size=16384)
   vocab = draft.DraftVocab.from_ids(np.arange(16384), cfg.vocab_size)
   spec = sp.SpecConfig(tree=TreeConfig(top_k=4, depth=4, total_tokens=16), max_new_tokens=n_new)
-  state = sp.generate(sp.llama_target(cfg), params, draft.init_params(dcfg, jax.random.key(1)), vocab, tokens,
+  state = sp.generate(protocol.llama_target(cfg), params, draft.init_params(dcfg, jax.random.key(1)), vocab, tokens,
                       lengths, jax.random.key(0), dcfg=dcfg, spec=spec)
   out = sp.outputs(state, spec)
   np.testing.assert_array_equal(out["counts"], [n_new, n_new])

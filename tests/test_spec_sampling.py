@@ -14,6 +14,7 @@ from eagle3_jax.decode import sampling, speculative as sp
 from eagle3_jax.target import llama
 from eagle3_jax.decode.tree import TreeConfig
 from eagle3_jax.nn import masks
+from eagle3_jax.target import protocol
 
 V = 8
 ROWS = 12000
@@ -66,7 +67,7 @@ def test_first_tokens_follow_target_distribution(tiny_cfg, case):
   dcfg, dparams, vocab = spec_oracle.copy_draft(cfg, tparams, sign=c["sign"])
   spec = sp.SpecConfig(tree=TreeConfig(top_k=2, depth=3, total_tokens=5), sampling=c["scfg"], max_new_tokens=3)
   tokens = np.broadcast_to(PROMPT, (ROWS, len(PROMPT)))
-  state = sp.generate(sp.llama_target(cfg), tparams, dparams, vocab, tokens, np.full((ROWS,), len(PROMPT)),
+  state = sp.generate(protocol.llama_target(cfg), tparams, dparams, vocab, tokens, np.full((ROWS,), len(PROMPT)),
                       jax.random.key(0), dcfg=dcfg, spec=spec)
   out = sp.outputs(state, spec)
   assert (out["counts"] == 3).all()

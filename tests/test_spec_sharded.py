@@ -10,6 +10,7 @@ from eagle3_jax import sharding
 from eagle3_jax.decode import speculative as sp
 from eagle3_jax.target import llama
 from eagle3_jax.decode.tree import TreeConfig
+from eagle3_jax.target import protocol
 
 
 def test_sharded_generation_equals_single_device(tiny_cfg):
@@ -21,7 +22,7 @@ def test_sharded_generation_equals_single_device(tiny_cfg):
   spec = sp.SpecConfig(tree=TreeConfig(top_k=2, depth=3, total_tokens=6), max_new_tokens=20)
   tokens = np.random.default_rng(0).integers(0, 16, (4, 7))
   lengths = np.array([7, 2, 5, 4])
-  target = sp.llama_target(cfg)
+  target = protocol.llama_target(cfg)
   single = sp.outputs(sp.generate(target, tparams, dparams, vocab, tokens, lengths, jax.random.key(0), dcfg=dcfg,
                                   spec=spec), spec)
 

@@ -15,6 +15,7 @@ from eagle3_jax.draft import head as draft
 from eagle3_jax.target import llama
 from eagle3_jax.decode.tree import TreeConfig
 from eagle3_jax.nn import kv_cache, masks
+from eagle3_jax.target import protocol
 
 TREES = [TreeConfig.chain(4), TreeConfig(top_k=2, depth=3, total_tokens=6), TreeConfig(top_k=4, depth=4, total_tokens=16)]
 tree_id = lambda t: f"k{t.top_k}d{t.depth}n{t.total_tokens}"
@@ -23,13 +24,13 @@ tree_id = lambda t: f"k{t.top_k}d{t.depth}n{t.total_tokens}"
 def _vanilla(cfg, params, tokens, lengths, max_new, stop_ids=()):
   B, T = tokens.shape
   state = vanilla.generate_jit(params, jnp.asarray(tokens), jnp.asarray(lengths),
-                              llama.init_cache(cfg, B, vanilla.cache_length(T, max_new)), jax.random.key(0), cfg=cfg,
+                              llama.init_cache(cfg, B, vanilla.cache_length(T, max_new)), jax.random.key(0), target=protocol.llama_target(cfg),
                               sampling_cfg=sampling.SamplingConfig(), max_new_tokens=max_new, stop_ids=stop_ids)
   return np.asarray(state.tokens), np.asarray(state.counts)
 
 
 def _speculative(cfg, tparams, dcfg, dparams, vocab, tokens, lengths, spec, target=None):
-  state = sp.generate(target or sp.llama_target(cfg), tparams, dparams, vocab, tokens, lengths, jax.random.key(1), dcfg=dcfg,
+  state = sp.generate(target or protocol.llama_target(cfg), tparams, dparams, vocab, tokens, lengths, jax.random.key(1), dcfg=dcfg,
                       spec=spec)
   return state, sp.outputs(state, spec)
 
@@ -63,7 +64,7 @@ def test_greedy_single_row_with_stop_id_through_the_bare_protocol(random_pair):
   """B = 1, a stop id, and a target given only by the protocol's required parts (no forward_hidden / lm_head, no
   cache axes): prefill then takes the full-logits path."""
   cfg, tparams, dcfg, dparams, vocab = random_pair
-  bare = sp.Target(forward=functools.partial(llama.forward, cfg=cfg), init_cache=functools.partial(llama.init_cache, cfg),
+  bare = protocol.Target(forward=functools.partial(llama.forward, cfg=cfg), init_cache=functools.partial(llama.init_cache, cfg),
                    embed=lambda params: params["embed"], vocab_size=cfg.vocab_size, aux_size=3 * cfg.hidden_size,
                    max_positions=cfg.max_position_embeddings, slot_axis=kv_cache.SLOT_AXIS)
   free, _ = _vanilla(cfg, tparams, PROMPTS, LENGTHS, 16)  # compiled already by the B = 4 test
@@ -136,7 +137,7 @@ def test_tau_is_depth_plus_one_for_an_oracle_draft(tiny_cfg, tree_cfg):
 def test_compile_once_over_50_rounds_and_prompt_lengths(random_pair):
   cfg, tparams, dcfg, dparams, vocab = random_pair
   spec = sp.SpecConfig(tree=TREES[1], max_new_tokens=64)
-  target = sp.llama_target(cfg)
+  target = protocol.llama_target(cfg)
   embed = tparams["embed"]
   before = dict(sp.TRACE_COUNT)
   state = sp.prefill_jit(target, tparams, dparams, embed, jnp.asarray(PROMPTS), jnp.asarray(LENGTHS),
@@ -157,7 +158,7 @@ def test_compile_once_over_50_rounds_and_prompt_lengths(random_pair):
 
 def test_bad_inputs_raise(random_pair):
   cfg, tparams, dcfg, dparams, vocab = random_pair
-  target = sp.llama_target(cfg)
+  target = protocol.llama_target(cfg)
   spec = sp.SpecConfig(tree=TREES[1], max_new_tokens=8)
   run = lambda **kw: sp.validate(target, tparams, kw.get("dparams", dparams), kw.get("vocab", vocab),
                                  kw.get("tokens", PROMPTS), kw.get("lengths", LENGTHS), dcfg=kw.get("dcfg", dcfg),

@@ -16,9 +16,8 @@ import numpy as np
 from eagle3_jax.decode import vanilla, sampling, speculative
 from eagle3_jax.draft import head as draft
 from eagle3_jax.config import LlamaConfig
-from eagle3_jax.target import llama
 from eagle3_jax.decode.tree import TreeConfig
-from eagle3_jax.nn import kv_cache
+from eagle3_jax.target import protocol
 
 
 @dataclasses.dataclass
@@ -61,16 +60,16 @@ def bucket_length(n: int, minimum: int = 16) -> int:
 class VanillaGenerator:
   """Target-only greedy/sampled decoding; one compiled executable per (batch, bucket) shape."""
 
-  def __init__(self, params: Any, cfg: LlamaConfig, *, sampling_cfg: sampling.SamplingConfig,
+  def __init__(self, params: Any, target: protocol.Target | LlamaConfig, *, sampling_cfg: sampling.SamplingConfig,
                max_new_tokens: int, stop_ids: Sequence[int] = (), pad_id: int = 0, seed: int = 0):
     if max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    self.params, self.cfg, self.max_new_tokens = params, cfg, max_new_tokens
-    self._static = dict(cfg=cfg, sampling_cfg=sampling_cfg, max_new_tokens=max_new_tokens,
+    self.params, self.target, self.max_new_tokens = params, protocol.as_target(target), max_new_tokens
+    self._static = dict(target=self.target, sampling_cfg=sampling_cfg, max_new_tokens=max_new_tokens,
                         stop_ids=tuple(sorted(set(int(i) for i in stop_ids))), pad_id=int(pad_id))
     self._key = jax.random.key(seed)
     self._compiled: dict[tuple[int, int], Any] = {}
-    self._caches: dict[tuple[int, int], kv_cache.KVCache] = {}  # donated each call, handed back by the next state
+    self._caches: dict[tuple[int, int], Any] = {}  # donated each call, handed back by the next state
     self._traces_at_start = vanilla.TRACE_COUNT["generate"]
     self._dtype = jax.tree.leaves(params)[0].dtype
 
@@ -90,11 +89,11 @@ class VanillaGenerator:
   def generate(self, batch: Batch) -> GenerateOutput:
     B, T = batch.tokens.shape
     S = vanilla.cache_length(T, self.max_new_tokens)
-    vanilla.validate(batch.tokens, batch.lengths, cfg=self.cfg, cache_len=S, max_new_tokens=self.max_new_tokens)
+    vanilla.validate(batch.tokens, batch.lengths, target=self.target, cache_len=S, max_new_tokens=self.max_new_tokens)
     stats = {"compile_s": 0.0}
     if (B, T) not in self._compiled:
       t0 = time.perf_counter()
-      self._caches[B, T] = llama.init_cache(self.cfg, B, S, self._dtype)
+      self._caches[B, T] = self.target.init_cache(B, S, self._dtype)
       self._compiled[B, T] = vanilla.generate_jit.lower(
           self.params, batch.tokens, batch.lengths, self._caches[B, T], self._key, **self._static).compile()
       stats["compile_s"] = time.perf_counter() - t0
@@ -117,7 +116,7 @@ class SpeculativeGenerator:
                embed: Any = None, mesh: Any = None):
     self.params, self.draft_params, self.vocab, self.embed = params, draft_params, vocab, embed
     self.cfg, self.dcfg, self.mesh, self.max_new_tokens = cfg, dcfg, mesh, max_new_tokens
-    self.target = speculative.llama_target(cfg)
+    self.target = protocol.llama_target(cfg)
     self.spec = speculative.SpecConfig(tree=tree_cfg, sampling=sampling_cfg, max_new_tokens=max_new_tokens,
                                        stop_ids=tuple(sorted(set(int(i) for i in stop_ids))), pad_id=int(pad_id))
     self._key = jax.random.key(seed)

@@ -1,17 +1,6 @@
 """EAGLE-3 speculative decoding under static shapes: prefill, then jitted draft-verify-accept-commit rounds.
 
-Any JAX model can be the target: wrap it in `Target` (see `llama_target` for the bundled Llama family).
-
-Target protocol
-  forward(params, tokens_BT, positions_BT, cache, mask_BTS) -> (logits_BTV float32, aux_BTA, cache)
-    K/V of the T new tokens are written at slots cache.lengths[b] + t and forward never moves `lengths` (the caller
-    commits). mask_BTS is boolean over every cache slot: prefill and tree verify are just different masks. aux_BTA is
-    the concatenation of the hidden states the draft was trained on (EAGLE-3: inputs of 3 layers).
-  init_cache(batch, max_len, dtype) -> cache: a pytree with `lengths` int32[B] and `.replace(lengths=...)`; every
-    rank >= 2 leaf is a [B, ...] buffer with its S slots on axis `slot_axis` (accepted tree slots move along it).
-  embed(params) -> [V, D]: the input embedding table; EAGLE-3 drafts embed their input tokens with it.
-  forward_hidden(params, ...) -> (hidden, aux, cache) and lm_head(params, hidden) -> logits are optional: with them
-    prefill computes logits only at each row's last prompt token instead of all [B, T, V].
+Any JAX model can be the target: wrap it in `target.protocol.Target` (`llama_target` for the bundled Llama family).
 
 Invariants between rounds, per row b: cache.lengths = prompt length + counts - 1 (the last emitted token, the next
 root, is not in the target cache yet); draft_cache.lengths = cache.lengths - pending_count, where the pending rows
@@ -22,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any
 
 import flax.struct
 import jax
@@ -33,40 +22,11 @@ from jax.sharding import Mesh
 from eagle3_jax.decode import accept, vanilla, sampling, tree
 from eagle3_jax.draft import head as draft
 from eagle3_jax import sharding
-from eagle3_jax.config import LlamaConfig
-from eagle3_jax.target import llama
+from eagle3_jax.target.protocol import Target
 from eagle3_jax.nn import kv_cache, masks
 
 # Incremented on every trace: tests and the engine use it to prove that nothing retraces per round or per call.
 TRACE_COUNT = {"generate": 0, "round": 0}
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Target:
-  """A target model behind the protocol in the module docstring. Hashed by identity: build each one once."""
-
-  forward: Callable[..., tuple[jax.Array, jax.Array, Any]]
-  init_cache: Callable[[int, int, Any], Any]
-  embed: Callable[[Any], jax.Array]
-  vocab_size: int
-  aux_size: int  # A, width of aux (num_aux * hidden)
-  max_positions: int
-  forward_hidden: Callable | None = None
-  lm_head: Callable | None = None
-  cache_axes: Any = None  # logical axes of the cache pytree; None lets XLA choose under a mesh
-  slot_axis: int = 1  # axis of the S cache slots in every rank >= 2 cache leaf
-
-
-@functools.cache
-def llama_target(cfg: LlamaConfig) -> Target:
-  """The bundled Llama-family target (cached, so equal configs share one Target and one compilation)."""
-  return Target(forward=functools.partial(llama.forward, cfg=cfg),
-                init_cache=functools.partial(llama.init_cache, cfg),
-                embed=lambda params: params["embed"], vocab_size=cfg.vocab_size,
-                aux_size=len(cfg.aux_layer_ids) * cfg.hidden_size, max_positions=cfg.max_position_embeddings,
-                forward_hidden=functools.partial(llama.forward_hidden, cfg=cfg),
-                lm_head=functools.partial(llama.lm_head, cfg=cfg), cache_axes=llama.cache_axes(cfg),
-                slot_axis=kv_cache.SLOT_AXIS)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -163,12 +123,7 @@ def prefill(target: Target, target_params: Any, draft_params: Any, embed_VD: jax
     # Padded queries write junk K/V past each prompt; no later query sees a slot before it is rewritten.
     mask = masks.cache_causal_mask(jnp.zeros((B,), jnp.int32), T, S_t)
     take_last = lambda x: jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
-    if target.forward_hidden is not None and target.lm_head is not None:
-      hidden, aux, cache = target.forward_hidden(target_params, tokens_BT, positions, cache, mask)
-      logits = target.lm_head(target_params, take_last(hidden))
-    else:
-      all_logits, aux, cache = target.forward(target_params, tokens_BT, positions, cache, mask)
-      logits = take_last(all_logits)
+    logits, aux, cache = target.last_logits(target_params, tokens_BT, positions, cache, mask, last)
     key, sub = jax.random.split(key)
     root = sampling.sample(sub, logits, spec.sampling)
     # Draft row p = (fc(aux_p), token p+1): rows p < n-1 only need their K/V (no attention, no MLP).
@@ -215,7 +170,7 @@ def spec_round(target: Target, target_params: Any, draft_params: Any, embed_VD: 
     root = take_row(state.pending_tokens, state.pending_count - 1)
     block_tokens = jnp.concatenate([root[:, None], draft_tree.tokens], axis=1)  # [B,P+1]
     positions = L[:, None] + jnp.concatenate([jnp.zeros_like(root)[:, None], draft_tree.depths], axis=1)
-    mask = masks.block_mask(L, draft_tree.mask, kv_cache.slots(state.cache, target.slot_axis))
+    mask = masks.block_mask(L, draft_tree.mask, target.cache_slots(state.cache))
     logits, aux, cache = target.forward(target_params, block_tokens, positions, state.cache, mask)
 
   key, sub = jax.random.split(state.key)

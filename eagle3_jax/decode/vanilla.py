@@ -11,9 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from eagle3_jax.decode import sampling
-from eagle3_jax.config import LlamaConfig
-from eagle3_jax.target import llama
-from eagle3_jax.nn import kv_cache, masks
+from eagle3_jax.target.protocol import Target
+from eagle3_jax.nn import masks
 
 # Incremented each time `generate` is traced: tests and the engine use it to prove nothing retraces per call.
 TRACE_COUNT = {"generate": 0}
@@ -28,7 +27,7 @@ class DecodeState:
   emitted tokens (a stop token included); the rest hold pad_id.
   """
 
-  cache: kv_cache.KVCache
+  cache: Any  # the target's cache (a KVCache for the Llama family)
   last: jax.Array  # int32[B] latest emitted token, not yet in the cache
   tokens: jax.Array  # int32[B, M] output buffer, M = max_new_tokens
   counts: jax.Array  # int32[B] emitted tokens per row
@@ -59,20 +58,20 @@ def validate_prompts(tokens_BT: Any, lengths_B: Any, vocab_size: int) -> tuple[n
   return tokens_BT, lengths_B
 
 
-def validate(tokens_BT: np.ndarray, lengths_B: np.ndarray, *, cfg: LlamaConfig, cache_len: int,
+def validate(tokens_BT: np.ndarray, lengths_B: np.ndarray, *, target: Target, cache_len: int,
              max_new_tokens: int) -> None:
   """Host-side checks with clear errors (inside jit these would silently write outside the cache)."""
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-  tokens_BT, lengths_B = validate_prompts(tokens_BT, lengths_B, cfg.vocab_size)
+  tokens_BT, lengths_B = validate_prompts(tokens_BT, lengths_B, target.vocab_size)
   T = tokens_BT.shape[1]
   longest = int(lengths_B.max())
   if T + max_new_tokens > cache_len:
     raise ValueError(f"padded prompt T={T} + max_new_tokens={max_new_tokens} = {T + max_new_tokens} exceeds the "
                      f"KV cache length {cache_len}")
-  if longest + max_new_tokens > cfg.max_position_embeddings:
+  if longest + max_new_tokens > target.max_positions:
     raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds "
-                     f"max_position_embeddings={cfg.max_position_embeddings}")
+                     f"max_position_embeddings={target.max_positions}")
 
 
 def _emit(state: DecodeState, new_B: jax.Array, *, max_new_tokens: int, stop_ids: tuple[int, ...]) -> DecodeState:
@@ -87,8 +86,8 @@ def _emit(state: DecodeState, new_B: jax.Array, *, max_new_tokens: int, stop_ids
   return state.replace(tokens=tokens, counts=counts, done=done, last=jnp.where(active, new_B, state.last))
 
 
-def prefill(params: Any, tokens_BT: jax.Array, lengths_B: jax.Array, cache: kv_cache.KVCache, key: jax.Array, *,
-            cfg: LlamaConfig, sampling_cfg: sampling.SamplingConfig, max_new_tokens: int,
+def prefill(params: Any, tokens_BT: jax.Array, lengths_B: jax.Array, cache: Any, key: jax.Array, *,
+            target: Target, sampling_cfg: sampling.SamplingConfig, max_new_tokens: int,
             stop_ids: tuple[int, ...] = (), pad_id: int = 0) -> DecodeState:
   """Runs right-padded prompts [B,T] through the target and samples each row's first token."""
   B, T = tokens_BT.shape
@@ -97,11 +96,9 @@ def prefill(params: Any, tokens_BT: jax.Array, lengths_B: jax.Array, cache: kv_c
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     # Padded queries (t >= length) write junk K/V past the prompt; decoding overwrites those slots before any
     # query can see them, because a query at slot s only sees slots <= s.
-    mask = masks.cache_causal_mask(cache.lengths, T, cache.max_len)
-    hidden, _, cache = llama.forward_hidden(params, tokens_BT, positions, cache, mask, cfg=cfg)
+    mask = masks.cache_causal_mask(cache.lengths, T, target.cache_slots(cache))
     # Only each row's last prompt position needs logits: [B,T,V] would cost T x 49152 x 4 bytes per row.
-    last_hidden = jnp.take_along_axis(hidden, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
-    logits = llama.lm_head(params, last_hidden, cfg=cfg)
+    logits, _, cache = target.last_logits(params, tokens_BT, positions, cache, mask, lengths_B - 1)
   key, sub = jax.random.split(key)
   first = sampling.sample(sub, logits, sampling_cfg)
   state = DecodeState(cache=cache.replace(lengths=lengths_B.astype(jnp.int32)), last=first,
@@ -111,15 +108,15 @@ def prefill(params: Any, tokens_BT: jax.Array, lengths_B: jax.Array, cache: kv_c
   return _emit(state, first, max_new_tokens=max_new_tokens, stop_ids=stop_ids)
 
 
-def decode_step(params: Any, state: DecodeState, *, cfg: LlamaConfig, sampling_cfg: sampling.SamplingConfig,
+def decode_step(params: Any, state: DecodeState, *, target: Target, sampling_cfg: sampling.SamplingConfig,
                 max_new_tokens: int, stop_ids: tuple[int, ...] = ()) -> DecodeState:
   """Feeds each row's latest token at position cache.lengths[b] and emits one more token per active row."""
   with jax.named_scope("decode_step"):
     cache = state.cache
     positions = cache.lengths[:, None]
-    mask = masks.cache_causal_mask(cache.lengths, 1, cache.max_len)
-    hidden, _, cache = llama.forward_hidden(params, state.last[:, None], positions, cache, mask, cfg=cfg)
-    logits = llama.lm_head(params, hidden[:, 0], cfg=cfg)
+    mask = masks.cache_causal_mask(cache.lengths, 1, target.cache_slots(cache))
+    logits, _, cache = target.last_logits(params, state.last[:, None], positions, cache, mask,
+                                          jnp.zeros_like(cache.lengths))
     key, sub = jax.random.split(state.key)
     new = sampling.sample(sub, logits, sampling_cfg)
     # Finished rows keep their length: their (ignored) K/V keeps landing on one slot, so the cache never overflows.
@@ -128,26 +125,26 @@ def decode_step(params: Any, state: DecodeState, *, cfg: LlamaConfig, sampling_c
     return _emit(state, new, max_new_tokens=max_new_tokens, stop_ids=stop_ids)
 
 
-def decode_loop(params: Any, state: DecodeState, *, cfg: LlamaConfig, sampling_cfg: sampling.SamplingConfig,
+def decode_loop(params: Any, state: DecodeState, *, target: Target, sampling_cfg: sampling.SamplingConfig,
                 max_new_tokens: int, stop_ids: tuple[int, ...] = ()) -> DecodeState:
   """Steps until every row is done; static trip bound max_new_tokens - 1, no host round trip per token."""
-  step = functools.partial(decode_step, params, cfg=cfg, sampling_cfg=sampling_cfg,
+  step = functools.partial(decode_step, params, target=target, sampling_cfg=sampling_cfg,
                            max_new_tokens=max_new_tokens, stop_ids=stop_ids)
   return jax.lax.while_loop(lambda s: ~jnp.all(s.done), step, state)
 
 
-def generate(params: Any, tokens_BT: jax.Array, lengths_B: jax.Array, cache: kv_cache.KVCache, key: jax.Array, *,
-             cfg: LlamaConfig, sampling_cfg: sampling.SamplingConfig, max_new_tokens: int,
+def generate(params: Any, tokens_BT: jax.Array, lengths_B: jax.Array, cache: Any, key: jax.Array, *,
+             target: Target, sampling_cfg: sampling.SamplingConfig, max_new_tokens: int,
              stop_ids: tuple[int, ...] = (), pad_id: int = 0) -> DecodeState:
   """Prefill + decode loop for a batch of right-padded prompts; returns the final state (tokens, counts, key).
 
   Unjitted; use `generate_jit` (cache donated) after `validate`, or the engine, which does both.
   """
   TRACE_COUNT["generate"] += 1
-  kw = dict(cfg=cfg, sampling_cfg=sampling_cfg, max_new_tokens=max_new_tokens, stop_ids=stop_ids)
+  kw = dict(target=target, sampling_cfg=sampling_cfg, max_new_tokens=max_new_tokens, stop_ids=stop_ids)
   state = prefill(params, tokens_BT, lengths_B, cache, key, pad_id=pad_id, **kw)
   return decode_loop(params, state, **kw)
 
 
-generate_jit = jax.jit(generate, static_argnames=("cfg", "sampling_cfg", "max_new_tokens", "stop_ids", "pad_id"),
+generate_jit = jax.jit(generate, static_argnames=("target", "sampling_cfg", "max_new_tokens", "stop_ids", "pad_id"),
                        donate_argnames=("cache",))

@@ -124,6 +124,11 @@ def forward_hidden(params: Any, tokens_BT: jax.Array, positions_BT: jax.Array, c
   return layers.rms_norm(x, params["final_norm"], cfg.rms_norm_eps), aux, cache
 
 
+def embed_table(params: Any) -> jax.Array:
+  """The input embedding table [V, D]."""
+  return params["embed"]
+
+
 def lm_head(params: Any, hidden: jax.Array, *, cfg: LlamaConfig) -> jax.Array:
   """Logits in fp32 from final-normed hidden states (tied embeddings when the config says so)."""
   # Tied: contract against [V,D] directly; an explicit .T may be materialised (a 113 MB copy per step for SmolLM2).

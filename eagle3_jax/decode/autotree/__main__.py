@@ -10,10 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eagle3_jax.decode import speculative
 from eagle3_jax.decode.autotree import (ACCEPTANCE_FILE, Acceptance, acceptance, cached_costs, examples_from_rows,
                                  predict)
 from eagle3_jax.decode.tree import TreeConfig
+from eagle3_jax.target import protocol
 
 
 def main(argv: Any = None) -> None:
@@ -42,7 +42,7 @@ def main(argv: Any = None) -> None:
   path = args.draft or str(drafts.default_draft_path())
   cfg, params = loading.load_target(args.target, dtype=jnp.float32)
   cfg, ckpt = engine.load_draft(path, cfg)
-  target = speculative.llama_target(cfg)
+  target = protocol.llama_target(cfg)
   dparams = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), ckpt.params)
   if args.cmd == "acceptance":
     examples = examples_from_rows(args.rows, loading.load_tokenizer(args.target))

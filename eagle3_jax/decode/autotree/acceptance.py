@@ -24,9 +24,9 @@ import numpy as np
 
 from eagle3_jax.draft import head as draft
 from eagle3_jax.train import ttt
-from eagle3_jax.decode import speculative
 from eagle3_jax.decode.tree import TreeConfig
 from eagle3_jax.nn import masks
+from eagle3_jax.target import protocol
 
 MAX_DEPTH = 8  # deepest candidate and the depth of the acceptance statistics
 MAX_TOP_K = 4  # widest candidate; ranks beyond it count as misses
@@ -119,7 +119,7 @@ def static_tree(rates_DK: np.ndarray, tcfg: TreeConfig) -> set[tuple[int, ...]]:
   return {pool[i][0] for i in keep}
 
 
-def acceptance(target: speculative.Target, target_params: Any, draft_params: Any, vocab: draft.DraftVocab,
+def acceptance(target: protocol.Target, target_params: Any, draft_params: Any, vocab: draft.DraftVocab,
                dcfg: draft.DraftConfig, examples: Sequence[tuple[np.ndarray, np.ndarray]], *, source: str = "",
                depth: int = MAX_DEPTH, max_rank: int = MAX_TOP_K) -> Acceptance:
   """Ranks of the target's tokens under the draft over (tokens, mask) examples whose masked tokens are the
@@ -147,7 +147,7 @@ def acceptance(target: speculative.Target, target_params: Any, draft_params: Any
 
 
 @functools.cache
-def _ranks_fn(target: speculative.Target, dcfg: draft.DraftConfig, depth: int, max_rank: int):
+def _ranks_fn(target: protocol.Target, dcfg: draft.DraftConfig, depth: int, max_rank: int):
   @jax.jit
   def fn(target_params, draft_params, vocab, embed, tokens_BT):
     B, T = tokens_BT.shape

@@ -30,6 +30,7 @@ from eagle3_jax.decode import speculative, tree
 from eagle3_jax.decode.autotree.acceptance import FORMAT, MAX_DEPTH, MAX_TOP_K
 from eagle3_jax.decode.tree import TreeConfig
 from eagle3_jax.nn import masks
+from eagle3_jax.target import protocol
 
 VERIFY_POINTS = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32)  # tree nodes P timed; others interpolate linearly
 EXPAND_DEPTHS = (1, 4)  # expansion is timed at two depths per top_k; other depths are linear between them
@@ -148,7 +149,7 @@ def cost_key(target_cfg: Any, dcfg: draft.DraftConfig, *, batch: int, dtype: Any
           "dtype": str(jnp.dtype(dtype))}
 
 
-def calibrate(target: speculative.Target, target_params: Any, draft_params: Any, vocab: draft.DraftVocab,
+def calibrate(target: protocol.Target, target_params: Any, draft_params: Any, vocab: draft.DraftVocab,
               dcfg: draft.DraftConfig, *, batch: int, target_cfg: Any = None, n: int = 8, verbose: bool = False,
               anchors: Sequence[TreeConfig] = (TreeConfig.chain(1), TreeConfig.chain(4),
                                                TreeConfig(top_k=2, depth=2, total_tokens=4),
@@ -273,7 +274,7 @@ def _decode_step_cost(params, cfg, *, batch, cache_len, n, first):
   from eagle3_jax.target import llama
 
   T, M = 16, cache_len - 16
-  kw = dict(cfg=cfg, sampling_cfg=sampling.SamplingConfig(), max_new_tokens=M)
+  kw = dict(target=protocol.llama_target(cfg), sampling_cfg=sampling.SamplingConfig(), max_new_tokens=M)
   state = jax.jit(functools.partial(vanilla.prefill, **kw))(
       params, jnp.ones((batch, T), jnp.int32), jnp.full((batch,), T, jnp.int32),
       llama.init_cache(cfg, batch, cache_len, jax.tree.leaves(params)[0].dtype), jax.random.key(0))
@@ -295,7 +296,7 @@ def _round_cost(target, target_params, draft_params, vocab, dcfg, *, batch, cach
                     min(n, max(1, (M - 1) // (tcfg.depth + 1) // 4)), first=first)
 
 
-def cached_costs(target: speculative.Target, target_params: Any, target_cfg: Any, draft_params: Any,
+def cached_costs(target: protocol.Target, target_params: Any, target_cfg: Any, draft_params: Any,
                  vocab: draft.DraftVocab, dcfg: draft.DraftConfig, *, batch: int,
                  cache_dir: str | os.PathLike | None = None, verbose: bool = False) -> Costs:
   """The calibration for this machine, target, draft shape, batch size and dtype: read from cache_dir (default

@@ -1,0 +1,72 @@
+"""The target protocol: the only road from decoding and training to a target model (any JAX LLM can be one).
+
+  forward(params, tokens_BT, positions_BT, cache, mask_BTS) -> (logits_BTV float32, aux_BTA, cache)
+    K/V of the T new tokens are written at slots cache.lengths[b] + t and forward never moves `lengths` (the caller
+    commits). mask_BTS is boolean over every cache slot: prefill, decode and tree verify are just different masks.
+    aux_BTA is the concatenation of the hidden states the draft was trained on (EAGLE-3: inputs of 3 layers).
+  init_cache(batch, max_len, dtype) -> cache: a pytree with `lengths` int32[B] and `.replace(lengths=...)`; every
+    rank >= 2 leaf is a [B, ...] buffer with its S slots on axis `slot_axis` (accepted tree slots move along it).
+  embed(params) -> [V, D]: the input embedding table; EAGLE-3 drafts embed their input tokens with it.
+  forward_hidden(params, ...) -> (hidden, aux, cache) and lm_head(params, hidden) -> logits are optional: with them
+    a prefill computes logits only at each row's last prompt token instead of all [B, T, V].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from eagle3_jax.config import LlamaConfig
+from eagle3_jax.nn import kv_cache
+from eagle3_jax.target import llama
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Target:
+  """A target model behind the protocol in the module docstring. Hashed by identity: build each one once."""
+
+  forward: Callable[..., tuple[jax.Array, jax.Array, Any]]
+  init_cache: Callable[[int, int, Any], Any]
+  embed: Callable[[Any], jax.Array]
+  vocab_size: int
+  aux_size: int  # A, width of aux (num_aux * hidden)
+  max_positions: int
+  forward_hidden: Callable | None = None
+  lm_head: Callable | None = None
+  cache_axes: Any = None  # logical axes of the cache pytree; None lets XLA choose under a mesh
+  slot_axis: int = 1  # axis of the S cache slots in every rank >= 2 cache leaf
+
+  def cache_slots(self, cache: Any) -> int:
+    """S, the number of slots of a cache of this target."""
+    return kv_cache.slots(cache, self.slot_axis)
+
+  def last_logits(self, params: Any, tokens_BT: jax.Array, positions_BT: jax.Array, cache: Any, mask: jax.Array,
+                  last_B: jax.Array) -> tuple[jax.Array, jax.Array, Any]:
+    """(logits [B,V] at position last_B[b] of each row, aux [B,T,A], cache): a prefill's forward pass."""
+    take_last = lambda x: jnp.take_along_axis(x, last_B[:, None, None], axis=1)[:, 0]
+    if self.forward_hidden is not None and self.lm_head is not None:
+      hidden, aux, cache = self.forward_hidden(params, tokens_BT, positions_BT, cache, mask)
+      return self.lm_head(params, take_last(hidden)), aux, cache
+    logits, aux, cache = self.forward(params, tokens_BT, positions_BT, cache, mask)
+    return take_last(logits), aux, cache
+
+
+def as_target(target_or_cfg: Target | LlamaConfig) -> Target:
+  """A Target as given, or the bundled Llama-family target of a LlamaConfig."""
+  return target_or_cfg if isinstance(target_or_cfg, Target) else llama_target(target_or_cfg)
+
+
+@functools.cache
+def llama_target(cfg: LlamaConfig) -> Target:
+  """The bundled Llama-family target (cached, so equal configs share one Target and one compilation)."""
+  return Target(forward=functools.partial(llama.forward, cfg=cfg),
+                init_cache=functools.partial(llama.init_cache, cfg),
+                embed=llama.embed_table, vocab_size=cfg.vocab_size,
+                aux_size=len(cfg.aux_layer_ids) * cfg.hidden_size, max_positions=cfg.max_position_embeddings,
+                forward_hidden=functools.partial(llama.forward_hidden, cfg=cfg),
+                lm_head=functools.partial(llama.lm_head, cfg=cfg), cache_axes=llama.cache_axes(cfg),
+                slot_axis=kv_cache.SLOT_AXIS)
