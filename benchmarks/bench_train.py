@@ -29,6 +29,7 @@ from eagle3_jax.train import data, features, step as step_lib, loop, memory, ttt
 from eagle3_jax import sharding  # noqa: E402
 from eagle3_jax.config import LlamaConfig, load_config  # noqa: E402
 from eagle3_jax.draft.head import DraftVocab  # noqa: E402
+from eagle3_jax.target import protocol  # noqa: E402
 
 GiB = 1 << 30
 
@@ -102,8 +103,8 @@ def main(argv=None) -> str:
   # The two halves of the step, jitted apart: target forward + teacher, then the draft's loss, grads and update.
   @jax.jit
   def target_part(tp, vocab, tokens, lengths):
-    aux, hidden = features.target_features(tp, tokens, lengths, target_cfg=target_cfg)
-    probs, in_vocab = ttt.teacher(tp, hidden, vocab, target_cfg=target_cfg)
+    aux, hidden = features.target_features(protocol.llama_target(target_cfg), tp, tokens, lengths)
+    probs, in_vocab = ttt.teacher(protocol.llama_target(target_cfg), tp, hidden, vocab)
     return aux, probs, in_vocab
 
   @functools.partial(jax.jit, donate_argnums=(0,))

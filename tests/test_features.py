@@ -12,7 +12,7 @@ import pytest
 from eagle3_jax.draft import head as draft
 from eagle3_jax.train import features, ttt
 from eagle3_jax.config import LlamaConfig
-from eagle3_jax.target import llama
+from eagle3_jax.target import llama, protocol
 
 B, T, PAD = 2, 12, 5  # pad id 5 (not 0): the offline reader pads with 0, which must not matter
 CFG = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=6, num_heads=4,
@@ -41,7 +41,7 @@ def _dump(path, cfg, params, batches, dtype, **kw):
                                 dataset="unit-test", dtype=dtype, examples_per_shard=4, **kw)
 
 
-_online = jax.jit(features.target_features, static_argnames="target_cfg")
+_online = jax.jit(features.target_features, static_argnums=0)
 
 
 @jax.jit
@@ -49,7 +49,7 @@ def _loss_from(params, aux, hidden, tokens, loss_mask):
   """Teacher + TTT loss of a random draft: the part of a train step that consumes the features."""
   dcfg = draft.DraftConfig.for_target(CFG, draft_vocab_size=64)
   vocab = draft.DraftVocab.from_ids(np.arange(0, 128, 2), 128)
-  probs, in_vocab = ttt.teacher(params, hidden.astype(jnp.float32), vocab, target_cfg=CFG)
+  probs, in_vocab = ttt.teacher(protocol.llama_target(CFG), params, hidden.astype(jnp.float32), vocab)
   return ttt.ttt_loss(draft.init_params(dcfg, jax.random.key(1)), params["embed"], aux.astype(jnp.float32),
                       tokens, loss_mask, probs, in_vocab, cfg=dcfg, steps=3)
 
@@ -71,7 +71,7 @@ def test_offline_features_equal_online(tmp_path, target_and_batches, dtype):
   assert len(store) == 6
   exact = dtype == "float32"
   for batch, got in zip(batches, store.batches(B)):
-    aux, hidden = _online(params, jnp.asarray(batch["tokens"]), jnp.asarray(batch["lengths"]), target_cfg=cfg)
+    aux, hidden = _online(protocol.llama_target(cfg), params, jnp.asarray(batch["tokens"]), jnp.asarray(batch["lengths"]))
     assert got["aux"].shape == (B, T, 3 * cfg.hidden_size) and got["hidden"].shape == (B, T, cfg.hidden_size)
     np.testing.assert_array_equal(got["lengths"], batch["lengths"])
     valid = np.arange(T)[None, :] < batch["lengths"][:, None]

@@ -54,6 +54,11 @@ def abstract_params(cfg: LlamaConfig, dtype=jnp.float32) -> Any:
   return abstract_of(param_specs(cfg), dtype)
 
 
+def abstract_layer(cfg: LlamaConfig, dtype=jnp.float32) -> Any:
+  """Shapes of one decoder layer's weights (what FSDP gathers at a time)."""
+  return abstract_of(param_specs(cfg)["layers"][0], dtype)
+
+
 def init_params(cfg: LlamaConfig, key: jax.Array, dtype=jnp.float32) -> Any:
   """Random weights (std 0.02, norms at one); jit it with out_shardings to create them already sharded."""
   return init_from_specs(param_specs(cfg), key, dtype)
@@ -135,6 +140,24 @@ def lm_head(params: Any, hidden: jax.Array, *, cfg: LlamaConfig) -> jax.Array:
   if cfg.tie_word_embeddings:
     return jnp.einsum("...D,VD->...V", hidden, params["embed"], preferred_element_type=jnp.float32)
   return jnp.einsum("...D,DV->...V", hidden, params["lm_head"], preferred_element_type=jnp.float32)
+
+
+def head_columns(params: Any, hidden: jax.Array, start: Any, size: int, *, cfg: LlamaConfig) -> jax.Array:
+  """fp32 logits [..., size] for vocabulary columns start..start+size-1 (start may be traced; no transpose)."""
+  if cfg.tie_word_embeddings:
+    w_CD = jax.lax.dynamic_slice_in_dim(params["embed"], start, size, axis=0)
+    return jnp.einsum("...D,CD->...C", hidden, w_CD, preferred_element_type=jnp.float32)
+  w_DC = jax.lax.dynamic_slice_in_dim(params["lm_head"], start, size, axis=1)
+  return jnp.einsum("...D,DC->...C", hidden, w_DC, preferred_element_type=jnp.float32)
+
+
+def head_take(params: Any, hidden: jax.Array, ids_C: jax.Array, *, cfg: LlamaConfig) -> jax.Array:
+  """fp32 logits [..., C] for the vocabulary ids ids_C only (e.g. a draft vocabulary): [..., V] never exists."""
+  if cfg.tie_word_embeddings:
+    return jnp.einsum("...D,CD->...C", hidden, jnp.take(params["embed"], ids_C, axis=0),
+                      preferred_element_type=jnp.float32)
+  return jnp.einsum("...D,DC->...C", hidden, jnp.take(params["lm_head"], ids_C, axis=1),
+                    preferred_element_type=jnp.float32)
 
 
 def forward(params: Any, tokens_BT: jax.Array, positions_BT: jax.Array, cache: KVCache | None,

@@ -8,7 +8,9 @@
     rank >= 2 leaf is a [B, ...] buffer with its S slots on axis `slot_axis` (accepted tree slots move along it).
   embed(params) -> [V, D]: the input embedding table; EAGLE-3 drafts embed their input tokens with it.
   forward_hidden(params, ...) -> (hidden, aux, cache) and lm_head(params, hidden) -> logits are optional: with them
-    a prefill computes logits only at each row's last prompt token instead of all [B, T, V].
+    a prefill computes logits only at each row's last prompt token instead of all [B, T, V], and training reads
+    the target's final hidden states. head_columns(params, hidden, start, size) and head_take(params, hidden, ids)
+    (logits of a column range / of chosen ids) are optional too: they let the teacher skip the full [.., V] logits.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from eagle3_jax.config import LlamaConfig
-from eagle3_jax.nn import kv_cache
+from eagle3_jax.nn import kv_cache, masks
 from eagle3_jax.target import llama
 
 
@@ -37,12 +39,40 @@ class Target:
   max_positions: int
   forward_hidden: Callable | None = None
   lm_head: Callable | None = None
+  head_columns: Callable | None = None
+  head_take: Callable | None = None
   cache_axes: Any = None  # logical axes of the cache pytree; None lets XLA choose under a mesh
   slot_axis: int = 1  # axis of the S cache slots in every rank >= 2 cache leaf
 
   def cache_slots(self, cache: Any) -> int:
     """S, the number of slots of a cache of this target."""
     return kv_cache.slots(cache, self.slot_axis)
+
+  def logits_columns(self, params: Any, hidden: jax.Array, start: Any, size: int) -> jax.Array:
+    """fp32 logits of vocabulary columns start..start+size-1 from final hidden states."""
+    if self.head_columns is not None:
+      return self.head_columns(params, hidden, start, size)
+    return jax.lax.dynamic_slice_in_dim(self._lm_head(params, hidden), start, size, axis=-1)
+
+  def logits_take(self, params: Any, hidden: jax.Array, ids: jax.Array) -> jax.Array:
+    """fp32 logits of the vocabulary ids `ids` only, from final hidden states."""
+    if self.head_take is not None:
+      return self.head_take(params, hidden, ids)
+    return jnp.take(self._lm_head(params, hidden), ids, axis=-1)
+
+  def _lm_head(self, params: Any, hidden: jax.Array) -> jax.Array:
+    if self.lm_head is None:
+      raise ValueError("this Target has no lm_head: training and the teacher need forward_hidden and lm_head")
+    return self.lm_head(params, hidden).astype(jnp.float32)
+
+  def hidden_states(self, params: Any, tokens_BT: jax.Array, lengths_B: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(aux_BTA, final hidden_BTD) of right-padded rows, without a cache (training features)."""
+    if self.forward_hidden is None:
+      raise ValueError("this Target has no forward_hidden: training needs the target's final hidden states")
+    B, T = tokens_BT.shape
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    hidden, aux, _ = self.forward_hidden(params, tokens_BT, positions, None, masks.causal_mask(lengths_B, T))
+    return aux, hidden
 
   def last_logits(self, params: Any, tokens_BT: jax.Array, positions_BT: jax.Array, cache: Any, mask: jax.Array,
                   last_B: jax.Array) -> tuple[jax.Array, jax.Array, Any]:
@@ -68,5 +98,7 @@ def llama_target(cfg: LlamaConfig) -> Target:
                 embed=llama.embed_table, vocab_size=cfg.vocab_size,
                 aux_size=len(cfg.aux_layer_ids) * cfg.hidden_size, max_positions=cfg.max_position_embeddings,
                 forward_hidden=functools.partial(llama.forward_hidden, cfg=cfg),
-                lm_head=functools.partial(llama.lm_head, cfg=cfg), cache_axes=llama.cache_axes(cfg),
+                lm_head=functools.partial(llama.lm_head, cfg=cfg),
+                head_columns=functools.partial(llama.head_columns, cfg=cfg),
+                head_take=functools.partial(llama.head_take, cfg=cfg), cache_axes=llama.cache_axes(cfg),
                 slot_axis=kv_cache.SLOT_AXIS)

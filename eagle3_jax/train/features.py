@@ -19,39 +19,36 @@ import safetensors.numpy
 from safetensors import safe_open
 
 from eagle3_jax.config import LlamaConfig
-from eagle3_jax.target import llama
-from eagle3_jax.nn import masks
+from eagle3_jax.target import protocol
+from eagle3_jax.target.protocol import Target
 
 FORMAT = "eagle3-jax-features/2"  # /2 adds the target's full-vocabulary argmax per token
 INDEX = "index.json"
 _DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
 
 
-def target_features(target_params: Any, tokens_BT: jax.Array, lengths_B: jax.Array, *, target_cfg: LlamaConfig
+def target_features(target: Target, target_params: Any, tokens_BT: jax.Array, lengths_B: jax.Array
                     ) -> tuple[jax.Array, jax.Array]:
   """(aux_BTA, final-normed hidden_BTD) of the frozen target on right-padded rows; no gradient flows back.
 
   Positions past lengths[b] hold values of no meaning (nothing valid can attend to them); the TTT loss never
   reads them as long as the loss mask is 0 there.
   """
-  B, T = tokens_BT.shape
-  positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-  hidden, aux, _ = llama.forward_hidden(target_params, tokens_BT, positions, None,
-                                        masks.causal_mask(lengths_B, T), cfg=target_cfg)
+  aux, hidden = target.hidden_states(target_params, tokens_BT, lengths_B)
   return jax.lax.stop_gradient(aux), jax.lax.stop_gradient(hidden)
 
 
-def _dump_features(target_params: Any, tokens_BT: jax.Array, lengths_B: jax.Array, *, target_cfg: LlamaConfig
+def _dump_features(target_params: Any, tokens_BT: jax.Array, lengths_B: jax.Array, *, target: Target
                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(aux, hidden, argmax): the argmax over the full vocabulary is stored so that offline steps never run the
   target's whole [D, V] head (at Vd = V/6 it would cost as much as the draft itself)."""
   from eagle3_jax.train import ttt  # deferred: ttt imports the draft
 
-  aux, hidden = target_features(target_params, tokens_BT, lengths_B, target_cfg=target_cfg)
-  return aux, hidden, ttt.full_argmax(target_params, hidden, target_cfg=target_cfg)
+  aux, hidden = target_features(target, target_params, tokens_BT, lengths_B)
+  return aux, hidden, ttt.full_argmax(target, target_params, hidden)
 
 
-_target_features_jit = jax.jit(_dump_features, static_argnames="target_cfg")
+_target_features_jit = jax.jit(_dump_features, static_argnames="target")
 
 
 def target_fingerprint(target_params: Any, target_cfg: LlamaConfig) -> str:
@@ -161,7 +158,7 @@ class FeatureWriter:
 def dump_features(path: str | os.PathLike, batches: Iterable[dict], target_params: Any, *,
                   target_cfg: LlamaConfig, target_name: str, dataset: str, dtype: str = "bfloat16",
                   examples_per_shard: int = 1024, resume: bool = False, seq_len: int | None = None,
-                  total: int | None = None, progress: bool = False) -> dict:
+                  total: int | None = None, progress: bool = False, target: Target | None = None) -> dict:
   """Runs target_features over {tokens [B,T], loss_mask [B,T], lengths [B]} batches and stores the result.
 
   Batches may come in several lengths T <= seq_len (default: the first batch's T), e.g. length buckets, so the
@@ -171,6 +168,8 @@ def dump_features(path: str | os.PathLike, batches: Iterable[dict], target_param
   """
   from tqdm import tqdm
 
+  # target_cfg describes the target in the store's index (its fingerprint); the forward pass goes through `target`.
+  target = protocol.as_target(target_cfg) if target is None else target
   writer = None
   seen = 0
   bar = tqdm(total=total, desc="feature dump", unit="ex", file=sys.stderr, disable=not progress)
@@ -187,7 +186,7 @@ def dump_features(path: str | os.PathLike, batches: Iterable[dict], target_param
     B = np.shape(batch["tokens"])[0]
     if seen + B > done:
       feats = _target_features_jit(target_params, jnp.asarray(batch["tokens"]), jnp.asarray(batch["lengths"]),
-                                   target_cfg=target_cfg)
+                                   target=target)
       writer.add_batch(batch, *feats, skip=max(done - seen, 0))
       tokens += int(np.sum(batch["lengths"]))
       bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - t0):.0f}", refresh=False)

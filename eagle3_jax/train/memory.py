@@ -77,7 +77,7 @@ def memory_budget(cfg: TrainConfig, target_cfg: LlamaConfig, *, num_devices: int
 
   # FSDP all-gathers each weight before use: the largest target layer twice (the next layer's gather overlaps),
   # and the whole (one-layer) draft in compute dtype plus its fp32 gradient before reduce-scatter.
-  layer = _total_bytes(target_abstract["layers"][0]) // t
+  layer = _total_bytes(llama.abstract_layer(target_cfg, tdtype)) // t
   gathered = 2 * layer + _total_bytes(draft.abstract_params(dcfg, cdtype)) // t + draft_params
   grads = draft_params * (2 if cfg.optim.grad_accum > 1 else 1)  # fp32 gradients (+ the accumulator)
 

@@ -20,7 +20,7 @@ from eagle3_jax import sharding
 from eagle3_jax.config import LlamaConfig
 from eagle3_jax.draft.head import DraftConfig, DraftVocab
 from eagle3_jax.params import ParamSpec, init_from_specs
-from eagle3_jax.target import llama
+from eagle3_jax.target import llama, protocol
 from eagle3_jax.train_config import OptimSpec, TrainConfig
 
 Batch = dict[str, jax.Array]
@@ -194,6 +194,11 @@ class StepStatics:
   online: bool
   loss_norm: str = "batch"
 
+  @property
+  def target(self) -> protocol.Target:
+    """The frozen target, behind the protocol (one cached Target per config, so jit caches stay warm)."""
+    return protocol.llama_target(self.target_cfg)
+
   @classmethod
   def of(cls, cfg: TrainConfig, target_cfg: LlamaConfig) -> "StepStatics":
     return cls(target_cfg=target_cfg, draft_cfg=draft_config(cfg, target_cfg), ttt_steps=cfg.ttt.steps,
@@ -205,13 +210,12 @@ def _teacher_inputs(target_params: Any, vocab: DraftVocab, batch: Batch, s: Step
   """(aux, probs, in_vocab): the frozen target's view of the batch, online or from the stored features."""
   with jax.named_scope("target"):
     if s.online:
-      aux, hidden = features.target_features(target_params, batch["tokens"], batch["lengths"],
-                                             target_cfg=s.target_cfg)
+      aux, hidden = features.target_features(s.target, target_params, batch["tokens"], batch["lengths"])
       argmax = None
     else:
-      aux, hidden = batch["aux"], batch["hidden"].astype(target_params["embed"].dtype)
+      aux, hidden = batch["aux"], batch["hidden"].astype(s.target.embed(target_params).dtype)
       argmax = batch["argmax"]
-    probs, in_vocab = ttt.teacher(target_params, hidden, vocab, target_cfg=s.target_cfg, argmax_BT=argmax)
+    probs, in_vocab = ttt.teacher(s.target, target_params, hidden, vocab, argmax_BT=argmax)
   # Pin the draft's inputs to the batch layout: left free, XLA may lay them out along the weights' fsdp axis.
   aux = sharding.constrain(aux, mesh, ("batch", "seq", None))
   probs = sharding.constrain(probs, mesh, ("batch", "seq", None))
@@ -226,7 +230,7 @@ def _loss(params: Any, target_params: Any, vocab: DraftVocab, batch: Batch, s: S
   dtype = jnp.dtype(s.compute_dtype)
   # The cast sits inside the differentiated function, so gradients come back in fp32.
   p = jax.tree.map(lambda x: x.astype(dtype), params)
-  loss, m = ttt.ttt_loss(p, target_params["embed"].astype(dtype), aux, batch["tokens"], batch["loss_mask"], probs,
+  loss, m = ttt.ttt_loss(p, s.target.embed(target_params).astype(dtype), aux, batch["tokens"], batch["loss_mask"], probs,
                          in_vocab, cfg=s.draft_cfg, steps=s.ttt_steps, decay=s.ttt_decay, remat=remat,
                          loss_norm=s.loss_norm)
   return loss, {"loss": loss, "loss_j": m["loss"], "ce_sum": m["ce_sum"], "correct": m["correct"],

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from eagle3_jax.draft import head as draft
 from eagle3_jax.nn import attention
-from eagle3_jax.config import LlamaConfig
+from eagle3_jax.target.protocol import Target
 from eagle3_jax.draft.head import DraftConfig, DraftVocab
 
 LOSS_NORMS = ("batch", "tokens")
@@ -18,26 +18,16 @@ LOSS_NORMS = ("batch", "tokens")
 # ----- teacher -------------------------------------------------------------------------------------------------
 
 
-def _head_logits(target_params: Any, hidden_BTD: jax.Array, start: Any, size: int, *,
-                 target_cfg: LlamaConfig) -> jax.Array:
-  """fp32 target logits for vocabulary columns start..start+size-1 (tied or untied head, no transpose)."""
-  if target_cfg.tie_word_embeddings:
-    w_CD = jax.lax.dynamic_slice_in_dim(target_params["embed"], start, size, axis=0)
-    return jnp.einsum("BTD,CD->BTC", hidden_BTD, w_CD, preferred_element_type=jnp.float32)
-  w_DC = jax.lax.dynamic_slice_in_dim(target_params["lm_head"], start, size, axis=1)
-  return jnp.einsum("BTD,DC->BTC", hidden_BTD, w_DC, preferred_element_type=jnp.float32)
-
-
-def full_argmax(target_params: Any, hidden_BTD: jax.Array, *, target_cfg: LlamaConfig,
-                vocab_chunk: int = 16384) -> jax.Array:
+def full_argmax(target: Target, target_params: Any, hidden_BTD: jax.Array, *, vocab_chunk: int = 16384
+                ) -> jax.Array:
   """argmax over the full target vocabulary, first index on ties (as jnp.argmax), in chunks of vocab_chunk columns.
 
   Peak extra memory is B·T·vocab_chunk fp32 instead of B·T·V: for Llama-3 (V=128256) at B·T=4096 that is
   268 MB per 16384-column chunk against 2.1 GB for the whole row.
   """
-  V = target_cfg.vocab_size
+  V = target.vocab_size
   if vocab_chunk >= V:
-    return jnp.argmax(_head_logits(target_params, hidden_BTD, 0, V, target_cfg=target_cfg), axis=-1)
+    return jnp.argmax(target.logits_columns(target_params, hidden_BTD, 0, V), axis=-1)
   B, T, _ = hidden_BTD.shape
 
   def body(c, best):
@@ -45,7 +35,7 @@ def full_argmax(target_params: Any, hidden_BTD: jax.Array, *, target_cfg: LlamaC
     # The last chunk's start is clamped to V - chunk (dynamic_slice semantics); re-seen columns never win because
     # only a strictly larger value replaces the running best, which also keeps the first index on ties.
     start = jnp.minimum(c * vocab_chunk, V - vocab_chunk)
-    chunk = _head_logits(target_params, hidden_BTD, start, vocab_chunk, target_cfg=target_cfg)
+    chunk = target.logits_columns(target_params, hidden_BTD, start, vocab_chunk)
     val, idx = jnp.max(chunk, axis=-1), jnp.argmax(chunk, axis=-1).astype(jnp.int32) + start
     better = val > best_val
     return jnp.where(better, val, best_val), jnp.where(better, idx, best_idx)
@@ -54,7 +44,7 @@ def full_argmax(target_params: Any, hidden_BTD: jax.Array, *, target_cfg: LlamaC
   return jax.lax.fori_loop(0, -(-V // vocab_chunk), body, init)[1]
 
 
-def teacher(target_params: Any, hidden_BTD: jax.Array, vocab: DraftVocab, *, target_cfg: LlamaConfig,
+def teacher(target: Target, target_params: Any, hidden_BTD: jax.Array, vocab: DraftVocab, *,
             vocab_chunk: int = 16384, argmax_BT: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Soft labels for the draft, from the target's final-normed hidden states (no gradient flows back).
 
@@ -66,15 +56,10 @@ def teacher(target_params: Any, hidden_BTD: jax.Array, vocab: DraftVocab, *, tar
   hidden_BTD = jax.lax.stop_gradient(hidden_BTD)
   ids_Vd = vocab.target_ids()
   with jax.named_scope("teacher"):
-    if target_cfg.tie_word_embeddings:
-      head_VdD = jnp.take(target_params["embed"], ids_Vd, axis=0)
-      logits_BTVd = jnp.einsum("BTD,VD->BTV", hidden_BTD, head_VdD, preferred_element_type=jnp.float32)
-    else:
-      head_DVd = jnp.take(target_params["lm_head"], ids_Vd, axis=1)
-      logits_BTVd = jnp.einsum("BTD,DV->BTV", hidden_BTD, head_DVd, preferred_element_type=jnp.float32)
+    logits_BTVd = target.logits_take(target_params, hidden_BTD, ids_Vd)
     probs = jax.nn.softmax(logits_BTVd, axis=-1)
     if argmax_BT is None:  # offline stores carry it: the full [D, V] head then never runs in the step
-      argmax_BT = full_argmax(target_params, hidden_BTD, target_cfg=target_cfg, vocab_chunk=vocab_chunk)
+      argmax_BT = full_argmax(target, target_params, hidden_BTD, vocab_chunk=vocab_chunk)
     in_vocab = vocab.t2d[argmax_BT]
   return jax.lax.stop_gradient(probs), in_vocab
 
