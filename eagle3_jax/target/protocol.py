@@ -85,9 +85,19 @@ class Target:
     return take_last(logits), aux, cache
 
 
-def as_target(target_or_cfg: Target | LlamaConfig) -> Target:
-  """A Target as given, or the bundled Llama-family target of a LlamaConfig."""
-  return target_or_cfg if isinstance(target_or_cfg, Target) else llama_target(target_or_cfg)
+def as_target(target_or_cfg: Any) -> Target:
+  """A Target as given; the bundled Llama-family target of a LlamaConfig; or `cfg.as_target()` for a config of
+  another model family (training identifies its target by such a config: hashable, with the fields a draft reads:
+  vocab_size, hidden_size, intermediate_size, num_heads, num_kv_heads, head_dim, rms_norm_eps, num_layers,
+  aux_layer_ids, max_position_embeddings)."""
+  if isinstance(target_or_cfg, Target):
+    return target_or_cfg
+  if isinstance(target_or_cfg, LlamaConfig):
+    return llama_target(target_or_cfg)
+  if hasattr(target_or_cfg, "as_target"):
+    return target_or_cfg.as_target()
+  raise TypeError(f"not a target: {type(target_or_cfg).__name__} (expected a Target, a LlamaConfig or a config "
+                  "with an as_target() method)")
 
 
 @functools.cache

@@ -334,7 +334,7 @@ def export_draft(path: pathlib.Path, params: Any, vm: vocab_lib.VocabMap, static
 
     # The verifier by the name peers resolve (speculators calls AutoConfig on it): a hub id and architecture.
     verifier = cfg.target.path or ("random" if cfg.target.random else loading.DEFAULT_TARGET_HUB_ID)
-    extra = {"verifier": verifier, "verifier_architectures": ["LlamaForCausalLM"],
+    extra = {"verifier": verifier, "verifier_architectures": [getattr(tcfg, "architecture", "LlamaForCausalLM")],
              "max_position_embeddings": tcfg.max_position_embeddings}
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
       if getattr(tokenizer, name, None) is not None:
@@ -349,8 +349,12 @@ def export_draft(path: pathlib.Path, params: Any, vm: vocab_lib.VocabMap, static
 # ----- the run ------------------------------------------------------------------------------------------------
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
-  """Runs (or resumes) the training described by cfg; returns the summary printed as the last stdout line."""
+def train(cfg: TrainConfig, target: tuple[Any, Any] | None = None) -> dict[str, Any]:
+  """Runs (or resumes) the training described by cfg; returns the summary printed as the last stdout line.
+
+  `target` = (target config, params) brings a target of any model family instead of cfg.target's: the config is
+  hashable, has the fields a draft reads and an `as_target()` giving its protocol Target (target/protocol.py).
+  """
   _STOP.clear()
   if cfg.distributed:
     init_distributed(cfg)
@@ -361,7 +365,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1, default=str))
 
-  target_cfg, target_params = load_target(cfg, mesh)
+  target_cfg, target_params = load_target(cfg, mesh) if target is None else target
   tokenizer = load_tokenizer(cfg)
   statics = step_lib.StepStatics.of(cfg, target_cfg)
   ckpt = checkpoint.Checkpointer(run_dir / "checkpoints", keep=cfg.keep_checkpoints,

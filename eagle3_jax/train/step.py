@@ -139,7 +139,11 @@ def create_state(key: jax.Array, mesh: Mesh, draft_cfg: DraftConfig, tx: optax.G
   return jax.jit(init, out_shardings=state_shardings(mesh, draft_cfg, tx))(key)
 
 
-def target_shardings(mesh: Mesh, target_cfg: LlamaConfig, dtype=jnp.bfloat16) -> Any:
+def target_shardings(mesh: Mesh, target_cfg: Any, dtype=jnp.bfloat16) -> Any:
+  """The frozen target's weight shardings: the rules table over the Llama parameter table; a target of another
+  family is replicated (one sharding for its whole pytree)."""
+  if not isinstance(target_cfg, LlamaConfig):
+    return NamedSharding(mesh, P())
   return sharding.tree_shardings(mesh, llama.param_axes(target_cfg), llama.abstract_params(target_cfg, dtype))
 
 
@@ -197,7 +201,7 @@ class StepStatics:
   @property
   def target(self) -> protocol.Target:
     """The frozen target, behind the protocol (one cached Target per config, so jit caches stay warm)."""
-    return protocol.llama_target(self.target_cfg)
+    return protocol.as_target(self.target_cfg)
 
   @classmethod
   def of(cls, cfg: TrainConfig, target_cfg: LlamaConfig) -> "StepStatics":
