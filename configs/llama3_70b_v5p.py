@@ -12,9 +12,9 @@ weights 1.7 GiB, activations 36 GiB; 41 GiB in all. ttt.remat=true brings activa
 would then fit); optim.grad_accum=2 halves them.
 """
 
-from eagle3_jax.train.data import DataConfig
-from eagle3_jax.sharding import MeshConfig
-from eagle3_jax.train_config import DraftSpec, OptimSpec, TargetSpec, TrainConfig, TTTSpec
+from eagle3_jax.config import DataConfig
+from eagle3_jax.config import MeshConfig
+from eagle3_jax.config import TrainDraftConfig, OptimConfig, TrainTargetConfig, TrainConfig, TTTConfig
 
 NUM_HOSTS = 16
 NUM_CHIPS = 64
@@ -22,13 +22,13 @@ NUM_CHIPS = 64
 
 def get_config() -> TrainConfig:
   return TrainConfig(
-      target=TargetSpec(path="/models/Llama-3.3-70B-Instruct", dtype="bfloat16"),
-      draft=DraftSpec(draft_vocab_size=32000),
+      target=TrainTargetConfig(path="/models/Llama-3.3-70B-Instruct", dtype="bfloat16"),
+      draft=TrainDraftConfig(draft_vocab_size=32000),
       data=DataConfig(source="sharegpt", eval_fraction=0.01, max_length=2048, overflow="drop", batch_size=4,
                       seed=42, num_threads=8),
-      optim=OptimSpec(lr=5e-5, warmup_steps=2000, warmup="linear", decay="cosine", end_lr_ratio=0.0,
+      optim=OptimConfig(lr=5e-5, warmup_steps=2000, warmup="linear", decay="cosine", end_lr_ratio=0.0,
                       clip_norm=0.5, grad_accum=1),
-      ttt=TTTSpec(steps=7, decay=0.8, remat=False),
+      ttt=TTTConfig(steps=7, decay=0.8, remat=False),
       mesh=MeshConfig(data=1, fsdp=16, tensor=4),
       compute_dtype="bfloat16",
       num_steps=40000, run_dir="runs/llama3_70b_v5p", checkpoint_every=500, keep_checkpoints=3, log_every=20,

@@ -11,21 +11,21 @@ Memory per GPU (eagle3_jax.train.memory, 2 rows of 2048 tokens per GPU, no remat
 ttt.remat=true (activations 8 GiB) for longer sequences or more rows.
 """
 
-from eagle3_jax.train.data import DataConfig
-from eagle3_jax.sharding import MeshConfig
-from eagle3_jax.train_config import DraftSpec, OptimSpec, TargetSpec, TrainConfig, TTTSpec
+from eagle3_jax.config import DataConfig
+from eagle3_jax.config import MeshConfig
+from eagle3_jax.config import TrainDraftConfig, OptimConfig, TrainTargetConfig, TrainConfig, TTTConfig
 
 
 def get_config() -> TrainConfig:
   return TrainConfig(
-      target=TargetSpec(path="/models/Llama-3.1-8B-Instruct", dtype="bfloat16"),
-      draft=DraftSpec(draft_vocab_size=32000),
+      target=TrainTargetConfig(path="/models/Llama-3.1-8B-Instruct", dtype="bfloat16"),
+      draft=TrainDraftConfig(draft_vocab_size=32000),
       data=DataConfig(source="sharegpt", eval_fraction=0.01, max_length=2048, overflow="drop", batch_size=16,
                       seed=42, num_threads=8),
       # The official recipe is AdamW(0.9, 0.95), clip 0.5, lr 5e-5 at a global batch of 2 per GPU; with 16
       # sequences per step we use 1e-4 (SpecForge's default for this target).
-      optim=OptimSpec(lr=1e-4, warmup_steps=1000, decay="cosine", end_lr_ratio=0.0, clip_norm=0.5),
-      ttt=TTTSpec(steps=7, decay=0.8, remat=False),
+      optim=OptimConfig(lr=1e-4, warmup_steps=1000, decay="cosine", end_lr_ratio=0.0, clip_norm=0.5),
+      ttt=TTTConfig(steps=7, decay=0.8, remat=False),
       mesh=MeshConfig(data=1, fsdp=8, tensor=1),
       compute_dtype="bfloat16",
       num_steps=60000, run_dir="runs/llama3_8b", checkpoint_every=1000, keep_checkpoints=3, log_every=20,

@@ -34,21 +34,21 @@ fp32 compute because XLA:CPU has no fast bf16 matmul; on an accelerator pass tar
 compute_dtype=bfloat16.
 """
 
-from eagle3_jax.train.data import DataConfig
-from eagle3_jax.sharding import MeshConfig
-from eagle3_jax.train_config import DraftSpec, OptimSpec, TargetSpec, TrainConfig, TTTSpec
+from eagle3_jax.config import DataConfig
+from eagle3_jax.config import MeshConfig
+from eagle3_jax.config import TrainDraftConfig, OptimConfig, TrainTargetConfig, TrainConfig, TTTConfig
 
 
 def get_config() -> TrainConfig:
   return TrainConfig(
-      target=TargetSpec(path=None, dtype="float32"),
-      draft=DraftSpec(draft_vocab_size=8192),
+      target=TrainTargetConfig(path=None, dtype="float32"),
+      draft=TrainDraftConfig(draft_vocab_size=8192),
       # First-turn prompts <= 768 tokens + 256 new tokens + the template fit 1152; longer rows are dropped.
       data=DataConfig(source="runs/regen/sharegpt_t0.jsonl", eval_fraction=0.05, max_length=1152, overflow="drop",
                       batch_size=4, seed=42, num_threads=2),
       features="offline", feature_dir="runs/smollm2_135m/features", feature_dtype="bfloat16",
-      optim=OptimSpec(lr=1e-3, warmup_steps=50, decay="cosine", end_lr_ratio=0.1, clip_norm=0.5),
-      ttt=TTTSpec(steps=5, decay=0.8, loss_norm="tokens", schedule="0:1,450:3,900:5"),
+      optim=OptimConfig(lr=1e-3, warmup_steps=50, decay="cosine", end_lr_ratio=0.1, clip_norm=0.5),
+      ttt=TTTConfig(steps=5, decay=0.8, loss_norm="tokens", schedule="0:1,450:3,900:5"),
       mesh=MeshConfig(data=-1, fsdp=1, tensor=1),
       compute_dtype="float32",
       num_steps=1750, run_dir="runs/smollm2_135m", checkpoint_every=100, keep_checkpoints=2, log_every=10,

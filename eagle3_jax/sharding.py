@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, Mapping
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from eagle3_jax.config import MeshConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -31,14 +32,6 @@ DEFAULT_RULES: Mapping[str, tuple[str, ...] | str | None] = {
     "layers": None,
 }
 
-
-@dataclasses.dataclass(frozen=True)
-class MeshConfig:
-  """Sizes of the (data, fsdp, tensor) axes; -1 in one slot means 'all remaining devices'."""
-
-  data: int = -1
-  fsdp: int = 1
-  tensor: int = 1
 
 
 def make_mesh(cfg: MeshConfig = MeshConfig(), devices: list | None = None) -> Mesh:

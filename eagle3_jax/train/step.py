@@ -21,7 +21,7 @@ from eagle3_jax.config import LlamaConfig
 from eagle3_jax.draft.head import DraftConfig, DraftVocab
 from eagle3_jax.params import ParamSpec, init_from_specs
 from eagle3_jax.target import llama, protocol
-from eagle3_jax.train_config import OptimSpec, TrainConfig
+from eagle3_jax.config import OptimConfig, TrainConfig
 
 Batch = dict[str, jax.Array]
 # Logical axes of every array a batch may carry (online: the first three; offline adds the stored features).
@@ -46,7 +46,7 @@ def draft_config(cfg: TrainConfig, target_cfg: LlamaConfig) -> DraftConfig:
 # ----- optimiser ----------------------------------------------------------------------------------------------
 
 
-def lr_schedule(o: OptimSpec, num_steps: int) -> Callable[[jax.Array], jax.Array]:
+def lr_schedule(o: OptimConfig, num_steps: int) -> Callable[[jax.Array], jax.Array]:
   """Warmup (linear, or DeepSpeed's log warmup) to o.lr, then decay to o.lr·end_lr_ratio at num_steps."""
   warmup = max(o.warmup_steps, 1)
   end = o.lr * o.end_lr_ratio
@@ -70,7 +70,7 @@ def lr_schedule(o: OptimSpec, num_steps: int) -> Callable[[jax.Array], jax.Array
   return schedule
 
 
-def make_optimizer(o: OptimSpec, num_steps: int) -> optax.GradientTransformation:
+def make_optimizer(o: OptimConfig, num_steps: int) -> optax.GradientTransformation:
   """clip_by_global_norm → AdamW (β=(b1, b2), weight decay on matrices only). Accumulation is in the step."""
   decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
   adamw = optax.adamw(lr_schedule(o, num_steps), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
@@ -336,7 +336,7 @@ class Steps:
 
 
 @functools.lru_cache(maxsize=4)
-def build_steps(statics: StepStatics, optim: OptimSpec, num_steps: int, mesh: Mesh, target_dtype: str,
+def build_steps(statics: StepStatics, optim: OptimConfig, num_steps: int, mesh: Mesh, target_dtype: str,
                 batch_shapes: tuple[tuple[str, tuple[int, ...]], ...]) -> Steps:
   """Steps for a configuration, memoised on its (hashable) description: a second run in the same process (a
   resumed run, a test, a notebook) reuses the compiled executables instead of tracing new functions."""
