@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Sequence
 
 from eagle3_jax.decode.autotree.acceptance import MAX_DEPTH, MAX_TOP_K, Acceptance, batch_rounds
@@ -72,9 +71,12 @@ def predict(costs: Costs, acc: Acceptance, *, batch: int, prompt_lengths: Sequen
     accepted = acc.accepted(tcfg)
     tau = 1.0 + float(accepted.mean())
     rounds = batch_rounds(accepted, batch=batch, tokens=M - 1)  # the first token comes with the prefill
-    once = costs.first_call["chain" if tcfg.is_chain else "tree"]
-    out.append(Prediction(tcfg, tau, costs.round_s(tcfg),
-                          rate(tau, rounds, functools.partial(costs.round_s, tcfg), once)))
+    # A round holds a target forward and more, so it never costs less than a plain step, nor its first call less
+    # than plain decoding's: measured below that is calibration noise (a busy machine), and must not let a draft
+    # that accepts nothing look faster than plain decoding. Ties keep plain decoding (a stable sort, plain first).
+    once = max(costs.first_call["chain" if tcfg.is_chain else "tree"], costs.first_call["plain"])
+    per_round = lambda L, tcfg=tcfg: max(costs.round_s(tcfg, L), costs.step_s(L))  # noqa: E731
+    out.append(Prediction(tcfg, tau, per_round(None), rate(tau, rounds, per_round, once)))
   return sorted(out, key=lambda p: -p.tokens_per_s)
 
 
