@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from eagle3_jax.train import data
+from eagle3_jax.interop import files
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -129,11 +130,9 @@ def save_vocab(path: str | os.PathLike, vocab: VocabMap) -> None:
   """One safetensors file: d2t, t2d, counts, and the provenance JSON in its metadata."""
   from safetensors.numpy import save_file
 
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp"
-  save_file({"d2t": vocab.d2t.astype(np.int64), "t2d": vocab.t2d.astype(bool), "counts": vocab.counts}, tmp,
-            metadata={"provenance": json.dumps(vocab.provenance)})
-  os.replace(tmp, path)  # a crash never leaves a half-written vocabulary that a later run would trust
+  tensors = {"d2t": vocab.d2t.astype(np.int64), "t2d": vocab.t2d.astype(bool), "counts": vocab.counts}
+  # Atomic: a crash never leaves a half-written vocabulary that a later run would trust.
+  files.atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"provenance": json.dumps(vocab.provenance)}))
 
 
 def _mismatches(stored: Any, expected: Any, key: str = "") -> list[str]:
@@ -145,11 +144,8 @@ def _mismatches(stored: Any, expected: Any, key: str = "") -> list[str]:
 
 def load_vocab(path: str | os.PathLike, expect: Mapping[str, Any] | None = None) -> VocabMap:
   """Reads a saved vocabulary; raises ValueError if its provenance differs from `expect` on any given key."""
-  from safetensors import safe_open
-
-  with safe_open(str(path), framework="np") as f:
-    provenance = json.loads((f.metadata() or {}).get("provenance", "null"))
-    arrays = {k: f.get_tensor(k) for k in ("d2t", "t2d", "counts")}
+  arrays, metadata = files.read_safetensors(path)
+  provenance = json.loads(metadata.get("provenance", "null"))
   if not isinstance(provenance, dict):
     raise ValueError(f"{path}: no draft-vocabulary provenance in the file")
   if expect is not None:

@@ -1,4 +1,5 @@
-"""File-level helpers for draft checkpoints: tensor loading (safetensors, sharded, torch .bin) and atomic writes."""
+"""The library's file helpers: the one atomic write (a file or a directory), the one safetensors reader (tensors and
+metadata), and checkpoint tensor loading (safetensors, sharded, torch .bin)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import os
 import pathlib
 import shutil
 import stat
+import tempfile
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 import ml_dtypes
 import numpy as np
@@ -17,6 +19,43 @@ import safetensors.numpy
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64), np.dtype(ml_dtypes.bfloat16))
 WEIGHTS_SAFETENSORS = "model.safetensors"
 WEIGHTS_BIN = "pytorch_model.bin"
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[pathlib.Path], None]) -> None:
+  """write(tmp) into a private sibling, then rename over `path`: readers see the old file or the new one, never a
+  half-written one, even if the writer is killed."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+  try:
+    write(tmp)
+    os.replace(tmp, path)
+  finally:
+    if tmp.exists():
+      tmp.unlink()
+
+
+def atomic_dir(final: pathlib.Path, fill: Callable[[pathlib.Path], None]) -> pathlib.Path:
+  """Creates `final` by filling a private temp dir and renaming it: readers see all of it or nothing."""
+  final.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+  try:
+    fill(tmp)
+    os.rename(tmp, final)
+  except OSError:
+    if not final.is_dir():  # losing a race to another process is fine; anything else is not
+      raise
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return final
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+  """(tensors, metadata) of one safetensors file, as numpy arrays in their stored dtypes."""
+  from safetensors import safe_open
+
+  with safe_open(str(path), framework="np") as f:
+    return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
 
 
 def as_float_dtype(dtype: Any) -> np.dtype:

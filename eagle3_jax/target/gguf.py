@@ -19,6 +19,7 @@ from jax.sharding import Mesh
 from eagle3_jax.nn import layers
 from eagle3_jax.config import LlamaConfig, RopeScaling
 from eagle3_jax.target import loading
+from eagle3_jax.interop import files
 
 # general.architecture -> HF model_type. llama.cpp files Mistral under "llama" (same tensors and maths).
 GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
@@ -226,6 +227,6 @@ def cached_gguf_dir(gguf_path: str | os.PathLike, cache_dir: str | os.PathLike |
   if (final / "config.json").is_file():
     return final
   t0 = time.perf_counter()
-  loading.atomic_dir(final, lambda tmp: convert_gguf(gguf_path, tmp))
+  files.atomic_dir(final, lambda tmp: convert_gguf(gguf_path, tmp))
   logging.info("converted %s to %s in %.1fs", gguf_path, final, time.perf_counter() - t0)
   return final

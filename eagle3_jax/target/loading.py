@@ -9,8 +9,6 @@ import logging
 import os
 import pathlib
 import re
-import shutil
-import tempfile
 from typing import Any, Callable, Iterable, Mapping
 
 import jax
@@ -21,6 +19,7 @@ from jax.sharding import Mesh
 from eagle3_jax import sharding as sharding_lib
 from eagle3_jax.config import LlamaConfig, RopeScaling
 from eagle3_jax.target import llama
+from eagle3_jax.interop import files
 
 # ----- config.json <-> LlamaConfig ------------------------------------------------------------------------------
 
@@ -341,21 +340,6 @@ def cache_key(gguf_path: pathlib.Path) -> str:
   return f"{gguf_path.stem}-{st.st_size}-{st.st_mtime_ns}-{_CACHE_VERSION}"
 
 
-def atomic_dir(final: pathlib.Path, fill: Callable[[pathlib.Path], None]) -> pathlib.Path:
-  """Creates `final` by filling a private temp dir and renaming it: readers see all of it or nothing."""
-  final.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-  try:
-    fill(tmp)
-    os.rename(tmp, final)
-  except OSError:
-    if not final.is_dir():  # losing a race to another process is fine; anything else is not
-      raise
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
-  return final
-
-
 def load_target(path: str | os.PathLike | None = None, *, mesh: Mesh | None = None, dtype: Any = jnp.float32,
                 cache_dir: str | os.PathLike | None = None) -> tuple[LlamaConfig, Any]:
   """(cfg, params) from an HF directory, a .gguf file (via the conversion cache) or, for None, SmolLM2."""
@@ -392,7 +376,7 @@ def load_tokenizer(path: str | os.PathLike | None = None, *, cache_dir: str | os
     return AutoTokenizer.from_pretrained(final)
   tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
   try:
-    atomic_dir(final, tok.save_pretrained)
+    files.atomic_dir(final, tok.save_pretrained)
   except OSError as e:
     logging.warning("tokenizer cache unavailable (%s)", e)
   return tok

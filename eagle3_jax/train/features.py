@@ -19,6 +19,7 @@ import safetensors.numpy
 from safetensors import safe_open
 
 from eagle3_jax.config import LlamaConfig
+from eagle3_jax.interop import files
 from eagle3_jax.target import protocol
 from eagle3_jax.target.protocol import Target
 
@@ -59,17 +60,6 @@ def target_fingerprint(target_params: Any, target_cfg: LlamaConfig) -> str:
     corner = np.asarray(x[tuple(slice(0, 4) for _ in range(x.ndim))].astype(jnp.bfloat16).astype(jnp.float32))
     h.update(jax.tree_util.keystr(path).encode() + str(x.shape).encode() + corner.tobytes())
   return h.hexdigest()[:16]
-
-
-def _atomic_write(path: pathlib.Path, write) -> None:
-  """write(tmp_path) then rename: readers never see a half-written file, even if the dumper is killed."""
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  try:
-    write(tmp)
-    os.replace(tmp, path)
-  finally:
-    if tmp.exists():
-      tmp.unlink()
 
 
 def _check(index: dict, field: str, expected: Any, path: pathlib.Path) -> None:
@@ -142,16 +132,16 @@ class FeatureWriter:
     name = f"shard-{len(self.index['shards']):05d}.safetensors"
     tensors = {"tokens": tokens, "loss_mask": loss_mask, "aux": aux, "hidden": hidden, "argmax": argmax,
                "offsets": offsets}
-    _atomic_write(self.path / name, lambda p: safetensors.numpy.save_file(tensors, str(p)))
+    files.atomic_write(self.path / name, lambda p: safetensors.numpy.save_file(tensors, str(p)))
     self.index["shards"].append({"file": name, "num_examples": len(self._pending), "num_tokens": len(tokens)})
     self.index["num_examples"] += len(self._pending)
     self.index["num_tokens"] += len(tokens)
     self._pending = []
-    _atomic_write(self.path / INDEX, lambda p: p.write_text(json.dumps(self.index, indent=1)))
+    files.atomic_write(self.path / INDEX, lambda p: p.write_text(json.dumps(self.index, indent=1)))
 
   def close(self) -> dict:
     self.flush()
-    _atomic_write(self.path / INDEX, lambda p: p.write_text(json.dumps(self.index, indent=1)))
+    files.atomic_write(self.path / INDEX, lambda p: p.write_text(json.dumps(self.index, indent=1)))
     return self.index
 
 

@@ -33,6 +33,7 @@ from typing import Any, Callable
 import numpy as np
 
 from eagle3_jax.train import chat, sources
+from eagle3_jax.interop import files
 
 log = logging.getLogger(__name__)
 STATE_FORMAT = "eagle3-jax-regenerate/1"
@@ -138,11 +139,10 @@ class _State:
       raise ValueError(f"{output} exists but has no {self.path.name}: not a resumable regeneration; move it away")
 
   def save(self) -> None:
-    tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({"format": STATE_FORMAT, "config": self.config, "position": self.position,
-                               "bytes": self.bytes, "counts": self.counts, "skipped": self.skipped,
-                               "seconds": round(self.seconds, 3)}, indent=1))
-    os.replace(tmp, self.path)
+    state = json.dumps({"format": STATE_FORMAT, "config": self.config, "position": self.position,
+                        "bytes": self.bytes, "counts": self.counts, "skipped": self.skipped,
+                        "seconds": round(self.seconds, 3)}, indent=1)
+    files.atomic_write(self.path, lambda tmp: tmp.write_text(state))
 
 
 def regenerate(cfg: RegenConfig, output: str | os.PathLike, *, make_generator: Callable[[float], Any], tokenizer: Any,

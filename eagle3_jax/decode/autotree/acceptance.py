@@ -27,6 +27,7 @@ from eagle3_jax.train import ttt
 from eagle3_jax.decode.tree import TreeConfig
 from eagle3_jax.nn import masks
 from eagle3_jax.target import protocol
+from eagle3_jax.interop import files
 
 MAX_DEPTH = 8  # deepest candidate and the depth of the acceptance statistics
 MAX_TOP_K = 4  # widest candidate; ranks beyond it count as misses
@@ -81,17 +82,15 @@ class Acceptance:
   def save(self, path: str | os.PathLike) -> None:
     from safetensors.numpy import save_file
 
-    save_file({"ranks": self.ranks.astype(np.int8)}, str(path), metadata={"format": FORMAT, "source": self.source})
+    files.atomic_write(path, lambda tmp: save_file({"ranks": self.ranks.astype(np.int8)}, str(tmp),
+                                                   metadata={"format": FORMAT, "source": self.source}))
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> "Acceptance":
-    from safetensors import safe_open
-
-    with safe_open(str(path), "np") as f:
-      meta = f.metadata() or {}
-      if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: not an autotree acceptance file (format {meta.get('format')!r})")
-      return cls(ranks=f.get_tensor("ranks"), source=meta.get("source", ""))
+    tensors, meta = files.read_safetensors(path)
+    if meta.get("format") != FORMAT:
+      raise ValueError(f"{path}: not an autotree acceptance file (format {meta.get('format')!r})")
+    return cls(ranks=tensors["ranks"], source=meta.get("source", ""))
 
 
 def batch_rounds(accepted: np.ndarray, *, batch: int, tokens: int, trials: int = 256, seed: int = 0) -> float:

@@ -31,6 +31,7 @@ from eagle3_jax.decode.autotree.acceptance import FORMAT, MAX_DEPTH, MAX_TOP_K
 from eagle3_jax.decode.tree import TreeConfig
 from eagle3_jax.nn import masks
 from eagle3_jax.target import protocol
+from eagle3_jax.interop import files
 
 VERIFY_POINTS = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32)  # tree nodes P timed; others interpolate linearly
 EXPAND_DEPTHS = (1, 4)  # expansion is timed at two depths per top_k; other depths are linear between them
@@ -314,8 +315,6 @@ def cached_costs(target: protocol.Target, target_params: Any, target_cfg: Any, d
       return Costs.from_json(stored["costs"])
   costs = calibrate(target, target_params, draft_params, vocab, dcfg, batch=batch, verbose=verbose,
                     target_cfg=target_cfg if hasattr(target_cfg, "num_layers") else None)
-  root.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(".tmp")
-  tmp.write_text(json.dumps({"key": key, "costs": costs.to_json()}, indent=1))
-  os.replace(tmp, path)  # atomic: a killed calibration never leaves a half-written cache entry
+  entry = json.dumps({"key": key, "costs": costs.to_json()}, indent=1)
+  files.atomic_write(path, lambda tmp: tmp.write_text(entry))  # a killed calibration leaves no half-written entry
   return costs
