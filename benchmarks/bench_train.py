@@ -25,7 +25,8 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from eagle3_jax.train import data, features, step as step_lib, loop, memory, ttt
+from eagle3_jax.train import data, features, step as step_lib, memory, ttt
+from eagle3_jax.train import setup
 from eagle3_jax import sharding  # noqa: E402
 from eagle3_jax.config import LlamaConfig, load_config  # noqa: E402
 from eagle3_jax.draft.head import DraftVocab  # noqa: E402
@@ -77,8 +78,8 @@ def main(argv=None) -> str:
   mesh = sharding.make_mesh(cfg.mesh, devices=jax.devices()[:1])
   peak = matmul_rate()
 
-  target_cfg, target = loop.load_target(cfg, mesh)
-  tokenizer = loop.load_tokenizer(cfg)
+  target_cfg, target = setup.load_target(cfg, mesh)
+  tokenizer = setup.load_tokenizer(cfg)
   statics = step_lib.StepStatics.of(cfg, target_cfg)
   Vd = statics.draft_cfg.draft_vocab_size
   # Throughput does not depend on which ids the draft vocabulary keeps: take every third id.

@@ -14,6 +14,7 @@ import pytest
 
 from eagle3_jax import sharding
 from eagle3_jax.train import step as step_lib, loop
+from eagle3_jax.train import setup
 from eagle3_jax.train.checkpoint import Checkpointer
 from eagle3_jax.config import load_config
 
@@ -94,7 +95,7 @@ def test_sigterm_saves_and_the_next_run_resumes(tmp_path):
 
 def test_checkpointer_keeps_n_and_restores_the_iterator_position(tmp_path):
   cfg = load_config(TINY, ["data.max_length=48", "data.overflow=truncate"])
-  tokenizer = loop.char_tokenizer()
+  tokenizer = setup.char_tokenizer()
   from eagle3_jax.train import data
 
   it = data.make_iterator(cfg.data, tokenizer, shard_index=0, shard_count=1)

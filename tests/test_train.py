@@ -1,6 +1,7 @@
 """Training: the loss falls and acc_0 rises on the tiny dataset; lr schedules; gradient accumulation, bf16 compute."""
 
 import dataclasses
+import functools
 import json
 import pathlib
 
@@ -12,10 +13,17 @@ import pytest
 
 from eagle3_jax import interop, sharding
 from eagle3_jax.train import step as step_lib, loop
+from eagle3_jax.train import setup as run_setup
 from eagle3_jax.train.checkpoint import Checkpointer
 from eagle3_jax.config import load_config
 from eagle3_jax.draft.head import DraftVocab
 from eagle3_jax.config import OptimConfig
+
+
+def _create_state(key, mesh, draft_cfg, tx):
+  """A fresh state, created directly in its shardings (never whole on one device)."""
+  init = functools.partial(step_lib.init_state, draft_cfg=draft_cfg, tx=tx)
+  return jax.jit(init, out_shardings=step_lib.state_shardings(mesh, draft_cfg, tx))(key)
 
 TINY = pathlib.Path(__file__).parent.parent / "configs" / "tiny.py"
 
@@ -104,7 +112,7 @@ class _Setup:
     target_cfg = self.cfg.target.random
     self.target = step_lib.random_target(jax.random.key(1), self.mesh, target_cfg, init_std=0.1)
     statics = step_lib.StepStatics.of(self.cfg, target_cfg)
-    self.state0 = jax.device_get(step_lib.create_state(jax.random.key(0), self.mesh, statics.draft_cfg, self.tx))
+    self.state0 = jax.device_get(_create_state(jax.random.key(0), self.mesh, statics.draft_cfg, self.tx))
     self.step, self.full, self.m_full = self.run(self.cfg)
 
   def run(self, cfg, n=1):
@@ -161,8 +169,8 @@ def test_offline_features_run(tmp_path):
                            "data.num_epochs=1", "num_steps=4", "eval_every=0", "export=false", "progress=false",
                            "log_every=1"])
   mesh = sharding.make_mesh(cfg.mesh)
-  target_cfg, target = loop.load_target(cfg, mesh)
-  tokenizer = loop.load_tokenizer(cfg)
+  target_cfg, target = run_setup.load_target(cfg, mesh)
+  tokenizer = run_setup.load_tokenizer(cfg)
   store = tmp_path / "features"
   index = features.dump_features(store, data.make_iterator(cfg.data, tokenizer, shard_index=0, shard_count=1),
                                  jax.device_get(target), target_cfg=target_cfg, target_name="tiny-random",

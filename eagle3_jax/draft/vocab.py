@@ -49,17 +49,6 @@ class VocabMap:
     return len(self.d2t)
 
 
-def draft_to_target(ids, d2t):
-  """Target ids of draft indices (numpy or jax arrays of any shape): ``ids + d2t[ids]``."""
-  return ids + d2t[ids]
-
-
-def target_to_draft(ids, t2d):
-  """Draft indices of target ids, -1 where an id is outside the draft vocabulary (numpy or jax arrays)."""
-  inside = t2d[ids].astype(np.int32)  # int32: jax without x64 would warn on int64
-  return (t2d.cumsum() - 1)[ids] * inside + inside - 1
-
-
 def count_tokens(examples: Iterable[tuple[np.ndarray, np.ndarray]], vocab_size: int) -> tuple[np.ndarray, int]:
   """(int64[V] count of each target id at positions with loss_mask == 1, number of examples)."""
   counts, n = np.zeros((vocab_size,), np.int64), 0

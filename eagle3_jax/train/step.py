@@ -132,13 +132,6 @@ def abstract_state(mesh: Mesh, draft_cfg: DraftConfig, tx: optax.GradientTransfo
                       state_shardings(mesh, draft_cfg, tx))
 
 
-def create_state(key: jax.Array, mesh: Mesh, draft_cfg: DraftConfig, tx: optax.GradientTransformation
-                 ) -> TrainState:
-  """A fresh state, created directly in its shardings (never whole on one device)."""
-  init = functools.partial(init_state, draft_cfg=draft_cfg, tx=tx)
-  return jax.jit(init, out_shardings=state_shardings(mesh, draft_cfg, tx))(key)
-
-
 def target_shardings(mesh: Mesh, target_cfg: Any, dtype=jnp.bfloat16) -> Any:
   """The frozen target's weight shardings: the rules table over the Llama parameter table; a target of another
   family is replicated (one sharding for its whole pytree)."""
