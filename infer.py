@@ -217,10 +217,11 @@ def main(argv=None) -> dict:
 
   from eagle3_jax.decode import engine
   from eagle3_jax.target import loading
+  from eagle3_jax.target import hf
 
   if args.compile_cache != "none":
     # Each prompt bucket is one compile (~6 s for SmolLM2 on 2 cores); the cache makes re-runs start at once.
-    cache_dir = loading.cache_root() / "xla" if args.compile_cache == "auto" else args.compile_cache
+    cache_dir = hf.cache_root() / "xla" if args.compile_cache == "auto" else args.compile_cache
     jax.config.update("jax_compilation_cache_dir", str(cache_dir))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 

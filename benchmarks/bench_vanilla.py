@@ -96,9 +96,9 @@ def main(argv=None) -> dict:
   import jax.numpy as jnp
 
   from eagle3_jax.decode import engine, sampling
-  from eagle3_jax.target import llama, loading
+  from eagle3_jax.target import hf, llama, loading
 
-  jax.config.update("jax_compilation_cache_dir", str(loading.cache_root() / "xla"))  # as infer.py does
+  jax.config.update("jax_compilation_cache_dir", str(hf.cache_root() / "xla"))  # as infer.py does
   cfg, params = loading.load_target(args.target, dtype=jnp.float32)
   tokenizer = loading.load_tokenizer(args.target)
   n_params = llama.count_params(params)

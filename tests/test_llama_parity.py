@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 
 from eagle3_jax import sharding
-from eagle3_jax.target import llama, loading
+from eagle3_jax.target import llama
+from eagle3_jax.target import hf
 from eagle3_jax.nn import masks
 
 B, T = 2, 12
@@ -76,7 +77,7 @@ def test_logits_and_aux_match_transformers(case, tmp_path):
   model = _hf_model(case)
   model.save_pretrained(tmp_path)
   assert (tmp_path / "model.safetensors").is_file()
-  cfg, params = loading.load_hf(tmp_path)
+  cfg, params = hf.load_hf(tmp_path)
   assert cfg.tie_word_embeddings == model.config.tie_word_embeddings
   assert cfg.attention_bias == (case == "qwen2") and cfg.qk_norm == (case == "qwen3")
   assert (cfg.rope_scaling is not None) == (case == "llama3_rope")
@@ -88,17 +89,17 @@ def test_sharded_index_checkpoint(tmp_path):
   model.save_pretrained(tmp_path, max_shard_size="40KB")
   assert (tmp_path / "model.safetensors.index.json").is_file()
   assert len(list(tmp_path.glob("model-*.safetensors"))) > 2
-  cfg, params = loading.load_hf(tmp_path)
+  cfg, params = hf.load_hf(tmp_path)
   _check(model, cfg, params, _tokens())
 
 
 def test_bfloat16_checkpoint_loads_to_requested_dtype(tmp_path):
   model = _hf_model("qwen3")
   model.to(torch.bfloat16).save_pretrained(tmp_path)
-  cfg, params = loading.load_hf(tmp_path, dtype=jnp.float32)
+  cfg, params = hf.load_hf(tmp_path, dtype=jnp.float32)
   ref = model.model.layers[1].self_attn.q_proj.weight.detach().float().numpy()  # bf16 -> fp32 is exact
   np.testing.assert_array_equal(np.asarray(params["layers"][1]["wq"]).reshape(cfg.hidden_size, -1), ref.T)
-  _, bf16 = loading.load_hf(tmp_path, dtype=jnp.bfloat16)
+  _, bf16 = hf.load_hf(tmp_path, dtype=jnp.bfloat16)
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(bf16))
 
 
@@ -107,8 +108,8 @@ def test_load_onto_mesh_shards_weights_and_matches(tmp_path):
   model = _hf_model("qwen2")
   model.save_pretrained(tmp_path)
   mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
-  cfg, params = loading.load_hf(tmp_path, mesh=mesh)
-  _, host = loading.load_hf(tmp_path)
+  cfg, params = hf.load_hf(tmp_path, mesh=mesh)
+  _, host = hf.load_hf(tmp_path)
   for ours, ref in zip(jax.tree.leaves(params), jax.tree.leaves(host)):
     np.testing.assert_array_equal(np.asarray(ours), np.asarray(ref))
   axes = llama.param_axes(cfg)

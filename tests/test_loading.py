@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from eagle3_jax import config as config_lib
 from eagle3_jax.config import LlamaConfig, RopeScaling
 from eagle3_jax.target import gguf, llama, loading
+from eagle3_jax.target import hf
 from eagle3_jax.nn import masks
 
 _BASE = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 96, "hidden_size": 32,
@@ -52,20 +53,20 @@ _CFG = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_laye
 def test_bad_config_raises_naming_the_field(change, match):
   d = {k: v for k, v in (_BASE | change).items() if v is not None}
   with pytest.raises(ValueError, match=match):
-    loading.llama_config_from_hf(d)
+    hf.llama_config_from_hf(d)
 
 
 def test_config_defaults_and_rope_spellings():
-  cfg = loading.llama_config_from_hf({k: v for k, v in _BASE.items() if k != "num_key_value_heads"})
+  cfg = hf.llama_config_from_hf({k: v for k, v in _BASE.items() if k != "num_key_value_heads"})
   assert cfg.num_kv_heads == 4 and cfg.head_dim == 8 and cfg.rope_scaling is None
   # A sliding window no sequence can reach changes nothing, so it is accepted.
-  assert loading.llama_config_from_hf(_BASE | {"model_type": "mistral", "architectures": [],
+  assert hf.llama_config_from_hf(_BASE | {"model_type": "mistral", "architectures": [],
                                                "sliding_window": 128}).num_layers == 2
   scaling = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
              "original_max_position_embeddings": 64}
-  old = loading.llama_config_from_hf(_BASE | {"rope_theta": 5e5, "rope_scaling": {"rope_type": "llama3",
+  old = hf.llama_config_from_hf(_BASE | {"rope_theta": 5e5, "rope_scaling": {"rope_type": "llama3",
                                                                                    **scaling}})
-  new = loading.llama_config_from_hf({k: v for k, v in _BASE.items() if k != "rope_theta"} | {
+  new = hf.llama_config_from_hf({k: v for k, v in _BASE.items() if k != "rope_theta"} | {
       "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, **scaling}})
   assert old == new and new.rope_scaling == RopeScaling(**scaling) and new.rope_theta == 5e5
 
@@ -79,10 +80,10 @@ def test_config_defaults_and_rope_spellings():
     ("qwen3", dataclasses.replace(_CFG, qk_norm=True, head_dim=16, rms_norm_eps=1e-6)),
 ])
 def test_config_round_trips_through_hf_and_transformers(model_type, cfg):
-  d = loading.llama_config_to_hf(cfg, model_type)
-  assert loading.llama_config_from_hf(d) == cfg
-  hf = transformers.AutoConfig.for_model(**d)  # transformers itself must read the dict the same way
-  assert loading.llama_config_from_hf(hf.to_dict()) == cfg
+  d = hf.llama_config_to_hf(cfg, model_type)
+  assert hf.llama_config_from_hf(d) == cfg
+  hf_cfg = transformers.AutoConfig.for_model(**d)  # transformers itself must read the dict the same way
+  assert hf.llama_config_from_hf(hf_cfg.to_dict()) == cfg
 
 
 def test_apply_overrides_rejects_bad_keys():
@@ -101,19 +102,19 @@ def test_apply_overrides_rejects_bad_keys():
 
 def _hf_tensors(cfg: LlamaConfig, seed: int = 0) -> dict[str, np.ndarray]:
   rng = np.random.default_rng(seed)
-  return {k: rng.normal(0, 0.3, e.hf_shape).astype(np.float32) for k, e in loading.hf_tensor_table(cfg).items()}
+  return {k: rng.normal(0, 0.3, e.hf_shape).astype(np.float32) for k, e in hf.hf_tensor_table(cfg).items()}
 
 
 def _write_hf(path, cfg: LlamaConfig, tensors: dict[str, np.ndarray]):
   path.mkdir(exist_ok=True)
-  (path / "config.json").write_text(json.dumps(loading.llama_config_to_hf(cfg)))
+  (path / "config.json").write_text(json.dumps(hf.llama_config_to_hf(cfg)))
   save_file(tensors, str(path / "model.safetensors"))
   return path
 
 
 def test_valid_checkpoint_loads_exactly(tmp_path):
   tensors = _hf_tensors(_CFG)
-  cfg, params = loading.load_hf(_write_hf(tmp_path, _CFG, tensors))
+  cfg, params = hf.load_hf(_write_hf(tmp_path, _CFG, tensors))
   assert cfg == _CFG
   np.testing.assert_array_equal(params["layers"][1]["wk"],
                                 tensors["model.layers.1.self_attn.k_proj.weight"].T.reshape(32, 2, 8))
@@ -136,29 +137,29 @@ def test_bad_tensors_raise_naming_the_key(tmp_path, edit, match):
   tensors = _hf_tensors(_CFG)
   edit(tensors)
   with pytest.raises(ValueError, match=match):
-    loading.load_hf(_write_hf(tmp_path, _CFG, tensors))
+    hf.load_hf(_write_hf(tmp_path, _CFG, tensors))
 
 
 def test_tied_embeddings_and_ignored_buffers(tmp_path):
   cfg = dataclasses.replace(_CFG, tie_word_embeddings=True)
   tensors = _hf_tensors(cfg) | {"model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(4, np.float32)}
   tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].copy()  # tied copy: accepted
-  _, params = loading.load_hf(_write_hf(tmp_path / "a", cfg, tensors))
+  _, params = hf.load_hf(_write_hf(tmp_path / "a", cfg, tensors))
   assert "lm_head" not in params
   tensors["lm_head.weight"] += 1.0
   with pytest.raises(ValueError, match="'lm_head.weight' differs"):
-    loading.load_hf(_write_hf(tmp_path / "b", cfg, tensors))
+    hf.load_hf(_write_hf(tmp_path / "b", cfg, tensors))
 
 
 def test_bad_directories(tmp_path):
   with pytest.raises(ValueError, match="no config.json"):
-    loading.load_hf(tmp_path)
-  (tmp_path / "config.json").write_text(json.dumps(loading.llama_config_to_hf(_CFG)))
+    hf.load_hf(tmp_path)
+  (tmp_path / "config.json").write_text(json.dumps(hf.llama_config_to_hf(_CFG)))
   with pytest.raises(ValueError, match="neither model.safetensors"):
-    loading.load_hf(tmp_path)
+    hf.load_hf(tmp_path)
   (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "gone.safetensors"}}))
   with pytest.raises(ValueError, match="'gone.safetensors'"):
-    loading.load_hf(tmp_path)
+    hf.load_hf(tmp_path)
   with pytest.raises(ValueError, match="neither an HF directory nor"):
     loading.load_target(tmp_path / "missing.gguf")
 
@@ -219,7 +220,7 @@ def _logits(cfg, params):
 ])
 def test_gguf_loads_same_weights_and_logits_as_hf(tmp_path, arch, cfg):
   tensors = _hf_tensors(cfg)
-  _, hf_params = loading.load_hf(_write_hf(tmp_path / "hf", cfg, tensors))
+  _, hf_params = hf.load_hf(_write_hf(tmp_path / "hf", cfg, tensors))
   path = _write_gguf(tmp_path / "m.gguf", cfg, tensors, arch)
   got_cfg, params = gguf.load_gguf(path)
   assert got_cfg == cfg
@@ -228,7 +229,7 @@ def test_gguf_loads_same_weights_and_logits_as_hf(tmp_path, arch, cfg):
   if arch == "llama":  # our test writer agrees with transformers' own GGUF reader about the permutation
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
     ref = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(**loading.llama_config_to_hf(cfg))))["tensors"]
+        transformers.LlamaConfig(**hf.llama_config_to_hf(cfg))))["tensors"]
     q = "model.layers.1.self_attn.q_proj.weight"
     np.testing.assert_array_equal(ref[q].numpy(), tensors[q])
 

@@ -6,7 +6,8 @@ import jax
 import pytest
 
 from eagle3_jax import sharding
-from eagle3_jax.target import llama, loading
+from eagle3_jax.target import llama
+from eagle3_jax.target import hf
 
 _LLAMA3_ROPE = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 8192, "rope_type": "llama3"}
@@ -28,17 +29,17 @@ LLAMA_3_3_70B = LLAMA_3_1_8B | {
 
 @pytest.mark.parametrize("hf_config, published", [(LLAMA_3_1_8B, 8_030_261_248), (LLAMA_3_3_70B, 70_553_706_496)])
 def test_published_parameter_counts(hf_config, published):
-  cfg = loading.llama_config_from_hf(hf_config)
+  cfg = hf.llama_config_from_hf(hf_config)
   assert cfg.head_dim == 128 and cfg.rope_scaling is not None
   shapes = jax.eval_shape(lambda: llama.init_params(cfg, jax.random.key(0)))
   assert llama.count_params(shapes) == published
   assert jax.tree.map(lambda s: s.shape, shapes) == jax.tree.map(lambda s: s.shape, llama.abstract_params(cfg))
   # A checkpoint with exactly these tensors is what load_hf will ask for.
-  assert sum(math.prod(e.hf_shape) for e in loading.hf_tensor_table(cfg).values()) == published
+  assert sum(math.prod(e.hf_shape) for e in hf.hf_tensor_table(cfg).values()) == published
 
 
 def test_70b_weights_split_over_fsdp_and_tensor():
-  cfg = loading.llama_config_from_hf(LLAMA_3_3_70B)
+  cfg = hf.llama_config_from_hf(LLAMA_3_3_70B)
   mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=4, tensor=2))
   abstract = llama.abstract_params(cfg)
   shardings = sharding.tree_shardings(mesh, llama.param_axes(cfg), abstract)

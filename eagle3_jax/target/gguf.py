@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 
 from eagle3_jax.nn import layers
 from eagle3_jax.config import LlamaConfig, RopeScaling
-from eagle3_jax.target import loading
+from eagle3_jax.target import hf
 from eagle3_jax.interop import files
 
 # general.architecture -> HF model_type. llama.cpp files Mistral under "llama" (same tensors and maths).
@@ -109,16 +109,16 @@ class GGUFFile:
     self._tensors = {hf_name(name): t for name, t in tensors.items()}
     self.shapes = {k: tuple(int(s) for s in reversed(t.shape)) for k, t in self._tensors.items()}
     self.hf_config = self._hf_config(rope_freqs)
-    cfg = loading.llama_config_from_hf(self.hf_config)
+    cfg = hf.llama_config_from_hf(self.hf_config)
     self.config = cfg
     # Only llama.cpp's "llama" architecture stores Q/K in the interleaved RoPE layout; qwen2/qwen3 use NeoX.
     self._permuted_heads = ({} if self.arch != "llama" else
                             {"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads})
 
-  def _get(self, key: str, default: Any = loading._MISSING) -> Any:
+  def _get(self, key: str, default: Any = hf._MISSING) -> Any:
     field = self._reader.fields.get(key)
     if field is None:
-      if default is loading._MISSING:
+      if default is hf._MISSING:
         raise ValueError(f"{self.path}: required GGUF metadata {key!r} is missing")
       return default
     return field.contents()
@@ -177,7 +177,7 @@ def load_gguf(path: str | os.PathLike, *, mesh: Mesh | None = None,
               dtype: Any = jnp.float32) -> tuple[LlamaConfig, Any]:
   """(cfg, params) straight from a GGUF file, dequantised to fp32 then cast to dtype, one tensor at a time."""
   f = GGUFFile(path)
-  return f.config, loading.params_from_tensors(f.config, f.shapes, f.read, mesh=mesh, dtype=dtype)
+  return f.config, hf.params_from_tensors(f.config, f.shapes, f.read, mesh=mesh, dtype=dtype)
 
 
 # ----- conversion cache: GGUF -> fp32 HF directory -------------------------------------------------------------
@@ -213,7 +213,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> No
   f = GGUFFile(gguf_path)
   out_dir = pathlib.Path(out_dir)
   write_safetensors(out_dir / "model.safetensors", f.shapes, ((k, f.read(k)) for k in f.shapes))
-  (out_dir / "config.json").write_text(json.dumps(loading.llama_config_to_hf(f.config), indent=2))
+  (out_dir / "config.json").write_text(json.dumps(hf.llama_config_to_hf(f.config), indent=2))
   (out_dir / "eagle3_jax_config.json").write_text(json.dumps(dataclasses.asdict(f.config), indent=2))
   st = os.stat(gguf_path)
   (out_dir / "source.json").write_text(json.dumps({"gguf": os.path.abspath(gguf_path), "size": st.st_size,
@@ -223,7 +223,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> No
 def cached_gguf_dir(gguf_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
   """The HF directory converted from gguf_path, converting on first use (keyed by name, size and mtime)."""
   gguf_path = pathlib.Path(gguf_path)
-  final = pathlib.Path(cache_dir or loading.cache_root()) / loading.cache_key(gguf_path)
+  final = pathlib.Path(cache_dir or hf.cache_root()) / hf.cache_key(gguf_path)
   if (final / "config.json").is_file():
     return final
   t0 = time.perf_counter()

@@ -279,10 +279,11 @@ def main(argv=None) -> dict[str, Any]:
 
   from eagle3_jax.decode import engine, sampling
   from eagle3_jax.target import loading
+  from eagle3_jax.target import hf
   from eagle3_jax.decode.tree import TreeConfig
 
   if args.compile_cache != "none":
-    cache_dir = loading.cache_root() / "xla" if args.compile_cache == "auto" else args.compile_cache
+    cache_dir = hf.cache_root() / "xla" if args.compile_cache == "auto" else args.compile_cache
     jax.config.update("jax_compilation_cache_dir", str(cache_dir))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   tree_cfg = None

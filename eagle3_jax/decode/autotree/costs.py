@@ -302,12 +302,12 @@ def cached_costs(target: protocol.Target, target_params: Any, target_cfg: Any, d
                  cache_dir: str | os.PathLike | None = None, verbose: bool = False) -> Costs:
   """The calibration for this machine, target, draft shape, batch size and dtype: read from cache_dir (default
   ~/.cache/eagle3_jax/autotree) when one was made for exactly these, else measured and saved."""
-  from eagle3_jax.target import loading
+  from eagle3_jax.target import hf
 
   dtype = target.embed(target_params).dtype
   key = json.loads(json.dumps(cost_key(target_cfg, dcfg, batch=batch, dtype=dtype)))  # tuples as stored
   digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-  root = pathlib.Path(cache_dir) if cache_dir is not None else loading.cache_root() / "autotree"
+  root = pathlib.Path(cache_dir) if cache_dir is not None else hf.cache_root() / "autotree"
   path = root / f"costs-{digest}.json"
   if path.is_file():
     stored = json.loads(path.read_text())
