@@ -216,7 +216,7 @@ def main(argv=None) -> dict:
   import jax.numpy as jnp
 
   from eagle3_jax.decode import engine
-  from eagle3_jax.target import loading
+  from eagle3_jax.target import load
   from eagle3_jax.target import hf
 
   if args.compile_cache != "none":
@@ -226,8 +226,8 @@ def main(argv=None) -> dict:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
   dtype = getattr(jnp, args.dtype)
-  cfg, params = loading.load_target(args.target, dtype=dtype)
-  tokenizer = loading.load_tokenizer(args.target)
+  cfg, params = load.load_target(args.target, dtype=dtype)
+  tokenizer = load.load_tokenizer(args.target)
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   common = dict(sampling_cfg=sampling_cfg, max_new_tokens=args.max_new_tokens,
                 stop_ids=engine.stop_ids(tokenizer, args.target), pad_id=pad_id, seed=args.seed)

@@ -46,7 +46,7 @@ def main(argv=None) -> dict:
   import infer
   from eagle3_jax.decode import autotree, engine
   from eagle3_jax import drafts
-  from eagle3_jax.target import loading
+  from eagle3_jax.target import load
   from eagle3_jax.decode.tree import TreeConfig
 
   draft_dir = args.draft or str(drafts.default_draft_path())
@@ -55,8 +55,8 @@ def main(argv=None) -> dict:
   qfile = pathlib.Path(tmp.name) / "q.jsonl"
   qfile.write_text("\n".join(lines) + "\n")
   requests = infer.read_jsonl(str(qfile))
-  cfg, params = loading.load_target(None, dtype=jnp.float32)
-  tokenizer = loading.load_tokenizer(None)
+  cfg, params = load.load_target(None, dtype=jnp.float32)
+  tokenizer = load.load_tokenizer(None)
   cfg, ckpt = engine.load_draft(draft_dir, cfg)
   target = protocol.llama_target(cfg)
   dparams = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), ckpt.params)

@@ -70,11 +70,11 @@ def main(argv=None) -> dict:
   import infer
   from eagle3_jax.decode import vanilla, engine, sampling, speculative as sp
   from eagle3_jax.draft import head as draft
-  from eagle3_jax.target import llama, loading
+  from eagle3_jax.target import llama, load
   from eagle3_jax.decode.tree import TreeConfig
 
-  cfg, tparams = loading.load_target(args.target, dtype=jnp.float32)
-  tokenizer = loading.load_tokenizer(args.target)
+  cfg, tparams = load.load_target(args.target, dtype=jnp.float32)
+  tokenizer = load.load_tokenizer(args.target)
   cfg, dcfg, dparams, vocab, embed = load_draft(args.draft, cfg, tparams)
   embed = tparams["embed"] if embed is None else jnp.asarray(embed)
   target = protocol.llama_target(cfg)

@@ -44,9 +44,9 @@ def copy_bandwidth(n_bytes: int, repeats: int = 5) -> dict[str, float]:
 
 def hf_model_dir(target: str | None) -> pathlib.Path:
   """The HF directory transformers loads: the target itself, or the loader's conversion of a GGUF."""
-  from eagle3_jax.target import gguf, loading
+  from eagle3_jax.target import gguf, load
 
-  path = loading.default_target_path() if target is None else pathlib.Path(target)
+  path = load.default_target_path() if target is None else pathlib.Path(target)
   return path if path.is_dir() else gguf.cached_gguf_dir(path)
 
 
@@ -96,11 +96,11 @@ def main(argv=None) -> dict:
   import jax.numpy as jnp
 
   from eagle3_jax.decode import engine, sampling
-  from eagle3_jax.target import hf, llama, loading
+  from eagle3_jax.target import hf, llama, load
 
   jax.config.update("jax_compilation_cache_dir", str(hf.cache_root() / "xla"))  # as infer.py does
-  cfg, params = loading.load_target(args.target, dtype=jnp.float32)
-  tokenizer = loading.load_tokenizer(args.target)
+  cfg, params = load.load_target(args.target, dtype=jnp.float32)
+  tokenizer = load.load_tokenizer(args.target)
   n_params = llama.count_params(params)
   weight_bytes = 4 * n_params
   bw = copy_bandwidth(weight_bytes)

@@ -62,11 +62,11 @@ def main(argv=None) -> None:
   ap.add_argument("--chat", type=int, default=80)
   ap.add_argument("--humaneval", type=int, default=164)
   args = ap.parse_args(argv)
-  from eagle3_jax.target import loading
+  from eagle3_jax.target import load
 
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  sets = {"sharegpt_heldout": chat_set(args.chat, loading.load_tokenizer(None)), "humaneval": humaneval_set(args.humaneval)}
+  sets = {"sharegpt_heldout": chat_set(args.chat, load.load_tokenizer(None)), "humaneval": humaneval_set(args.humaneval)}
   for name, rows in sets.items():
     (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     print(f"{out / name}.jsonl: {len(rows)} questions")

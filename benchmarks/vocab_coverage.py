@@ -30,9 +30,9 @@ def main(argv=None) -> list[dict]:
   args = ap.parse_args(argv)
   from eagle3_jax.train import data
   from eagle3_jax.draft import vocab
-  from eagle3_jax.target import loading
+  from eagle3_jax.target import load
 
-  tok = loading.load_tokenizer(None)
+  tok = load.load_tokenizer(None)
   V = len(tok)
   cfg = data.DataConfig(source=args.source, eval_fraction=args.eval_fraction, max_length=args.max_length,
                         overflow="drop", batch_size=1)

@@ -12,8 +12,8 @@ _API = {
     # the target: the protocol every target goes through, the bundled Llama family, loading
     "Target": "eagle3_jax.target.protocol",
     "llama_target": "eagle3_jax.target.protocol",
-    "load_target": "eagle3_jax.target.loading",
-    "load_tokenizer": "eagle3_jax.target.loading",
+    "load_target": "eagle3_jax.target.load",
+    "load_tokenizer": "eagle3_jax.target.load",
     # the draft: its configuration, parameters and vocabulary
     "DraftConfig": "eagle3_jax.draft.head",
     "DraftVocab": "eagle3_jax.draft.head",

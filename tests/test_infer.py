@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-loading = pytest.importorskip("eagle3_jax.target.loading")
+load = pytest.importorskip("eagle3_jax.target.load")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 

@@ -15,9 +15,9 @@ def _random_draft(target_dir, out_dir):
   """A random draft in the official EAGLE layout; aux layers (1, 1, 1) differ from the 2-layer target's default."""
   from eagle3_jax.draft import head as draft
   from eagle3_jax import interop
-  from eagle3_jax.target import loading
+  from eagle3_jax.target import load
 
-  cfg, _ = loading.load_target(target_dir)
+  cfg, _ = load.load_target(target_dir)
   dcfg = draft.DraftConfig.for_target(cfg, draft_vocab_size=48)
   params = jax.tree.map(np.asarray, draft.init_params(dcfg, jax.random.key(0)))
   ids = np.sort(np.random.default_rng(0).choice(cfg.vocab_size, 48, replace=False))

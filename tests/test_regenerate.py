@@ -10,7 +10,7 @@ import pytest
 
 from eagle3_jax.decode import engine, sampling
 from eagle3_jax.train import regenerate
-from eagle3_jax.target import loading
+from eagle3_jax.target import load
 from test_infer import _WORDS, tiny_target  # noqa: F401  (tiny_target is a fixture)
 from test_infer_spec import _random_draft
 
@@ -33,8 +33,8 @@ def _source(tmp_path, n=14):
 
 
 def _factory(target_dir, draft_dir=None, max_new_tokens=10, fail_after=None):
-  cfg, params = loading.load_target(target_dir)
-  tok = loading.load_tokenizer(target_dir)
+  cfg, params = load.load_target(target_dir)
+  tok = load.load_tokenizer(target_dir)
   ckpt, tree_cfg = None, None
   if draft_dir is not None:
     from eagle3_jax.decode.tree import TreeConfig

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from eagle3_jax.decode import vanilla, sampling
-from eagle3_jax.target import llama, loading
+from eagle3_jax.target import llama, load
 from eagle3_jax.nn import masks
 from eagle3_jax.target import protocol
 
@@ -28,16 +28,16 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ours(cache_dir):
-  return loading.load_target(None, cache_dir=cache_dir)
+  return load.load_target(None, cache_dir=cache_dir)
 
 
 @pytest.fixture(scope="module")
 def prompt(cache_dir):
-  tok = loading.load_tokenizer(None, cache_dir=cache_dir)
+  tok = load.load_tokenizer(None, cache_dir=cache_dir)
   ids = tok.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=False)
   ids = np.asarray(ids, np.int32).reshape(-1)
   # The second load reads the saved tokenizer from the cache and must encode identically.
-  again = loading.load_tokenizer(None, cache_dir=cache_dir)
+  again = load.load_tokenizer(None, cache_dir=cache_dir)
   assert again.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True,
                                    return_dict=False) == ids.tolist()
   assert tok.decode(ids).startswith("<|im_start|>system")
@@ -53,7 +53,7 @@ def reference():
   """
   from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-  path = os.fspath(loading.default_target_path())
+  path = os.fspath(load.default_target_path())
   hf_cfg = load_gguf_checkpoint(path, return_tensors=False)["config"]
   assert hf_cfg["model_type"] == "llama"
   model = transformers.LlamaForCausalLM(transformers.LlamaConfig(

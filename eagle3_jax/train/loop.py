@@ -155,10 +155,10 @@ def export_draft(path: pathlib.Path, params: Any, vm: vocab_lib.VocabMap, static
   params = host_params(params)
   if jax.process_index() == 0:
     tcfg = statics.target_cfg
-    from eagle3_jax.target import loading
+    from eagle3_jax.target import load
 
     # The verifier by the name peers resolve (speculators calls AutoConfig on it): a hub id and architecture.
-    verifier = cfg.target.path or ("random" if cfg.target.random else loading.DEFAULT_TARGET_HUB_ID)
+    verifier = cfg.target.path or ("random" if cfg.target.random else load.DEFAULT_TARGET_HUB_ID)
     extra = {"verifier": verifier, "verifier_architectures": [getattr(tcfg, "architecture", "LlamaForCausalLM")],
              "max_position_embeddings": tcfg.max_position_embeddings}
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):

@@ -278,7 +278,7 @@ def main(argv=None) -> dict[str, Any]:
   import jax.numpy as jnp
 
   from eagle3_jax.decode import engine, sampling
-  from eagle3_jax.target import loading
+  from eagle3_jax.target import load
   from eagle3_jax.target import hf
   from eagle3_jax.decode.tree import TreeConfig
 
@@ -289,8 +289,8 @@ def main(argv=None) -> dict[str, Any]:
   tree_cfg = None
   if args.draft != "none":
     tree_cfg = TreeConfig(top_k=args.draft_top_k, depth=args.draft_depth, total_tokens=args.draft_tokens)
-  target_cfg, params = loading.load_target(args.target, dtype=getattr(jnp, args.dtype))
-  tokenizer = loading.load_tokenizer(args.target)
+  target_cfg, params = load.load_target(args.target, dtype=getattr(jnp, args.dtype))
+  tokenizer = load.load_tokenizer(args.target)
   ckpt = None
   if args.draft != "none":
     target_cfg, ckpt = engine.load_draft(args.draft, target_cfg)

@@ -54,9 +54,9 @@ def char_tokenizer():
 def load_tokenizer(cfg: TrainConfig):
   if cfg.target.tokenizer == "char":
     return char_tokenizer()
-  from eagle3_jax.target import loading
+  from eagle3_jax.target import load
 
-  return loading.load_tokenizer(cfg.target.tokenizer or cfg.target.path)
+  return load.load_tokenizer(cfg.target.tokenizer or cfg.target.path)
 
 
 def load_target(cfg: TrainConfig, mesh) -> tuple[LlamaConfig, Any]:
@@ -66,9 +66,9 @@ def load_target(cfg: TrainConfig, mesh) -> tuple[LlamaConfig, Any]:
     tcfg = cfg.target.random
     return tcfg, step_lib.random_target(jax.random.key(cfg.target.seed), mesh, tcfg, dtype=dtype,
                                          init_std=cfg.target.random_init_std)
-  from eagle3_jax.target import loading
+  from eagle3_jax.target import load
 
-  tcfg, params = loading.load_target(cfg.target.path, mesh=mesh, dtype=dtype)
+  tcfg, params = load.load_target(cfg.target.path, mesh=mesh, dtype=dtype)
   if cfg.target.aux_layers is not None:
     tcfg = dataclasses.replace(tcfg, aux_layers=tuple(cfg.target.aux_layers))
   return tcfg, jax.device_put(params, step_lib.target_shardings(mesh, tcfg, dtype))

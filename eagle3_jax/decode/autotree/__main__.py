@@ -37,15 +37,15 @@ def main(argv: Any = None) -> None:
 
   from eagle3_jax import drafts
   from eagle3_jax.decode import engine
-  from eagle3_jax.target import loading
+  from eagle3_jax.target import load
 
   path = args.draft or str(drafts.default_draft_path())
-  cfg, params = loading.load_target(args.target, dtype=jnp.float32)
+  cfg, params = load.load_target(args.target, dtype=jnp.float32)
   cfg, ckpt = engine.load_draft(path, cfg)
   target = protocol.llama_target(cfg)
   dparams = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), ckpt.params)
   if args.cmd == "acceptance":
-    examples = examples_from_rows(args.rows, loading.load_tokenizer(args.target))
+    examples = examples_from_rows(args.rows, load.load_tokenizer(args.target))
     acc = acceptance(target, params, dparams, ckpt.vocab, ckpt.cfg, examples,
                      source=f"{pathlib.Path(args.rows).name}: {len(examples)} greedy rows")
     acc.save(pathlib.Path(path) / ACCEPTANCE_FILE)
