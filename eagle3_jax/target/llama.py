@@ -10,7 +10,7 @@ import numpy as np
 
 from eagle3_jax.nn import layers
 from eagle3_jax.config import LlamaConfig
-from eagle3_jax.params import ParamSpec, abstract_of, axes_of, count_params, init_from_specs  # noqa: F401
+from eagle3_jax.params import ParamSpec, abstract_of, axes_of, init_from_specs
 from eagle3_jax.nn import attention, kv_cache
 from eagle3_jax.nn.kv_cache import KVCache
 

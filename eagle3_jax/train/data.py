@@ -22,11 +22,9 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-# Re-exported: callers use data.* for the whole pipeline.
-from eagle3_jax.train.chat import (EMPTY, MALFORMED, OK, TOO_LONG, TRUNCATED, ChatEncoder, MalformedRow,  # noqa: F401
-                             normalize_conversation)
+from eagle3_jax.train.chat import EMPTY, MALFORMED, TOO_LONG, TRUNCATED, ChatEncoder
 from eagle3_jax.config import DataConfig
-from eagle3_jax.train.sources import Rows, load_rows, resolve_source, sharegpt_path  # noqa: F401
+from eagle3_jax.train.sources import Rows, load_rows, resolve_source
 
 
 

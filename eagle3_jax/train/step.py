@@ -152,10 +152,6 @@ def _random_target_fn(mesh: Mesh, target_cfg: LlamaConfig, dtype, init_std: floa
   return jax.jit(init, out_shardings=target_shardings(mesh, target_cfg, dtype))
 
 
-def batch_shardings(mesh: Mesh, batch: dict[str, Any]) -> dict[str, NamedSharding]:
-  return {k: sharding.named_sharding(mesh, BATCH_AXES[k], tuple(np.shape(v))) for k, v in batch.items()}
-
-
 def global_batch(mesh: Mesh, local: dict[str, np.ndarray]) -> Batch:
   """This process's rows → global arrays sharded over (data, fsdp); global batch = local rows × processes."""
   out = {}
