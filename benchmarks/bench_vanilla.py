@@ -96,12 +96,13 @@ def main(argv=None) -> dict:
   import jax.numpy as jnp
 
   from eagle3_jax.decode import engine, sampling
+  from eagle3_jax.params import count_params
   from eagle3_jax.target import hf, llama, load
 
   jax.config.update("jax_compilation_cache_dir", str(hf.cache_root() / "xla"))  # as infer.py does
   cfg, params = load.load_target(args.target, dtype=jnp.float32)
   tokenizer = load.load_tokenizer(args.target)
-  n_params = llama.count_params(params)
+  n_params = count_params(params)
   weight_bytes = 4 * n_params
   bw = copy_bandwidth(weight_bytes)
   requests = infer.default_requests()

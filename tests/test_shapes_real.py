@@ -5,6 +5,7 @@ import math
 import jax
 import pytest
 
+from eagle3_jax.params import count_params
 from eagle3_jax import sharding
 from eagle3_jax.target import llama
 from eagle3_jax.target import hf
@@ -32,7 +33,7 @@ def test_published_parameter_counts(hf_config, published):
   cfg = hf.llama_config_from_hf(hf_config)
   assert cfg.head_dim == 128 and cfg.rope_scaling is not None
   shapes = jax.eval_shape(lambda: llama.init_params(cfg, jax.random.key(0)))
-  assert llama.count_params(shapes) == published
+  assert count_params(shapes) == published
   assert jax.tree.map(lambda s: s.shape, shapes) == jax.tree.map(lambda s: s.shape, llama.abstract_params(cfg))
   # A checkpoint with exactly these tensors is what load_hf will ask for.
   assert sum(math.prod(e.hf_shape) for e in hf.hf_tensor_table(cfg).values()) == published
@@ -47,4 +48,4 @@ def test_70b_weights_split_over_fsdp_and_tensor():
                    zip(jax.tree.leaves(shardings), jax.tree.leaves(abstract)))
   # Only the [D] norm vectors are replicated; everything else is split 8 ways.
   norms = (2 * cfg.num_layers + 1) * cfg.hidden_size
-  assert per_device == (llama.count_params(abstract) - norms) // 8 + norms
+  assert per_device == (count_params(abstract) - norms) // 8 + norms

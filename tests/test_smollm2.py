@@ -10,6 +10,7 @@ import transformers
 import jax
 import jax.numpy as jnp
 
+from eagle3_jax.params import count_params
 from eagle3_jax.decode import vanilla, sampling
 from eagle3_jax.target import llama, load
 from eagle3_jax.nn import masks
@@ -69,7 +70,7 @@ def test_config(ours):
   cfg, params = ours
   assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size) == (30, 576, 9, 3, 49152)
   assert cfg.tie_word_embeddings and cfg.rms_norm_eps == 1e-5 and cfg.rope_theta == 100000.0
-  assert llama.count_params(params) == 134_515_008
+  assert count_params(params) == 134_515_008
 
 
 def test_prefill_logits_and_aux_match_transformers(ours, prompt, reference):
