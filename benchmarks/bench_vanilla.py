@@ -97,7 +97,7 @@ def main(argv=None) -> dict:
 
   from eagle3_jax.decode import engine, sampling
   from eagle3_jax.params import count_params
-  from eagle3_jax.target import hf, llama, load
+  from eagle3_jax.target import hf, load
 
   jax.config.update("jax_compilation_cache_dir", str(hf.cache_root() / "xla"))  # as infer.py does
   cfg, params = load.load_target(args.target, dtype=jnp.float32)
