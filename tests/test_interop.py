@@ -514,7 +514,7 @@ def test_trained_draft_exports_converts_and_generates_same_tokens(tmp_path):
   if not (ROOT / "train.py").exists():
     pytest.skip("train.py (the training CLI) is not in the tree")
   speculative = pytest.importorskip("eagle3_jax.decode.speculative", reason="needs the speculative decoder")
-  train_loop = pytest.importorskip("eagle3_jax.train.loop", reason="needs the training loop")
+  train_setup = pytest.importorskip("eagle3_jax.train.setup", reason="needs the training loop")
   from eagle3_jax import sharding
   from eagle3_jax.decode import tree
   from eagle3_jax.config import load_config
@@ -531,7 +531,7 @@ def test_trained_draft_exports_converts_and_generates_same_tokens(tmp_path):
   assert_same_ckpt(original, converted)
 
   cfg = load_config(ROOT / "configs/tiny.py", overrides)
-  tcfg, target_params = train_loop.load_target(cfg, sharding.make_mesh(cfg.mesh))
+  tcfg, target_params = train_setup.load_target(cfg, sharding.make_mesh(cfg.mesh))
   assert original.aux_layer_ids == tcfg.aux_layer_ids
   target = protocol.llama_target(tcfg)
   spec = speculative.SpecConfig(tree=tree.TreeConfig(top_k=2, depth=3, total_tokens=6), max_new_tokens=12)
