@@ -5,9 +5,9 @@ By default the embedded target decodes speculatively with the draft shipped in t
 tree recorded beside it; `--draft DIR` (an EAGLE-3 draft in our export, the official EAGLE / SGLang or the
 speculators layout) names another, `--draft none` decodes plainly. The tree shape is the one recorded beside the
 draft as fastest where it was measured (`--tree recorded`, the default; else 4x4x16), or chosen for this machine
-(`--tree auto`: eagle3_jax.decode.autotree predicts tokens/s of every shape and of plain decoding from a cached calibration
-and the draft's measured acceptance, and uses the best, which may be no draft at all; not yet the default, see
-BENCHMARKS.md "Tree choice"); --draft-top-k/--draft-depth/--draft-tokens set it by hand.
+(`--tree auto`: eagle3_jax.decode.autotree predicts tokens/s of every shape and of plain decoding from a cached
+calibration and the draft's measured acceptance, and uses the best, which may be no draft at all; not yet the
+default, see BENCHMARKS.md "Tree choice"); --draft-top-k/--draft-depth/--draft-tokens set it by hand.
 `--compare` also runs plain decoding on the
 same requests in the same run. Texts go to stdout (or --output FILE.jsonl, one JSON per request, with tau and rounds
 under a draft); the last stdout line is one JSON summary with tau, tokens_per_s and requests (plus

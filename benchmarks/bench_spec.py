@@ -162,7 +162,8 @@ def main(argv=None) -> dict:
                                        cache, masks.block_mask(cache.lengths, tree_mask, S), cfg=cfg)
       return jnp.argmax(logits, -1), cache
 
-    step = jax.jit(lambda p, st: vanilla.decode_step(p, st, target=protocol.llama_target(cfg), sampling_cfg=greedy, max_new_tokens=10 ** 6),
+    step = jax.jit(lambda p, st: vanilla.decode_step(p, st, target=target, sampling_cfg=greedy,
+                                                     max_new_tokens=10 ** 6),
                    donate_argnums=1)
     copy = lambda: jax.tree.map(jnp.copy, cache).replace(lengths=fresh())
     timed = {}  # name -> a callable running one donated step on its own state, rewound to context L each time

@@ -66,7 +66,8 @@ def main(argv=None) -> None:
 
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  sets = {"sharegpt_heldout": chat_set(args.chat, load.load_tokenizer(None)), "humaneval": humaneval_set(args.humaneval)}
+  sets = {"sharegpt_heldout": chat_set(args.chat, load.load_tokenizer(None)),
+          "humaneval": humaneval_set(args.humaneval)}
   for name, rows in sets.items():
     (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     print(f"{out / name}.jsonl: {len(rows)} questions")

@@ -41,7 +41,8 @@ def _generate(params, cfg, tokens, lengths, *, key=None, sampling_cfg=GREEDY, ma
   cache = llama.init_cache(cfg, B, vanilla.cache_length(T, max_new))
   vanilla.validate(tokens, lengths, target=protocol.llama_target(cfg), cache_len=cache.max_len, max_new_tokens=max_new)
   key = jax.random.key(1) if key is None else key
-  return vanilla.generate_jit(params, jnp.asarray(tokens), jnp.asarray(lengths), cache, key, target=protocol.llama_target(cfg),
+  return vanilla.generate_jit(params, jnp.asarray(tokens), jnp.asarray(lengths), cache, key,
+                              target=protocol.llama_target(cfg),
                              sampling_cfg=sampling_cfg, max_new_tokens=max_new, stop_ids=stop_ids, pad_id=pad_id)
 
 
@@ -160,13 +161,14 @@ def test_engine_check_catches_retracing(params, cfg):
 def test_bad_inputs_raise(cfg, lengths, T, max_new, cache_extra, match):
   tokens = np.ones((len(lengths), T), np.int32)
   with pytest.raises(ValueError, match=match):
-    vanilla.validate(tokens, np.asarray(lengths), target=protocol.llama_target(cfg), cache_len=T + max_new + cache_extra,
-                    max_new_tokens=max_new)
+    vanilla.validate(tokens, np.asarray(lengths), target=protocol.llama_target(cfg),
+                     cache_len=T + max_new + cache_extra, max_new_tokens=max_new)
 
 
 def test_bad_token_ids_and_generator_raise(params, cfg):
   with pytest.raises(ValueError, match="token ids must lie in"):
-    vanilla.validate(np.full((1, 4), 128), np.asarray([2]), target=protocol.llama_target(cfg), cache_len=8, max_new_tokens=2)
+    vanilla.validate(np.full((1, 4), 128), np.asarray([2]), target=protocol.llama_target(cfg), cache_len=8,
+                     max_new_tokens=2)
   gen = engine.VanillaGenerator(params, cfg, sampling_cfg=GREEDY, max_new_tokens=60)
   with pytest.raises(ValueError, match="max_position_embeddings"):
     gen.generate(engine.Batch(tokens=np.ones((1, 8), np.int32), lengths=np.asarray([8], np.int32), n_real=1))

@@ -71,7 +71,8 @@ def test_offline_features_equal_online(tmp_path, target_and_batches, dtype):
   assert len(store) == 6
   exact = dtype == "float32"
   for batch, got in zip(batches, store.batches(B)):
-    aux, hidden = _online(protocol.llama_target(cfg), params, jnp.asarray(batch["tokens"]), jnp.asarray(batch["lengths"]))
+    aux, hidden = _online(protocol.llama_target(cfg), params, jnp.asarray(batch["tokens"]),
+                          jnp.asarray(batch["lengths"]))
     assert got["aux"].shape == (B, T, 3 * cfg.hidden_size) and got["hidden"].shape == (B, T, cfg.hidden_size)
     np.testing.assert_array_equal(got["lengths"], batch["lengths"])
     valid = np.arange(T)[None, :] < batch["lengths"][:, None]

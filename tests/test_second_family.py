@@ -106,6 +106,17 @@ def test_greedy_speculative_equals_vanilla_with_the_trained_draft(params, traine
   assert (out["tau"] >= 1).all()
 
 
+def test_engine_speculative_generator_takes_a_target(params, trained):
+  ckpt = interop.read_draft(trained[0]["export_dir"])
+  tokens, lengths = _prompts(4, seed=4)
+  batch = engine.Batch(tokens=tokens, lengths=lengths, n_real=4)
+  spec = engine.SpeculativeGenerator(params, CFG.as_target(), jax.tree.map(jnp.asarray, ckpt.params), ckpt.vocab,
+                                     dcfg=ckpt.cfg, tree_cfg=TreeConfig.chain(2), sampling_cfg=GREEDY,
+                                     max_new_tokens=8)
+  plain = engine.VanillaGenerator(params, CFG.as_target(), sampling_cfg=GREEDY, max_new_tokens=8)
+  np.testing.assert_array_equal(spec.generate(batch).tokens, plain.generate(batch).tokens)
+
+
 def test_sampling_keeps_the_target_distribution(params, trained):
   """The first two emitted tokens of many rows (T = 1, chain of 2) follow p(t1) p(t2 | t1) (chi-square)."""
   ckpt = interop.read_draft(trained[0]["export_dir"])

@@ -92,7 +92,8 @@ def test_greedy_tokens_match_transformers(ours, prompt, reference):
   cfg, params = ours
   T = prompt.shape[1]
   cache = llama.init_cache(cfg, 1, vanilla.cache_length(T, N_NEW))
-  state = vanilla.generate_jit(params, jnp.asarray(prompt), jnp.array([T]), cache, jax.random.key(0), target=protocol.llama_target(cfg),
+  state = vanilla.generate_jit(params, jnp.asarray(prompt), jnp.array([T]), cache, jax.random.key(0),
+                               target=protocol.llama_target(cfg),
                               sampling_cfg=sampling.SamplingConfig(), max_new_tokens=N_NEW)
   got = np.asarray(state.tokens)[0]
   assert int(state.counts[0]) == N_NEW

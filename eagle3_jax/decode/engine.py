@@ -110,13 +110,13 @@ class SpeculativeGenerator:
   over real rows (`rounds`, `accepted`), so the engine's summary tau is accepted / rounds over all requests.
   """
 
-  def __init__(self, params: Any, cfg: LlamaConfig, draft_params: Any, vocab: draft.DraftVocab, *,
+  def __init__(self, params: Any, target: protocol.Target | LlamaConfig, draft_params: Any, vocab: draft.DraftVocab, *,
                dcfg: draft.DraftConfig, tree_cfg: TreeConfig, sampling_cfg: sampling.SamplingConfig,
                max_new_tokens: int, stop_ids: Sequence[int] = (), pad_id: int = 0, seed: int = 0,
                embed: Any = None, mesh: Any = None):
     self.params, self.draft_params, self.vocab, self.embed = params, draft_params, vocab, embed
-    self.cfg, self.dcfg, self.mesh, self.max_new_tokens = cfg, dcfg, mesh, max_new_tokens
-    self.target = protocol.llama_target(cfg)
+    self.dcfg, self.mesh, self.max_new_tokens = dcfg, mesh, max_new_tokens
+    self.target = protocol.as_target(target)
     self.spec = speculative.SpecConfig(tree=tree_cfg, sampling=sampling_cfg, max_new_tokens=max_new_tokens,
                                        stop_ids=tuple(sorted(set(int(i) for i in stop_ids))), pad_id=int(pad_id))
     self._key = jax.random.key(seed)

@@ -122,8 +122,9 @@ def expand(draft_params: Any, embed_VD: jax.Array, vocab: draft.DraftVocab, last
       cache, f_score, f_tok, f_hidden, f_pool, anc = carry
       positions = jnp.broadcast_to((base + level - 1)[:, None], (B, k))
       emb = jnp.take(embed_VD, f_tok, axis=0)
+      mask = masks.block_mask(base, anc, S)
       out, cache = draft.forward(draft_params, emb, f_hidden, positions,
-                                 cache.replace(lengths=base + (level - 1) * k), masks.block_mask(base, anc, S), cfg=dcfg)
+                                 cache.replace(lengths=base + (level - 1) * k), mask, cfg=dcfg)
       child_logp = jax.nn.log_softmax(draft.logits(draft_params, out, cfg=dcfg), axis=-1)
       c_score, c_idx = jax.lax.top_k(child_logp, k)  # [B,k,k]
       cum = (f_score[:, :, None] + c_score).reshape(B, k * k)

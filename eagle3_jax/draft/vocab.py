@@ -121,7 +121,8 @@ def save_vocab(path: str | os.PathLike, vocab: VocabMap) -> None:
 
   tensors = {"d2t": vocab.d2t.astype(np.int64), "t2d": vocab.t2d.astype(bool), "counts": vocab.counts}
   # Atomic: a crash never leaves a half-written vocabulary that a later run would trust.
-  files.atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"provenance": json.dumps(vocab.provenance)}))
+  metadata = {"provenance": json.dumps(vocab.provenance)}
+  files.atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def _mismatches(stored: Any, expected: Any, key: str = "") -> list[str]:

@@ -3,7 +3,8 @@
 Each draft is a directory in the official EAGLE-3 layout (config.json + model.safetensors, float16) with a card
 (README.md: data, recipe, measured acceptance), serving.json (the tree shape measured fastest on the machine
 the card names) and acceptance.safetensors (its per-depth, per-rank acceptance for `--tree auto`; made after
-shipping with `python -m eagle3_jax.decode.autotree acceptance --draft DIR --rows HELD_OUT_GREEDY_ROWS`). `python -m eagle3_jax.drafts SRC` turns a training export into the shipped draft.
+shipping with `python -m eagle3_jax.decode.autotree acceptance --draft DIR --rows HELD_OUT_GREEDY_ROWS`).
+`python -m eagle3_jax.drafts SRC` turns a training export into the shipped draft.
 """
 
 from __future__ import annotations

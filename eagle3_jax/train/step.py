@@ -223,7 +223,8 @@ def _loss(params: Any, target_params: Any, vocab: DraftVocab, batch: Batch, s: S
   dtype = jnp.dtype(s.compute_dtype)
   # The cast sits inside the differentiated function, so gradients come back in fp32.
   p = jax.tree.map(lambda x: x.astype(dtype), params)
-  loss, m = ttt.ttt_loss(p, s.target.embed(target_params).astype(dtype), aux, batch["tokens"], batch["loss_mask"], probs,
+  embed_VD = s.target.embed(target_params).astype(dtype)
+  loss, m = ttt.ttt_loss(p, embed_VD, aux, batch["tokens"], batch["loss_mask"], probs,
                          in_vocab, cfg=s.draft_cfg, steps=s.ttt_steps, decay=s.ttt_decay, remat=remat,
                          loss_norm=s.loss_norm)
   return loss, {"loss": loss, "loss_j": m["loss"], "ce_sum": m["ce_sum"], "correct": m["correct"],
