@@ -282,8 +282,9 @@ def test_eagle_to_speculators_to_eagle_preserves_everything(tmp_path):
 def test_written_configs_are_complete(tmp_path):
   ckpt = random_ckpt()
   interop.write_draft(tmp_path / "e", ckpt, layout="eagle")
+  target_embed = np.random.default_rng(1).standard_normal((V, D)).astype(np.float32)
   interop.write_draft(tmp_path / "s", ckpt, layout="speculators", verifier=VERIFIER,
-                      verifier_architectures=["LlamaForCausalLM"], speculative_tokens=4)
+                      verifier_architectures=["LlamaForCausalLM"], speculative_tokens=4, target_embed=target_embed)
   e = json.loads((tmp_path / "e/config.json").read_text())
   s = json.loads((tmp_path / "s/config.json").read_text())
   llama = {"hidden_size": D, "intermediate_size": F, "num_attention_heads": N, "num_key_value_heads": K,
@@ -302,6 +303,26 @@ def test_written_configs_are_complete(tmp_path):
   assert s["speculators_config"]["proposal_methods"][0]["speculative_tokens"] == 4
   assert "embed_tokens.weight" not in file_tensors(tmp_path / "e")
   assert any(k.startswith("layers.0.") for k in file_tensors(tmp_path / "s"))
+  # transformers >= 4.56 reads dtype, older versions torch_dtype: both are written.
+  assert e["dtype"] == e["torch_dtype"] == "float32" and s["dtype"] == s["torch_dtype"] == "float32"
+  assert s["transformer_layer_config"]["dtype"] == "float32"
+  # speculators' from_pretrained leaves a missing embedding at zero: the target's is written in its place.
+  np.testing.assert_array_equal(file_tensors(tmp_path / "s")["embed_tokens.weight"], target_embed)
+  assert {"d2t", "t2d"} <= set(file_tensors(tmp_path / "s"))
+
+
+def test_full_vocab_speculators_export_has_no_vocab_maps(tmp_path):
+  """speculators reports d2t / t2d of a full-vocabulary draft as unexpected keys; the eagle layout keeps them."""
+  cfg = dataclasses.replace(random_ckpt().cfg, draft_vocab_size=V)
+  params = jax.tree.map(lambda s: np.full(s.shape, 0.25, np.float32), draft.abstract_params(cfg))
+  ckpt = interop.DraftCheckpoint(cfg=cfg, params=params, vocab=draft.DraftVocab.identity(V), aux_layer_ids=AUX_IN,
+                                 embed=np.ones((V, D), np.float32))
+  interop.write_draft(tmp_path / "s", ckpt, layout="speculators", verifier=VERIFIER)
+  interop.write_draft(tmp_path / "e", ckpt, layout="eagle")
+  assert not {"d2t", "t2d"} & set(file_tensors(tmp_path / "s")) and {"d2t", "t2d"} <= set(file_tensors(tmp_path / "e"))
+  for layout in ("s", "e"):
+    back = interop.read_draft(tmp_path / layout)
+    np.testing.assert_array_equal(back.vocab.d2t, 0) and np.testing.assert_array_equal(back.vocab.t2d, True)
 
 
 # ----- aux-layer numbering ------------------------------------------------------------------------------------
@@ -375,6 +396,7 @@ def test_bad_keys_raise_naming_the_key(tmp_path, mutate, match):
     ({"architectures": ["LlamaForCausalLMEagle"]}, None, "architectures"),
     ({"eagle_config": {"use_aux_hidden_state": False}}, None, "use_aux_hidden_state"),
     ({"eagle_config": {"use_mtp_layernorm": True}}, None, "use_mtp_layernorm"),
+    ({"layer_types": ["sliding_attention"], "sliding_window": 1024}, None, "sliding-window"),
     ({"target_hidden_size": 48}, lambda sd: sd.update({"fc.weight": torch.ones(D, 144)}), "embed_tokens"),
 ])
 def test_unimplemented_eagle_variants_are_refused(tmp_path, config_kw, mutate, match):
@@ -390,6 +412,11 @@ def test_unimplemented_eagle_variants_are_refused(tmp_path, config_kw, mutate, m
     ({"transformer_layer_config": {"model_type": "qwen3", "num_hidden_layers": 1}}, "model_type"),
     ({"transformer_layer_config": {"model_type": "llama", "num_hidden_layers": 3}}, "num_hidden_layers"),
     ({"draft_vocab_size": VD + 1}, "lm_head.weight"),
+    # speculators' trainer default: every draft layer attends within a 2048-token window.
+    ({"transformer_layer_config": {"model_type": "llama", "num_hidden_layers": 1, "sliding_window": 2048,
+                                   "layer_types": ["sliding_attention"]}}, "layer_types.*sliding-window"),
+    ({"transformer_layer_config": {"model_type": "llama", "num_hidden_layers": 1, "sliding_window": 2048}},
+     "sliding_window=2048"),
 ])
 def test_unimplemented_speculators_variants_are_refused(tmp_path, change, match):
   sd, _ = make_state(0, prefix="layers.0.", embed=True, dt=48)
@@ -411,7 +438,7 @@ def test_unknown_speculators_key_is_not_called_multi_layer(tmp_path):
 def test_write_validates_before_writing(tmp_path):
   ckpt = random_ckpt()
   with pytest.raises(ValueError, match="verifier"):
-    interop.write_draft(tmp_path / "s", ckpt, layout="speculators")
+    interop.write_draft(tmp_path / "s", ckpt, layout="speculators", include_embed=False)
   with pytest.raises(ValueError, match="layout"):
     interop.write_draft(tmp_path / "s", ckpt, layout="modelopt")
   bad = dict(ckpt.params, norm=np.ones(D + 1, np.float32))
@@ -419,7 +446,13 @@ def test_write_validates_before_writing(tmp_path):
     interop.write_draft(tmp_path / "s", dataclasses.replace(ckpt, params=bad))
   with pytest.raises(ValueError, match="embed_tokens"):
     interop.write_draft(tmp_path / "s", random_ckpt(dt=48), include_embed=False)
+  with pytest.raises(ValueError, match="speculators layout needs 'embed_tokens.weight'"):
+    interop.write_draft(tmp_path / "s", ckpt, layout="speculators", verifier=VERIFIER)
+  with pytest.raises(ValueError, match="embed has shape"):
+    interop.write_draft(tmp_path / "s", ckpt, layout="speculators", verifier=VERIFIER, target_embed=np.ones((V, 3)))
   assert list(tmp_path.iterdir()) == []
+  interop.write_draft(tmp_path / "s", ckpt, layout="speculators", verifier=VERIFIER, include_embed=False)
+  assert "embed_tokens.weight" not in file_tensors(tmp_path / "s")
 
 
 def test_write_is_atomic(tmp_path, monkeypatch):
@@ -455,9 +488,13 @@ def test_convert_cli(tmp_path, capsys):
   src = save(tmp_path / "official", official_config(), sd, fmt="bin")
   assert convert.main([str(src), str(tmp_path / "spec"), "--to", "speculators"]) == 2
   assert "num_target_layers" in capsys.readouterr().err
-  assert convert.main([str(src), str(tmp_path / "spec"), "--to", "speculators", "--num-target-layers", str(L),
-                       "--verifier", VERIFIER, "--verifier-arch", "LlamaForCausalLM"]) == 0
-  assert "[2, 15, 27]" in capsys.readouterr().out
+  spec_args = [str(src), str(tmp_path / "spec"), "--to", "speculators", "--num-target-layers", str(L),
+               "--verifier", VERIFIER, "--verifier-arch", "LlamaForCausalLM"]
+  assert convert.main(spec_args) == 2  # SRC has no embedding and no --target gives one
+  assert "embed_tokens" in capsys.readouterr().err and not (tmp_path / "spec").exists()
+  assert convert.main(spec_args + ["--no-embed"]) == 0
+  out = capsys.readouterr().out
+  assert "[2, 15, 27]" in out and "embed_tokens: none (--no-embed)" in out
   spec = json.loads((tmp_path / "spec/config.json").read_text())
   assert spec["eagle_aux_hidden_state_layer_ids"] == list(AUX_IN)
   assert spec["speculators_config"]["verifier"]["name_or_path"] == VERIFIER
@@ -525,7 +562,7 @@ def test_trained_draft_exports_converts_and_generates_same_tokens(tmp_path):
   train_script = importlib.util.module_from_spec(script)
   script.loader.exec_module(train_script)
   exported = pathlib.Path(train_script.main(["--config", str(ROOT / "configs/tiny.py"), *overrides])["export_dir"])
-  assert convert.main([str(exported), str(tmp_path / "spec"), "--to", "speculators"]) == 0
+  assert convert.main([str(exported), str(tmp_path / "spec"), "--to", "speculators", "--no-embed"]) == 0
   assert convert.main([str(tmp_path / "spec"), str(tmp_path / "back"), "--to", "eagle"]) == 0
   original, converted = interop.read_draft(exported), interop.read_draft(tmp_path / "back")
   assert_same_ckpt(original, converted)

@@ -40,3 +40,21 @@ def test_default_infer_is_speculative_lossless_and_accepts(capsys):
   assert summary["tree"] == drafts.serving_tree(drafts.default_draft_path())
   assert summary["identical_to_vanilla"] is True
   assert summary["tau"] >= TAU_FLOOR, summary["tau"]
+
+
+def test_shipped_draft_converts_to_speculators_with_the_targets_embedding(tmp_path):
+  """The shipped draft has no embed_tokens (it shares SmolLM2's); speculators' from_pretrained would leave it at
+  zero, so convert writes the verifier's own embedding (found from the hub id) in the speculators layout."""
+  import numpy as np
+  from eagle3_jax import convert
+  from eagle3_jax.target import load, protocol
+
+  src = drafts.default_draft_path()
+  assert convert.main([str(src), str(tmp_path / "spec"), "--to", "speculators"]) == 0
+  spec = interop.read_draft(tmp_path / "spec")
+  cfg, params = load.load_target()
+  embed = np.asarray(protocol.llama_target(cfg).embed(params)).astype(np.float16).astype(np.float32)
+  np.testing.assert_array_equal(spec.embed, embed)
+  config = json.loads((tmp_path / "spec/config.json").read_text())
+  assert config["speculators_config"]["verifier"] == {"name_or_path": load.DEFAULT_TARGET_HUB_ID,
+                                                      "architectures": ["LlamaForCausalLM"]}

@@ -213,7 +213,7 @@ def _host(x: Any) -> np.ndarray:
   return np.asarray(x)  # also pulls (fully addressable) jax.Arrays to the host
 
 
-def _validate(ckpt: DraftCheckpoint, layout: str, include_embed: bool) -> None:
+def _validate(ckpt: DraftCheckpoint, layout: str, include_embed: bool, embed: Any) -> None:
   """Everything a reader will check, checked before a single byte is written."""
   if layout not in WRITE_LAYOUTS:
     raise ValueError(f"layout {layout!r} is not one of {WRITE_LAYOUTS}")
@@ -237,25 +237,33 @@ def _validate(ckpt: DraftCheckpoint, layout: str, include_embed: bool) -> None:
     raise ValueError(f"aux_layer_ids={tuple(aux)} must be ascending: engines concatenate the taps in layer order")
   if layout == "eagle":
     formats.aux_ids_to_output_numbering(ckpt.aux_layer_ids)
-  if ckpt.embed is not None and tuple(ckpt.embed.shape) != (cfg.vocab_size, cfg.hidden_size):
-    raise ValueError(f"embed has shape {tuple(ckpt.embed.shape)}, expected ({cfg.vocab_size}, {cfg.hidden_size})")
+  if embed is not None and tuple(np.shape(embed)) != (cfg.vocab_size, cfg.hidden_size):
+    raise ValueError(f"embed has shape {tuple(np.shape(embed))}, expected ({cfg.vocab_size}, {cfg.hidden_size})")
   if cfg.target_hidden_size != cfg.hidden_size and (ckpt.embed is None or not include_embed):
     raise ValueError(f"a draft with hidden_size={cfg.hidden_size} != target_hidden_size={cfg.target_hidden_size} "
                      f"must carry its own {EMBED_KEY!r}; ckpt.embed is missing or include_embed=False")
+  if layout == "speculators" and include_embed and embed is None:
+    raise ValueError(f"the speculators layout needs {EMBED_KEY!r}: speculators' from_pretrained leaves a missing "
+                     "embedding at zero and the draft then proposes garbage. Pass target_embed= (the target's "
+                     "[V, D] input embedding; `convert --target`), or include_embed=False for a server that shares "
+                     "the target's embedding (vLLM)")
 
 
 def write_draft(path, ckpt: DraftCheckpoint, *, layout: str = "eagle", verifier: str | None = None,
                 dtype=np.float32, verifier_architectures: list[str] | None = None,
                 speculative_tokens: int | None = None, max_position_embeddings: int | None = None,
-                include_embed: bool = True, overwrite: bool = False) -> None:
+                include_embed: bool = True, target_embed: Any = None, overwrite: bool = False) -> None:
   """Writes config.json + model.safetensors in `layout` ("eagle" = official / SGLang, or "speculators").
 
-  Float weights are written as `dtype` (fp32 default; bf16 / fp16 to halve the size), d2t as int64, t2d as bool.
-  Keyword arguments override ckpt.extra (verifier is required for speculators). The directory appears
-  atomically; an existing one is replaced only with overwrite=True.
+  Float weights are written as `dtype` (fp32 default; bf16 / fp16 to halve the size), d2t as int64, t2d as bool
+  (neither for a full-vocabulary draft in the speculators layout, which reports them as unexpected keys).
+  embed_tokens is the draft's own embedding, else `target_embed` (the target's [V, D] table); the speculators
+  layout needs one of them unless include_embed=False. Keyword arguments override ckpt.extra (verifier is required
+  for speculators). The directory appears atomically; an existing one is replaced only with overwrite=True.
   """
   dtype = files.as_float_dtype(dtype)
-  _validate(ckpt, layout, include_embed)
+  embed = ckpt.embed if ckpt.embed is not None else target_embed
+  _validate(ckpt, layout, include_embed, embed)
   extra = {k: ckpt.extra[k] for k in formats.PORTABLE_EXTRA if ckpt.extra.get(k) is not None}
   for key, value in (("verifier", verifier), ("verifier_architectures", verifier_architectures),
                      ("speculative_tokens", speculative_tokens), ("max_position_embeddings", max_position_embeddings)):
@@ -271,8 +279,9 @@ def write_draft(path, ckpt: DraftCheckpoint, *, layout: str = "eagle", verifier:
   params = _flatten(ckpt.params)
   tensors = {key: _to_torch(_host(params[".".join(p)]).astype(dtype), n_in)
              for key, (p, _, n_in) in _table(ckpt.cfg, prefix).items()}
-  tensors["d2t"] = _host(ckpt.vocab.d2t).astype(np.int64)
-  tensors["t2d"] = _host(ckpt.vocab.t2d).astype(bool)
-  if ckpt.embed is not None and include_embed:
-    tensors[EMBED_KEY] = _host(ckpt.embed).astype(dtype)
+  if layout != "speculators" or ckpt.cfg.draft_vocab_size != ckpt.cfg.vocab_size:
+    tensors["d2t"] = _host(ckpt.vocab.d2t).astype(np.int64)
+    tensors["t2d"] = _host(ckpt.vocab.t2d).astype(bool)
+  if embed is not None and include_embed:
+    tensors[EMBED_KEY] = _host(embed).astype(dtype)
   files.write_dir_atomic(pathlib.Path(path), config, tensors, overwrite=overwrite)

@@ -90,6 +90,13 @@ def _llama_shape(c: dict, where: str) -> dict[str, Any]:
     raise refuse(f"{where}model_type={c['model_type']!r}", "only Llama-style draft layers are implemented")
   if _get(c, "num_hidden_layers") != 1:
     raise refuse(f"{where}num_hidden_layers={_get(c, 'num_hidden_layers')}", "multi-layer drafts")
+  # speculators' trainer gives draft layers sliding-window attention by default; reading such a layer as full
+  # attention would silently change the draft past the window.
+  layer_types = c.get("layer_types")
+  if layer_types is not None and any(t != "full_attention" for t in layer_types):
+    raise refuse(f"{where}layer_types={layer_types!r}", "sliding-window draft attention")
+  if layer_types is None and c.get("sliding_window") is not None and c.get("use_sliding_window", True):
+    raise refuse(f"{where}sliding_window={c['sliding_window']!r}", "sliding-window draft attention")
   if _get(c, "hidden_act") != "silu":
     raise refuse(f"{where}hidden_act={_get(c, 'hidden_act')!r}", "only SiLU-gated MLPs are implemented")
   # transformers >= 5 nests theta (and the scaling type) in rope_parameters; older files use rope_scaling.
@@ -202,7 +209,7 @@ def _llama_fields(cfg: DraftConfig, extra: dict, torch_dtype: str) -> dict[str, 
             "max_position_embeddings": extra.get("max_position_embeddings", DEFAULT_MAX_POSITION_EMBEDDINGS),
             "vocab_size": cfg.vocab_size, "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
             "attention_dropout": 0.0, "pretraining_tp": 1, "initializer_range": 0.02, "use_cache": True,
-            "torch_dtype": torch_dtype}
+            "dtype": torch_dtype, "torch_dtype": torch_dtype}  # transformers >= 4.56 reads dtype; older torch_dtype
   fields.update({k: extra[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in extra})
   return fields
 
@@ -241,7 +248,7 @@ def speculators_config(cfg: DraftConfig, aux: tuple[int, ...], extra: dict, torc
       "eagle_aux_hidden_state_layer_ids": list(aux),
       # Written explicitly: vLLM treats a missing norm_before_residual as true.
       "norm_before_residual": False, "norm_before_fc": False, "fc_norm": False, "norm_output": False,
-      "embed_requires_grad": False, "torch_dtype": torch_dtype,
+      "embed_requires_grad": False, "dtype": torch_dtype, "torch_dtype": torch_dtype,
       "speculators_config": {"algorithm": "eagle3", "proposal_methods": [proposal], "default_proposal_method": "greedy",
                              "verifier": {"name_or_path": extra["verifier"],
                                           "architectures": list(extra.get("verifier_architectures", []))}},
