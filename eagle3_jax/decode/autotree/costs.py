@@ -37,6 +37,7 @@ VERIFY_POINTS = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32)  # tree nodes P timed; 
 EXPAND_DEPTHS = (1, 4)  # expansion is timed at two depths per top_k; other depths are linear between them
 CACHE_LENS = (256, 1024)  # the step is timed at both: attention reads every slot, so cost grows with the cache
 PREFILL_LENS = (64, 512)  # prompt tokens per row of the two timed prefills; other lengths are linear
+VERSION = 2  # of the timing method; cached calibrations of another version are redone (2: output head kept)
 
 
 
@@ -145,8 +146,8 @@ def machine_key() -> dict:
 
 
 def cost_key(target_cfg: Any, dcfg: draft.DraftConfig, *, batch: int, dtype: Any) -> dict:
-  return {"format": FORMAT, "machine": machine_key(), "target": repr(target_cfg), "draft": repr(dcfg),
-          "batch": int(batch), "cache_lens": CACHE_LENS, "prefill_lens": PREFILL_LENS,
+  return {"format": FORMAT, "version": VERSION, "machine": machine_key(), "target": repr(target_cfg),
+          "draft": repr(dcfg), "batch": int(batch), "cache_lens": CACHE_LENS, "prefill_lens": PREFILL_LENS,
           "dtype": str(jnp.dtype(dtype))}
 
 
@@ -166,18 +167,27 @@ def calibrate(target: protocol.Target, target_params: Any, draft_params: Any, vo
   t0 = time.perf_counter()
   log = (lambda *a: print("autotree:", *a, file=sys.stderr, flush=True)) if verbose else (lambda *a: None)
 
-  def target_pass(T, S=S, start=None, n=n, repeats=3):
+  def target_pass(T, S=S, start=None, n=n, repeats=3, last_only=False):
     start = jnp.full((B,), S // 2, jnp.int32) if start is None else start
-    tokens = jnp.ones((B, T), jnp.int32)
     positions = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
     tmask = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T))
     mask = masks.block_mask(start, tmask, S)
+    last = jnp.full((B,), T - 1, jnp.int32)
 
-    def fn(params, cache):
-      logits, _, cache = target.forward(params, tokens, positions, cache, mask)
-      return cache  # the carried cache makes every iteration depend on the last; logits feed nothing
+    def fn(params, carry):
+      # The argmax feeds the next iteration's tokens: with logits that feed nothing XLA drops the output head,
+      # a quarter of a SmolLM2 step (it once did, and every verify cost came out ~10 ms short).
+      cache, tokens = carry
+      if last_only:  # a prefill needs only each row's last logits
+        logits, _, cache = target.last_logits(params, tokens, positions, cache, mask, last)
+        nxt = jnp.broadcast_to(jnp.argmax(logits, axis=-1)[:, None], tokens.shape)
+      else:
+        logits, _, cache = target.forward(params, tokens, positions, cache, mask)
+        nxt = jnp.argmax(logits, axis=-1)
+      return cache, nxt.astype(jnp.int32)
 
-    return _time_loop(fn, target_params, target.init_cache(B, S, dtype).replace(lengths=start), n, repeats)
+    cache = target.init_cache(B, S, dtype).replace(lengths=start)
+    return _time_loop(fn, target_params, (cache, jnp.ones((B, T), jnp.int32)), n, repeats)
 
   first_call: dict[str, float] = {}
   step = target_pass(1)
@@ -187,7 +197,8 @@ def calibrate(target: protocol.Target, target_params: Any, draft_params: Any, vo
     step = _decode_step_cost(target_params, target_cfg, batch=B, cache_len=S, n=n, first=plain)
     first_call["plain"] = plain[0]
   zeros = jnp.zeros((B,), jnp.int32)  # a prompt is written from slot 0
-  prefill = {T: target_pass(T, S=max(CACHE_LENS[1], T), start=zeros, n=1, repeats=2) for T in PREFILL_LENS}
+  prefill = {T: target_pass(T, S=max(CACHE_LENS[1], T), start=zeros, n=1, repeats=2, last_only=True)
+             for T in PREFILL_LENS}
   verify, floor = {}, step
   for P in VERIFY_POINTS:  # more tokens through the same weights never cost less: a running max smooths noise
     verify[P] = floor = max(floor, target_pass(P + 1))
