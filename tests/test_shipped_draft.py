@@ -12,9 +12,9 @@ from test_infer import infer
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     drafts.default_draft_path() is None, reason="no draft shipped yet (issue 9: training in progress)")]
 
-# Measured on the built-in prompts at 48 new tokens with the shipped draft and its serving tree (1x1x1): tau 1.31
-# (BENCHMARKS.md, "Default draft"); the floor leaves a margin for other machines' float rounding.
-TAU_FLOOR = 1.2
+# Measured on the built-in prompts at 48 new tokens with the shipped draft (run 3) and its serving tree (1x1x1):
+# tau 1.38 (run 2: 1.31; BENCHMARKS.md, "Default draft"); the floor leaves a margin for float rounding elsewhere.
+TAU_FLOOR = 1.25
 
 
 def test_shipped_draft_is_found_and_readable():

@@ -89,16 +89,19 @@ def card(run_dir: str | pathlib.Path, *, measured: str = "") -> str:
   vm = vocab.load_vocab(chain[0] / "draft_vocab.safetensors")
   prov = vm.provenance
   acc = ", ".join(f"{a:.3f}" for a in final.get("acc_j", []))
+  vocab_line = (
+      f"- Vd = {vm.draft_vocab_size} of V = {vm.vocab_size}, the most frequent assistant tokens of the first run's "
+      f"training rows ({prov.get('examples')} rows, {prov.get('masked_tokens')} assistant tokens, "
+      f"{prov.get('distinct')} distinct seen, {prov.get('filled')} filled with the lowest unseen ids); in-sample "
+      f"coverage {prov.get('coverage', float('nan')):.4f}." if prov.get("examples") is not None else
+      f"- Vd = {vm.draft_vocab_size} of V = {vm.vocab_size}, taken over from the draft the first run was "
+      "warm-started from (see its card).")
   lines += [
       "- Benchmark prompts (shuffled ShareGPT positions 17000 on, HumanEval) were never trained on.", "",
       "## Held-out acceptance (training eval, teacher-forced)", "",
       f"- acc_j (j = 0..{len(final.get('acc_j', [])) - 1}): {acc}",
       f"- simulated chain tau: {final.get('tau', float('nan')):.3f}", "",
-      "## Draft vocabulary", "",
-      f"- Vd = {vm.draft_vocab_size} of V = {vm.vocab_size}, the most frequent assistant tokens of the first run's "
-      f"training rows ({prov.get('examples')} rows, {prov.get('masked_tokens')} assistant tokens, "
-      f"{prov.get('distinct')} distinct seen, {prov.get('filled')} filled with the lowest unseen ids); in-sample "
-      f"coverage {prov.get('coverage', float('nan')):.4f}.",
+      "## Draft vocabulary", "", vocab_line,
   ]
   return "\n".join(lines) + ("\n\n" + measured.strip() if measured else "") + "\n"
 
