@@ -173,6 +173,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--top-p", type=float, default=1.0)
   ap.add_argument("--top-k", type=int, default=0)
   ap.add_argument("--batch-size", type=int, default=1)
+  ap.add_argument("--batching", default="auto", choices=("auto", "static", "continuous"),
+                  help="continuous: --batch-size decode slots refilled as requests finish (plain decoding only); "
+                       "static: length-sorted batches. auto (default): continuous for plain decoding at "
+                       "--batch-size > 1 without --compare, else static")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   ap.add_argument("--output", default=None, help="write one JSON per request here instead of texts to stdout")
@@ -239,8 +243,16 @@ def main(argv=None) -> dict:
       auto = auto_tree(args, requests, params, cfg, ckpt, tokenizer)
       tree_cfg = auto.tree
       speculative = tree_cfg is not None
+  continuous = args.batching == "continuous" or (
+      args.batching == "auto" and not speculative and args.batch_size > 1 and not args.compare)
+  if continuous and speculative:
+    raise ValueError("--batching continuous serves plain decoding only for now (--draft none); use --batching static")
   if speculative:
     generator = engine.make_generator(params, cfg, draft_ckpt=ckpt, tree_cfg=tree_cfg, **common)
+  elif continuous:
+    from eagle3_jax.decode import batching
+
+    generator = batching.ContinuousBatcher(params, cfg, slots=args.batch_size, **common)
   else:
     generator = vanilla()
   run = lambda gen: serve(engine.Engine(gen, tokenizer, batch_size=args.batch_size, pad_id=pad_id), requests,

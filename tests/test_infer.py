@@ -61,17 +61,22 @@ def _hf_greedy(model, tok, prompt, max_new):
   return out[0, ids.shape[1]:].tolist()
 
 
-def test_end_to_end_greedy_matches_transformers_generate(tiny_target, tmp_path, capsys):
+@pytest.mark.parametrize("batching", ["static", "continuous"])
+def test_end_to_end_greedy_matches_transformers_generate(tiny_target, tmp_path, capsys, batching):
   path, model, tok = tiny_target
   prompts = ["hello world", "the cat sat on the mat and the dog sat on the big mat", "why is the sky blue"]
   out = tmp_path / "out.jsonl"
   summary = infer.main(["--target", str(path), *sum((["--prompt", p] for p in prompts), []), "--max-new-tokens",
-                        "12", "--batch-size", "2", "--output", str(out), *_QUIET])
+                        "12", "--batch-size", "2", "--batching", batching, "--output", str(out), *_QUIET])
   last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert last == summary
   assert last["requests"] == 3 and last["tokens_per_s"] > 0 and last["draft"] == "none"
-  # Sorted by length: the two short prompts share a 16-token bucket, the long one gets 24: one compile each.
-  assert last["shapes"] == [[2, 16], [2, 24]] and last["compiles"] == 2
+  assert last["batching"] == batching and 0 < last["utilisation"] <= 1
+  if batching == "static":
+    # Sorted by length: the two short prompts share a 16-token bucket, the long one gets 24: one compile each.
+    assert last["shapes"] == [[2, 16], [2, 24]] and last["compiles"] == 2
+  else:  # cache pools of 32 (bucket 16 + 12 new) and 64 (24 + 12): one admission and one step loop each
+    assert last["admissions"] == 3 and last["compiles"] == 4
   rows = [json.loads(line) for line in out.read_text().splitlines()]
   assert len(rows) == 3
   for prompt, row in zip(prompts, rows):

@@ -8,7 +8,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from eagle3_jax.decode import engine, sampling
+from eagle3_jax.decode import batching, engine, sampling
 from eagle3_jax.train import regenerate
 from eagle3_jax.target import load
 from test_infer import _WORDS, tiny_target  # noqa: F401  (tiny_target is a fixture)
@@ -32,7 +32,7 @@ def _source(tmp_path, n=14):
   return str(path)
 
 
-def _factory(target_dir, draft_dir=None, max_new_tokens=10, fail_after=None):
+def _factory(target_dir, draft_dir=None, max_new_tokens=10, fail_after=None, continuous=False):
   cfg, params = load.load_target(target_dir)
   tok = load.load_tokenizer(target_dir)
   ckpt, tree_cfg = None, None
@@ -44,21 +44,24 @@ def _factory(target_dir, draft_dir=None, max_new_tokens=10, fail_after=None):
   calls = [0]
 
   def make(temperature):
-    gen = engine.make_generator(params, cfg, draft_ckpt=ckpt, tree_cfg=tree_cfg,
-                                sampling_cfg=sampling.SamplingConfig(temperature=temperature),
-                                max_new_tokens=max_new_tokens, stop_ids=engine.stop_ids(tok, str(target_dir)),
-                                pad_id=tok.pad_token_id)
+    kw = dict(sampling_cfg=sampling.SamplingConfig(temperature=temperature), max_new_tokens=max_new_tokens,
+              stop_ids=engine.stop_ids(tok, str(target_dir)), pad_id=tok.pad_token_id)
+    if continuous:
+      gen = batching.ContinuousBatcher(params, cfg, slots=2, sync_every=3, **kw)
+    else:
+      gen = engine.make_generator(params, cfg, draft_ckpt=ckpt, tree_cfg=tree_cfg, **kw)
     if fail_after is None:
       return gen
-    inner = gen.generate
+    name = "run" if continuous else "generate"
+    inner = getattr(gen, name)
 
-    def generate(batch):  # a "kill" in the middle of a chunk, after some batches were generated
+    def failing(*args, **kwargs):  # a "kill" in the middle of a chunk, after some batches were generated
       calls[0] += 1
       if calls[0] > fail_after:
         raise KeyboardInterrupt
-      return inner(batch)
+      return inner(*args, **kwargs)
 
-    gen.generate = generate
+    setattr(gen, name, failing)
     return gen
 
   return make, tok
@@ -67,11 +70,12 @@ def _factory(target_dir, draft_dir=None, max_new_tokens=10, fail_after=None):
 CFG = dict(max_prompt_tokens=60, batch_size=2, chunk_rows=4, temperatures=((0.0, 0.5), (1.0, 0.5)), seed=3)
 
 
-def test_resume_after_kill_equals_straight_run(tiny_target, tmp_path):
+@pytest.mark.parametrize("mode", ["static", "continuous"])
+def test_resume_after_kill_equals_straight_run(tiny_target, tmp_path, mode):
   path, _, _ = tiny_target
   src = _source(tmp_path)
-  cfg = regenerate.RegenConfig(source=src, **CFG)
-  make, tok = _factory(path)
+  cfg = regenerate.RegenConfig(source=src, **CFG, batching=mode)
+  make, tok = _factory(path, continuous=mode == "continuous")
   straight = regenerate.regenerate(cfg, tmp_path / "straight.jsonl", make_generator=make, tokenizer=tok,
                                    pad_id=tok.pad_token_id, progress=False)
   rows = [json.loads(x) for x in (tmp_path / "straight.jsonl").read_text().splitlines()]
@@ -83,7 +87,7 @@ def test_resume_after_kill_equals_straight_run(tiny_target, tmp_path):
   assert max(len(r["finished"]) for r in rows) == 3  # later turns saw the earlier generated answers
 
   out = tmp_path / "killed.jsonl"
-  make_failing, _ = _factory(path, fail_after=7)
+  make_failing, _ = _factory(path, fail_after=7, continuous=mode == "continuous")
   with pytest.raises(KeyboardInterrupt):
     regenerate.regenerate(cfg, out, make_generator=make_failing, tokenizer=tok, pad_id=tok.pad_token_id,
                           progress=False)
@@ -98,7 +102,7 @@ def test_resume_after_kill_equals_straight_run(tiny_target, tmp_path):
          {k: v for k, v in straight.items() if k not in ("output", "seconds", "tokens_per_s")}
 
   with pytest.raises(ValueError, match="other settings .*max_new_tokens"):
-    regenerate.regenerate(regenerate.RegenConfig(source=src, **CFG | {"max_new_tokens": 5}), out,
+    regenerate.regenerate(regenerate.RegenConfig(source=src, **CFG | {"max_new_tokens": 5}, batching=mode), out,
                           make_generator=make, tokenizer=tok, progress=False)
   (tmp_path / "foreign.jsonl").write_text('{"messages": []}\n')
   with pytest.raises(ValueError, match="no foreign.jsonl.state.json"):
@@ -106,10 +110,11 @@ def test_resume_after_kill_equals_straight_run(tiny_target, tmp_path):
 
 
 def test_speculative_regeneration_equals_plain_at_t0(tiny_target, tmp_path):
+  """Static speculative batches and continuous plain decoding write the same file at T = 0."""
   path, _, _ = tiny_target
   src = _source(tmp_path)
   cfg = regenerate.RegenConfig(source=src, **CFG | {"temperatures": ((0.0, 1.0),)})
-  make, tok = _factory(path)
+  make, tok = _factory(path, continuous=True)
   make_spec, _ = _factory(path, draft_dir=_random_draft(path, tmp_path / "draft"))
   regenerate.regenerate(cfg, tmp_path / "plain.jsonl", make_generator=make, tokenizer=tok, progress=False)
   regenerate.regenerate(cfg, tmp_path / "spec.jsonl", make_generator=make_spec, tokenizer=tok, progress=False)

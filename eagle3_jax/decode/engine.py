@@ -271,6 +271,8 @@ class Engine:
 
     t_start = time.perf_counter()
     prompt_ids = self.encode(requests)
+    if getattr(self.generator, "continuous", False):
+      return self._run_continuous(prompt_ids, progress=progress, max_compiles=max_compiles, t_start=t_start)
     results: list[Result | None] = [None] * len(requests)
     stats: dict[str, float] = {}
     gen_seconds = 0.0
@@ -306,4 +308,40 @@ class Engine:
     } | {k: round(v, 4) for k, v in stats.items()}
     # Tokens per draft-verify round, bonus included, over every request; plain decoding emits one per pass.
     summary["tau"] = round(stats["accepted"] / stats["rounds"], 4) if stats.get("rounds") else 1.0
+    if not stats.get("rounds") and stats.get("target_steps"):
+      # Share of decode slots (batch rows x decode steps) that produced a token; each prefill gave a first token.
+      decode_steps = stats["target_steps"] - len(self.batches(prompt_ids))
+      summary["utilisation"] = round((n_tokens - len(requests)) / max(decode_steps * self.batch_size, 1), 4)
+    summary["batching"] = "static"
+    return results, summary
+
+  def _run_continuous(self, prompt_ids: list[list[int]], *, progress: bool, max_compiles: int | None,
+                      t_start: float) -> tuple[list[Result], dict[str, Any]]:
+    """The same service through a continuous batcher (decode/batching.py): requests finish in their own order."""
+    from tqdm import tqdm
+
+    compiles_before = self.generator.compile_count
+    bar = tqdm(total=len(prompt_ids), desc="requests", unit="req", file=sys.stderr, disable=not progress)
+    produced = [0]
+
+    def finished(i: int, ids: list[int]) -> None:
+      produced[0] += len(ids)
+      bar.update(1)
+      bar.set_postfix(tokens=produced[0], refresh=False)
+
+    token_lists, st = self.generator.run(prompt_ids, on_result=finished)
+    bar.close()
+    compiles = self.generator.compile_count - compiles_before
+    if max_compiles is not None and compiles > max_compiles:
+      raise RuntimeError(f"continuous batcher compiled {compiles} times (limit {max_compiles}): something retraces")
+    results = [Result(index=i, text=self.tokenizer.decode(ids, skip_special_tokens=True), token_ids=ids,
+                      prompt_tokens=len(prompt_ids[i]), seconds=st["seconds"]) for i, ids in enumerate(token_lists)]
+    n_tokens = sum(len(ids) for ids in token_lists)
+    summary = {
+        "requests": len(prompt_ids), "tokens": n_tokens, "generate_seconds": round(st["seconds"], 4),
+        "tokens_per_s": round(n_tokens / st["seconds"], 3) if st["seconds"] > 0 else 0.0,
+        "wall_seconds": round(time.perf_counter() - t_start, 4), "batch_size": self.generator.slots,
+        "compiles": compiles, "compile_s": round(st["compile_s"], 4), "target_steps": int(st["steps"]),
+        "admissions": int(st["admissions"]), "tau": 1.0, "utilisation": round(st["utilisation"], 4),
+        "batching": "continuous"}
     return results, summary

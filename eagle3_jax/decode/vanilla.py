@@ -74,7 +74,7 @@ def validate(tokens_BT: np.ndarray, lengths_B: np.ndarray, *, target: Target, ca
                      f"max_position_embeddings={target.max_positions}")
 
 
-def _emit(state: DecodeState, new_B: jax.Array, *, max_new_tokens: int, stop_ids: tuple[int, ...]) -> DecodeState:
+def emit(state: Any, new_B: jax.Array, *, max_new_tokens: int, stop_ids: tuple[int, ...]) -> Any:
   """Appends new_B to every row that is not done; the rows it finishes stop here (the stop token is kept)."""
   active = ~state.done
   M = state.tokens.shape[1]
@@ -105,7 +105,7 @@ def prefill(params: Any, tokens_BT: jax.Array, lengths_B: jax.Array, cache: Any,
                       tokens=jnp.full((B, max_new_tokens), pad_id, jnp.int32),
                       counts=jnp.zeros((B,), jnp.int32), done=jnp.zeros((B,), jnp.bool_), key=key,
                       steps=jnp.zeros((), jnp.int32))
-  return _emit(state, first, max_new_tokens=max_new_tokens, stop_ids=stop_ids)
+  return emit(state, first, max_new_tokens=max_new_tokens, stop_ids=stop_ids)
 
 
 def decode_step(params: Any, state: DecodeState, *, target: Target, sampling_cfg: sampling.SamplingConfig,
@@ -122,7 +122,7 @@ def decode_step(params: Any, state: DecodeState, *, target: Target, sampling_cfg
     # Finished rows keep their length: their (ignored) K/V keeps landing on one slot, so the cache never overflows.
     cache = cache.replace(lengths=cache.lengths + (~state.done).astype(jnp.int32))
     state = state.replace(cache=cache, key=key, steps=state.steps + 1)
-    return _emit(state, new, max_new_tokens=max_new_tokens, stop_ids=stop_ids)
+    return emit(state, new, max_new_tokens=max_new_tokens, stop_ids=stop_ids)
 
 
 def decode_loop(params: Any, state: DecodeState, *, target: Target, sampling_cfg: sampling.SamplingConfig,

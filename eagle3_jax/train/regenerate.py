@@ -55,6 +55,9 @@ class RegenConfig:
   batch_size: int = 16
   chunk_rows: int = 128  # rows per durable write; a kill loses at most one chunk of work
   seed: int = 0  # sampling seed and temperature draws
+  # "continuous" (decode slots refilled as answers finish: decode/batching.py) or "static" batches; they sample
+  # with different key schedules, so a sampled file keeps the batching it was started with.
+  batching: str = "continuous"
 
   def __post_init__(self):
     if not self.temperatures or any(t < 0 or w <= 0 for t, w in self.temperatures):
@@ -63,6 +66,8 @@ class RegenConfig:
                       ("start", 0), ("max_turns", 0)):
       if getattr(self, name) < low:
         raise ValueError(f"RegenConfig.{name} must be >= {low}, got {getattr(self, name)}")
+    if self.batching not in ("continuous", "static"):
+      raise ValueError(f"RegenConfig.batching={self.batching!r}: expected 'continuous' or 'static'")
     if self.stop is not None and self.stop <= self.start:
       raise ValueError(f"RegenConfig: stop={self.stop} must be greater than start={self.start}")
 
@@ -129,6 +134,7 @@ class _State:
       saved = json.loads(self.path.read_text())
       if saved.get("format") != STATE_FORMAT:
         raise ValueError(f"{self.path}: not a regeneration state file (format {saved.get('format')!r})")
+      saved["config"].setdefault("batching", "static")  # files begun before continuous batching existed
       if saved["config"] != self.config:
         diff = sorted(k for k in self.config if saved["config"].get(k) != self.config[k])
         raise ValueError(f"{output} was regenerated with other settings ({', '.join(diff)} differ); "
@@ -256,6 +262,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--batch-size", type=int, default=16)
   ap.add_argument("--chunk-rows", type=int, default=128)
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--batching", default=None, choices=("continuous", "static"),
+                  help="continuous (default without --draft): --batch-size decode slots refilled as answers finish; "
+                       "static (default with --draft): length-sorted batches")
   ap.add_argument("--draft", default="none", help="EAGLE-3 draft directory: speculative decoding (same output at T=0)")
   ap.add_argument("--draft-top-k", type=int, default=1)
   ap.add_argument("--draft-depth", type=int, default=3)
@@ -273,11 +282,14 @@ def main(argv=None) -> dict[str, Any]:
                     start=args.start, stop=args.stop, max_turns=1 if args.first_turn_only else args.max_turns,
                     temperatures=parse_temperatures(args.temperatures), top_p=args.top_p,
                     max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
-                    batch_size=args.batch_size, chunk_rows=args.chunk_rows, seed=args.seed)
+                    batch_size=args.batch_size, chunk_rows=args.chunk_rows, seed=args.seed,
+                    batching=args.batching or ("static" if args.draft != "none" else "continuous"))
+  if cfg.batching == "continuous" and args.draft != "none":
+    raise ValueError("--batching continuous serves plain decoding only for now; use --batching static with --draft")
   import jax
   import jax.numpy as jnp
 
-  from eagle3_jax.decode import engine, sampling
+  from eagle3_jax.decode import batching, engine, sampling
   from eagle3_jax.target import load
   from eagle3_jax.target import hf
   from eagle3_jax.decode.tree import TreeConfig
@@ -299,6 +311,10 @@ def main(argv=None) -> dict[str, Any]:
 
   def make_generator(temperature: float):
     s = sampling.SamplingConfig(temperature=temperature, top_p=args.top_p if temperature else 1.0)
+    if cfg.batching == "continuous":
+      return batching.ContinuousBatcher(params, target_cfg, slots=cfg.batch_size, sampling_cfg=s,
+                                        max_new_tokens=cfg.max_new_tokens, stop_ids=stops, pad_id=pad_id,
+                                        seed=cfg.seed)
     return engine.make_generator(params, target_cfg, draft_ckpt=ckpt, tree_cfg=tree_cfg, sampling_cfg=s,
                                  max_new_tokens=cfg.max_new_tokens, stop_ids=stops, pad_id=pad_id, seed=cfg.seed)
 

@@ -1,0 +1,217 @@
+"""Continuous batching for plain decoding: B decode slots under static shapes, refilled as requests finish.
+
+Static batching pads every prompt of a batch to its longest one and keeps finished rows idle until the slowest row
+ends. Here a request is admitted into a free slot on its own (prefilled alone at its length bucket, then written
+into that slot's rows of the running state), the jitted loop runs `sync_every` steps over all slots, and the host
+collects the rows that finished and admits waiting requests into their slots. Admission is one executable per
+prompt bucket with the slot as data, so nothing recompiles per admission.
+
+Attention reads every cache slot whatever the mask (static shapes), so the cache length S is what each step
+costs beyond the weights. Requests are served in pools of one S: sorted by prompt length, each pool takes the
+requests whose bucket + max_new_tokens fit its S (a power of two), and drains before the next, larger pool starts.
+
+Each request carries its own PRNG key (fold_in(seed, request index)), split once per step, so its tokens do not
+depend on the slot it lands in or on what runs beside it: greedy or sampled, a request decodes as it would alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from eagle3_jax.decode import sampling, vanilla
+from eagle3_jax.nn import masks
+from eagle3_jax.target import protocol
+from eagle3_jax.target.protocol import Target
+
+# Incremented on every trace: tests prove that admissions and step chunks compile once per shape.
+TRACE_COUNT = {"admit": 0, "steps": 0}
+
+
+@flax.struct.dataclass
+class SlotState:
+  """The running slots. A free slot is `done`; its (ignored) writes land on one cache slot, as for finished rows."""
+
+  cache: Any  # the target's cache, B rows of S slots
+  last: jax.Array  # int32[B] latest emitted token, not yet in the cache
+  tokens: jax.Array  # int32[B, M] emitted tokens, pad_id after counts
+  counts: jax.Array  # int32[B]
+  done: jax.Array  # bool[B]
+  keys: jax.Array  # [B] one PRNG key per slot (its request's), split every step
+  steps: jax.Array  # int32[] decode steps run (all slots together)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SlotConfig:
+  """Static decoding settings of the slot loop (hashable: they enter jit)."""
+
+  sampling: sampling.SamplingConfig = sampling.SamplingConfig()
+  max_new_tokens: int = 128
+  stop_ids: tuple[int, ...] = ()
+  pad_id: int = 0
+
+
+def init_state(target: Target, slots: int, cache_len: int, cfg: SlotConfig, dtype: Any = jnp.float32) -> SlotState:
+  """B free slots over an empty cache of cache_len slots per row."""
+  return SlotState(cache=target.init_cache(slots, cache_len, dtype), last=jnp.zeros((slots,), jnp.int32),
+                   tokens=jnp.full((slots, cfg.max_new_tokens), cfg.pad_id, jnp.int32),
+                   counts=jnp.zeros((slots,), jnp.int32), done=jnp.ones((slots,), jnp.bool_),
+                   keys=jax.random.split(jax.random.key(0), slots), steps=jnp.zeros((), jnp.int32))
+
+
+def admit(params: Any, state: SlotState, slot: jax.Array, tokens_1T: jax.Array, length: jax.Array, key: jax.Array,
+          *, target: Target, cfg: SlotConfig) -> SlotState:
+  """Prefills one request ([1, T], right-padded) alone and writes it, with its first token, into `slot`."""
+  TRACE_COUNT["admit"] += 1
+  dtype = jax.tree.leaves(state.cache)[0].dtype
+  cache1 = target.init_cache(1, target.cache_slots(state.cache), dtype)
+  one = vanilla.prefill(params, tokens_1T, length[None], cache1, key, target=target, sampling_cfg=cfg.sampling,
+                        max_new_tokens=cfg.max_new_tokens, stop_ids=cfg.stop_ids, pad_id=cfg.pad_id)
+  put = lambda big, small: jax.lax.dynamic_update_slice_in_dim(big, small.astype(big.dtype), slot, axis=0)
+  return state.replace(cache=jax.tree.map(put, state.cache, one.cache), last=put(state.last, one.last),
+                       tokens=put(state.tokens, one.tokens), counts=put(state.counts, one.counts),
+                       done=put(state.done, one.done), keys=put(state.keys, one.key[None]))
+
+
+def step(params: Any, state: SlotState, *, target: Target, cfg: SlotConfig) -> SlotState:
+  """One decode step of every slot, each row sampling with its own key (as vanilla.decode_step otherwise)."""
+  cache = state.cache
+  mask = masks.cache_causal_mask(cache.lengths, 1, target.cache_slots(cache))
+  logits, _, cache = target.last_logits(params, state.last[:, None], cache.lengths[:, None], cache, mask,
+                                        jnp.zeros_like(cache.lengths))
+  split = jax.vmap(jax.random.split)(state.keys)  # [B, 2]: the row's next key, and this step's
+  new = jax.vmap(lambda k, row: sampling.sample(k, row[None], cfg.sampling)[0])(split[:, 1], logits)
+  cache = cache.replace(lengths=cache.lengths + (~state.done).astype(jnp.int32))
+  state = state.replace(cache=cache, keys=split[:, 0], steps=state.steps + 1)
+  return vanilla.emit(state, new, max_new_tokens=cfg.max_new_tokens, stop_ids=cfg.stop_ids)
+
+
+def run_steps(params: Any, state: SlotState, n: jax.Array, *, target: Target, cfg: SlotConfig) -> SlotState:
+  """Up to n steps, fewer if every slot is done first; no host round trip inside."""
+  TRACE_COUNT["steps"] += 1
+  body = lambda c: (c[0] + 1, step(params, c[1], target=target, cfg=cfg))  # noqa: E731
+  return jax.lax.while_loop(lambda c: (c[0] < n) & ~jnp.all(c[1].done), body, (jnp.zeros((), jnp.int32), state))[1]
+
+
+admit_jit = jax.jit(admit, static_argnames=("target", "cfg"), donate_argnames=("state",))
+run_steps_jit = jax.jit(run_steps, static_argnames=("target", "cfg"), donate_argnames=("state",))
+
+
+def pool_cache_len(bucket: int, max_new_tokens: int) -> int:
+  """Cache slots of the pool serving a prompt bucket: the next power of two >= bucket + max_new_tokens."""
+  return 1 << (bucket + max_new_tokens - 1).bit_length()
+
+
+class ContinuousBatcher:
+  """Serves a list of prompts through `slots` decode slots; results come back per request as each finishes.
+
+  `sync_every` steps run between host visits: fewer visits cost less dispatch, more let finished slots idle.
+  engine.Engine drives it like a Generator (`continuous` tells it to hand over every prompt at once).
+  """
+
+  continuous = True
+
+  def __init__(self, params: Any, target: Any, *, slots: int, sampling_cfg: sampling.SamplingConfig,
+               max_new_tokens: int, stop_ids: Sequence[int] = (), pad_id: int = 0, seed: int = 0,
+               sync_every: int = 16, bucket_fn: Callable[[int], int] | None = None):
+    if slots < 1 or sync_every < 1 or max_new_tokens < 1:
+      raise ValueError(f"slots, sync_every and max_new_tokens must be >= 1, got {slots}, {sync_every}, "
+                       f"{max_new_tokens}")
+    from eagle3_jax.decode.engine import bucket_length  # the engine's buckets, so both pad alike
+
+    self.params, self.slots, self.sync_every, self.seed = params, slots, sync_every, seed
+    self.target = protocol.as_target(target)
+    self.max_new_tokens = max_new_tokens
+    self.cfg = SlotConfig(sampling=sampling_cfg, max_new_tokens=max_new_tokens,
+                          stop_ids=tuple(sorted(set(int(i) for i in stop_ids))), pad_id=int(pad_id))
+    self.bucket_fn = bucket_fn or bucket_length
+    self._dtype = jax.tree.leaves(params)[0].dtype
+    self._compiled: dict[tuple, Any] = {}
+    self._traces_at_start = sum(TRACE_COUNT.values())
+
+  @property
+  def compile_count(self) -> int:
+    return sum(TRACE_COUNT.values()) - self._traces_at_start
+
+  @property
+  def stop_ids(self) -> tuple[int, ...]:
+    return self.cfg.stop_ids
+
+  def reseed(self, seed: int) -> None:
+    """Request i of the next run samples with fold_in(seed, i) (regeneration reseeds per chunk)."""
+    self.seed = seed
+
+  def _call(self, kind: str, S: int, T: int | None, stats: dict, *args) -> SlotState:
+    """Runs the executable of (kind, S, T), compiling it on first use (its seconds go to stats['compile_s'])."""
+    key = (kind, S, T)
+    if key not in self._compiled:
+      t0 = time.perf_counter()
+      fn = admit_jit if kind == "admit" else run_steps_jit
+      self._compiled[key] = fn.lower(self.params, *args, target=self.target, cfg=self.cfg).compile()
+      stats["compile_s"] += time.perf_counter() - t0
+    return self._compiled[key](self.params, *args)
+
+  def run(self, prompt_ids: Sequence[Sequence[int]], on_result: Callable[[int, list[int]], None] | None = None
+          ) -> tuple[list[list[int]], dict[str, float]]:
+    """Token ids per request (stop token kept) and stats: steps, slot_steps, tokens, compile_s, seconds (excluding
+    compilation), utilisation. on_result(index, ids) is called as each request finishes."""
+    n = len(prompt_ids)
+    for i, p in enumerate(prompt_ids):
+      if len(p) < 1:
+        raise ValueError(f"request {i} is an empty prompt")
+    order = sorted(range(n), key=lambda i: len(prompt_ids[i]))
+    pools: dict[int, list[int]] = {}
+    for i in order:
+      pools.setdefault(pool_cache_len(self.bucket_fn(len(prompt_ids[i])), self.max_new_tokens), []).append(i)
+    results: list[list[int] | None] = [None] * n
+    stats = {"steps": 0.0, "slot_steps": 0.0, "tokens": 0.0, "step_tokens": 0.0, "compile_s": 0.0,
+             "admissions": 0.0}
+    t_start = time.perf_counter()
+    for S, queue in sorted(pools.items()):
+      longest = max(len(prompt_ids[i]) for i in queue)
+      vanilla.validate(np.ones((1, self.bucket_fn(longest)), np.int32), np.array([longest]), target=self.target,
+                       cache_len=S, max_new_tokens=self.max_new_tokens)
+      self._serve_pool(S, list(queue), prompt_ids, results, stats, on_result)
+    stats["seconds"] = time.perf_counter() - t_start - stats["compile_s"]
+    # Share of decode slots (slots x steps) that produced a token: idle and finished-but-uncollected slots count.
+    stats["utilisation"] = stats["step_tokens"] / max(stats["slot_steps"], 1.0)
+    return results, stats  # type: ignore[return-value]
+
+  def _serve_pool(self, S, queue, prompt_ids, results, stats, on_result) -> None:
+    state = init_state(self.target, self.slots, S, self.cfg, self._dtype)
+    owner: list[int | None] = [None] * self.slots  # request index held by each slot
+    queue.reverse()  # pop() from the end = shortest first
+    n_steps, steps = jnp.asarray(self.sync_every, jnp.int32), 0
+    while queue or any(o is not None for o in owner):
+      for slot in range(self.slots):
+        if owner[slot] is None and queue:
+          i = queue.pop()
+          T = self.bucket_fn(len(prompt_ids[i]))
+          tokens = np.full((1, T), self.cfg.pad_id, np.int32)
+          tokens[0, :len(prompt_ids[i])] = prompt_ids[i]
+          state = self._call("admit", S, T, stats, state, jnp.asarray(slot, jnp.int32), tokens,
+                             jnp.asarray(len(prompt_ids[i]), jnp.int32),
+                             jax.random.fold_in(jax.random.key(self.seed), i))
+          owner[slot] = i
+          stats["admissions"] += 1
+      state = self._call("steps", S, None, stats, state, n_steps)
+      done, counts, now = jax.device_get((state.done, state.counts, state.steps))
+      stats["steps"] += int(now) - steps
+      stats["slot_steps"] += (int(now) - steps) * self.slots
+      steps = int(now)
+      finished = [s for s in range(self.slots) if owner[s] is not None and done[s]]
+      if finished:
+        rows = jax.device_get(state.tokens)
+        for s in finished:
+          i, owner[s] = owner[s], None
+          results[i] = [int(t) for t in rows[s, :int(counts[s])]]
+          stats["tokens"] += len(results[i])
+          stats["step_tokens"] += len(results[i]) - 1  # the first came from the prefill
+          if on_result is not None:
+            on_result(i, results[i])
