@@ -50,17 +50,26 @@ def test_sampled_requests_keep_their_own_key(params, cfg):
   assert len({tuple(r) for r in ref}) == len(ref)
 
 
-def test_pools_by_cache_length_and_no_recompile_over_hundreds_of_admissions(params, cfg):
-  prompts = _prompts(240, seed=2, high=30)  # buckets 16, 24, 32 -> pools of 32 and 64 cache slots
+def test_cache_grows_with_the_prompts_and_nothing_recompiles_over_hundreds_of_admissions(params, cfg):
+  prompts = _prompts(240, seed=2, high=30)  # buckets 16, 24, 32 -> caches of 32 then 64 slots
   b = _batcher(params, cfg, slots=4, max_new_tokens=3, sync_every=2)
   out, stats = b.run(prompts)
-  assert stats["admissions"] == 240 and all(len(o) == 3 for o in out)
-  pools = {batching.pool_cache_len(b.bucket_fn(len(p)), 3) for p in prompts}
-  shapes = {(S, b.bucket_fn(len(p))) for p in prompts for S in [batching.pool_cache_len(b.bucket_fn(len(p)), 3)]}
-  assert pools == {32, 64}
-  assert b.compile_count == len(shapes) + len(pools)  # one admit per (pool, bucket), one step loop per pool
+  assert stats["admissions"] == 240 and stats["grows"] == 1 and all(len(o) == 3 for o in out)
+  sizes = {batching.pool_cache_len(b.bucket_fn(len(p)), 3) for p in prompts}
+  shapes = {(batching.pool_cache_len(b.bucket_fn(len(p)), 3), b.bucket_fn(len(p))) for p in prompts}
+  assert sizes == {32, 64}
+  # One admission per (cache size, bucket), one step loop per size and one grow: fixed whatever the request count.
+  assert b.compile_count == len(shapes) + len(sizes) + 1
   again, _ = b.run(prompts[:50])
-  assert again == out[:50] and b.compile_count == len(shapes) + len(pools)  # warm: no trace at all
+  assert again == out[:50] and b.compile_count == len(shapes) + len(sizes) + 1  # warm: no trace at all
+
+
+def test_growing_mid_answer_keeps_running_rows_exact(params, cfg):
+  """Short prompts are mid-answer when a long one needs a bigger cache: their tokens are still those alone."""
+  prompts = _prompts(5, seed=4, low=2, high=6) + _prompts(2, seed=5, low=17, high=22)  # caches 32, 64
+  out, stats = _batcher(params, cfg, slots=4, sync_every=2).run(prompts)
+  assert stats["grows"] == 1
+  assert out == [_reference(params, cfg, p, M) for p in prompts]
 
 
 def test_bad_input_raises(params, cfg):

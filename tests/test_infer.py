@@ -75,8 +75,8 @@ def test_end_to_end_greedy_matches_transformers_generate(tiny_target, tmp_path, 
   if batching == "static":
     # Sorted by length: the two short prompts share a 16-token bucket, the long one gets 24: one compile each.
     assert last["shapes"] == [[2, 16], [2, 24]] and last["compiles"] == 2
-  else:  # cache pools of 32 (bucket 16 + 12 new) and 64 (24 + 12): one admission and one step loop each
-    assert last["admissions"] == 3 and last["compiles"] == 4
+  else:  # caches of 32 (bucket 16 + 12 new) then 64 (24 + 12): an admission and a step loop at each, one grow
+    assert last["admissions"] == 3 and last["compiles"] == 5
   rows = [json.loads(line) for line in out.read_text().splitlines()]
   assert len(rows) == 3
   for prompt, row in zip(prompts, rows):

@@ -7,8 +7,9 @@ collects the rows that finished and admits waiting requests into their slots. Ad
 prompt bucket with the slot as data, so nothing recompiles per admission.
 
 Attention reads every cache slot whatever the mask (static shapes), so the cache length S is what each step
-costs beyond the weights. Requests are served in pools of one S: sorted by prompt length, each pool takes the
-requests whose bucket + max_new_tokens fit its S (a power of two), and drains before the next, larger pool starts.
+costs beyond the weights. Requests are admitted shortest first with S the power of two that the longest running
+one needs; when the next request needs more, the running state grows (its cache is padded with empty slots, once
+per power of two) rather than draining, so slots stay busy across the change.
 
 Each request carries its own PRNG key (fold_in(seed, request index)), split once per step, so its tokens do not
 depend on the slot it lands in or on what runs beside it: greedy or sampled, a request decodes as it would alone.
@@ -31,7 +32,7 @@ from eagle3_jax.target import protocol
 from eagle3_jax.target.protocol import Target
 
 # Incremented on every trace: tests prove that admissions and step chunks compile once per shape.
-TRACE_COUNT = {"admit": 0, "steps": 0}
+TRACE_COUNT = {"admit": 0, "steps": 0, "grow": 0}
 
 
 @flax.struct.dataclass
@@ -99,12 +100,28 @@ def run_steps(params: Any, state: SlotState, n: jax.Array, *, target: Target, cf
   return jax.lax.while_loop(lambda c: (c[0] < n) & ~jnp.all(c[1].done), body, (jnp.zeros((), jnp.int32), state))[1]
 
 
+def grow(params: Any, state: SlotState, *, target: Target, cfg: SlotConfig, cache_len: int) -> SlotState:
+  """The same slots over a cache of cache_len slots: every rank >= 2 leaf padded with empty slots at the end."""
+  del params, cfg  # the signature every slot executable shares
+  TRACE_COUNT["grow"] += 1
+
+  def pad(x):
+    if x.ndim < 2:
+      return x
+    widths = [(0, 0)] * x.ndim
+    widths[target.slot_axis] = (0, cache_len - x.shape[target.slot_axis])
+    return jnp.pad(x, widths)
+
+  return state.replace(cache=jax.tree.map(pad, state.cache))
+
+
 admit_jit = jax.jit(admit, static_argnames=("target", "cfg"), donate_argnames=("state",))
+grow_jit = jax.jit(grow, static_argnames=("target", "cfg", "cache_len"), donate_argnames=("state",))
 run_steps_jit = jax.jit(run_steps, static_argnames=("target", "cfg"), donate_argnames=("state",))
 
 
 def pool_cache_len(bucket: int, max_new_tokens: int) -> int:
-  """Cache slots of the pool serving a prompt bucket: the next power of two >= bucket + max_new_tokens."""
+  """Cache slots while a prompt bucket runs: the next power of two >= bucket + max_new_tokens."""
   return 1 << (bucket + max_new_tokens - 1).bit_length()
 
 
@@ -147,13 +164,13 @@ class ContinuousBatcher:
     """Request i of the next run samples with fold_in(seed, i) (regeneration reseeds per chunk)."""
     self.seed = seed
 
-  def _call(self, kind: str, S: int, T: int | None, stats: dict, *args) -> SlotState:
+  def _call(self, kind: str, S: int, T: int | None, stats: dict, *args, **static) -> SlotState:
     """Runs the executable of (kind, S, T), compiling it on first use (its seconds go to stats['compile_s'])."""
     key = (kind, S, T)
     if key not in self._compiled:
       t0 = time.perf_counter()
-      fn = admit_jit if kind == "admit" else run_steps_jit
-      self._compiled[key] = fn.lower(self.params, *args, target=self.target, cfg=self.cfg).compile()
+      fn = {"admit": admit_jit, "steps": run_steps_jit, "grow": grow_jit}[kind]
+      self._compiled[key] = fn.lower(self.params, *args, target=self.target, cfg=self.cfg, **static).compile()
       stats["compile_s"] += time.perf_counter() - t0
     return self._compiled[key](self.params, *args)
 
@@ -165,41 +182,39 @@ class ContinuousBatcher:
     for i, p in enumerate(prompt_ids):
       if len(p) < 1:
         raise ValueError(f"request {i} is an empty prompt")
-    order = sorted(range(n), key=lambda i: len(prompt_ids[i]))
-    pools: dict[int, list[int]] = {}
-    for i in order:
-      pools.setdefault(pool_cache_len(self.bucket_fn(len(prompt_ids[i])), self.max_new_tokens), []).append(i)
+    queue = sorted(range(n), key=lambda i: len(prompt_ids[i]), reverse=True)  # pop() gives the shortest
+    if not queue:
+      return [], {"steps": 0.0, "slot_steps": 0.0, "tokens": 0.0, "compile_s": 0.0, "admissions": 0.0,
+                  "seconds": 0.0, "utilisation": 0.0}
+    longest = len(prompt_ids[queue[0]])
+    vanilla.validate(np.ones((1, self.bucket_fn(longest)), np.int32), np.array([longest]), target=self.target,
+                     cache_len=pool_cache_len(self.bucket_fn(longest), self.max_new_tokens),
+                     max_new_tokens=self.max_new_tokens)
     results: list[list[int] | None] = [None] * n
     stats = {"steps": 0.0, "slot_steps": 0.0, "tokens": 0.0, "step_tokens": 0.0, "compile_s": 0.0,
-             "admissions": 0.0}
+             "admissions": 0.0, "grows": 0.0}
     t_start = time.perf_counter()
-    for S, queue in sorted(pools.items()):
-      longest = max(len(prompt_ids[i]) for i in queue)
-      vanilla.validate(np.ones((1, self.bucket_fn(longest)), np.int32), np.array([longest]), target=self.target,
-                       cache_len=S, max_new_tokens=self.max_new_tokens)
-      self._serve_pool(S, list(queue), prompt_ids, results, stats, on_result)
-    stats["seconds"] = time.perf_counter() - t_start - stats["compile_s"]
-    # Share of decode slots (slots x steps) that produced a token: idle and finished-but-uncollected slots count.
-    stats["utilisation"] = stats["step_tokens"] / max(stats["slot_steps"], 1.0)
-    return results, stats  # type: ignore[return-value]
-
-  def _serve_pool(self, S, queue, prompt_ids, results, stats, on_result) -> None:
+    S = pool_cache_len(self.bucket_fn(len(prompt_ids[queue[-1]])), self.max_new_tokens)
     state = init_state(self.target, self.slots, S, self.cfg, self._dtype)
     owner: list[int | None] = [None] * self.slots  # request index held by each slot
-    queue.reverse()  # pop() from the end = shortest first
     n_steps, steps = jnp.asarray(self.sync_every, jnp.int32), 0
     while queue or any(o is not None for o in owner):
       for slot in range(self.slots):
-        if owner[slot] is None and queue:
-          i = queue.pop()
-          T = self.bucket_fn(len(prompt_ids[i]))
-          tokens = np.full((1, T), self.cfg.pad_id, np.int32)
-          tokens[0, :len(prompt_ids[i])] = prompt_ids[i]
-          state = self._call("admit", S, T, stats, state, jnp.asarray(slot, jnp.int32), tokens,
-                             jnp.asarray(len(prompt_ids[i]), jnp.int32),
-                             jax.random.fold_in(jax.random.key(self.seed), i))
-          owner[slot] = i
-          stats["admissions"] += 1
+        if owner[slot] is not None or not queue:
+          continue
+        i = queue.pop()
+        T = self.bucket_fn(len(prompt_ids[i]))
+        need = pool_cache_len(T, self.max_new_tokens)
+        if need > S:  # sorted admissions only ever grow the cache
+          state = self._call("grow", S, need, stats, state, cache_len=need)
+          S, stats["grows"] = need, stats["grows"] + 1
+        tokens = np.full((1, T), self.cfg.pad_id, np.int32)
+        tokens[0, :len(prompt_ids[i])] = prompt_ids[i]
+        state = self._call("admit", S, T, stats, state, jnp.asarray(slot, jnp.int32), tokens,
+                           jnp.asarray(len(prompt_ids[i]), jnp.int32),
+                           jax.random.fold_in(jax.random.key(self.seed), i))
+        owner[slot] = i
+        stats["admissions"] += 1
       state = self._call("steps", S, None, stats, state, n_steps)
       done, counts, now = jax.device_get((state.done, state.counts, state.steps))
       stats["steps"] += int(now) - steps
@@ -215,3 +230,7 @@ class ContinuousBatcher:
           stats["step_tokens"] += len(results[i]) - 1  # the first came from the prefill
           if on_result is not None:
             on_result(i, results[i])
+    stats["seconds"] = time.perf_counter() - t_start - stats["compile_s"]
+    # Share of decode slots (slots x steps) that produced a token: idle and finished-but-uncollected slots count.
+    stats["utilisation"] = stats["step_tokens"] / max(stats["slot_steps"], 1.0)
+    return results, stats  # type: ignore[return-value]
