@@ -149,6 +149,12 @@ class TrainDraftConfig:
   rope_theta: float = 10000.0  # the official checkpoints use 10000 whatever the target's theta
   init_seed: int = 0
   vocab_max_examples: int | None = None  # count draft-vocab frequencies over the first N training rows (None: all)
+  # Head variants (draft/head.py), as the peers name them; all False is the canonical EAGLE-3 head, EAGLE 3.1 is
+  # fc_norm + norm_output; the export records them (norm_before_fc and fc_norm exclude each other).
+  norm_before_fc: bool = False
+  fc_norm: bool = False
+  norm_before_residual: bool = False
+  norm_output: bool = False
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -33,9 +33,10 @@ case $stage in
     restore_snapshot
     echo $$ > runs/regen.pid
     # Killed at any moment (SIGTERM, the session's end), it resumes from its state file: nothing duplicated or lost.
+    # Static batches: the snapshot was begun with them (a file keeps its batching; sampled rows depend on it).
     exec nice -n 5 python3 -m eagle3_jax.train.regenerate --source sharegpt --output "$REGEN" --stop 16000 \
          --first-turn-only --temperatures 0:0.8,1.0:0.2 --max-new-tokens 256 --max-prompt-tokens 768 \
-         --batch-size 16 --chunk-rows 128 --compile-cache auto
+         --batch-size 16 --chunk-rows 128 --compile-cache auto --batching static
     ;;
   train)
     restore_snapshot

@@ -36,7 +36,7 @@ def test_ttt_ranks_match_unrolled_reference(tiny_cfg):
   # Reference: the obvious loop (as ttt_loss_reference) and numpy ranks.
   x = np.asarray(tokens)
   pad = lambda a, s: np.pad(a[:, s:], ((0, 0), (0, s)))  # noqa: E731
-  hidden = draft.fuse(dparams, aux)
+  hidden = draft.fuse(dparams, aux, cfg=dcfg)
   ks, vs = [], []
   ids = np.asarray(vocab.target_ids())
   for j in range(R):

@@ -122,7 +122,10 @@ CASES = {  # name: (config, torch dtype, file format, extra make_state kwargs, n
 # ----- the PyTorch reference of the documented draft forward (reference a.2) ----------------------------------
 
 
-def torch_reference(sd, prefix, tokens, aux, embed, *, theta, eps=1e-5):
+def torch_reference(sd, prefix, tokens, aux, embed, *, theta, eps=1e-5, norm_before_fc=False, fc_norm=False,
+                    norm_before_residual=False):
+  """One draft step as speculators' Eagle3 core / model_definitions write it (the variant flags included; norm_output
+  changes only what the next step receives, not this step's logits)."""
   w = {k: v.float() for k, v in sd.items() if v.is_floating_point()}
   p = lambda k: w[prefix + k]  # noqa: E731
 
@@ -130,8 +133,14 @@ def torch_reference(sd, prefix, tokens, aux, embed, *, theta, eps=1e-5):
     return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
   B, T = tokens.shape
+  if norm_before_fc:  # speculators: self.input_norm over the concatenated states
+    aux = rms(aux, w["input_norm.weight"])
+  if fc_norm:  # speculators / SpecForge: one norm per chunk, then concatenated
+    aux = torch.cat([rms(c, w[f"fc_norm.{i}.weight"]) for i, c in enumerate(aux.chunk(3, dim=-1))], -1)
   h = aux @ w["fc.weight"].T  # fc over cat(low, mid, high)
   u = torch.cat([rms(embed[tokens], p("input_layernorm.weight")), rms(h, p("hidden_norm.weight"))], -1)
+  if norm_before_residual:  # residual = hidden_norm(hidden)
+    h = rms(h, p("hidden_norm.weight"))
   heads = lambda name, n: (u @ p(f"self_attn.{name}.weight").T).view(B, T, n, H).transpose(1, 2)  # noqa: E731
   q, k, v = heads("q_proj", N), heads("k_proj", K), heads("v_proj", K)
   inv = 1.0 / theta ** (torch.arange(0, H, 2, dtype=torch.float64) / H)
@@ -152,7 +161,7 @@ def torch_reference(sd, prefix, tokens, aux, embed, *, theta, eps=1e-5):
 def _jax_logits(params, tokens, aux, embed, *, cfg):
   B, T = tokens.shape
   pos = jnp.broadcast_to(jnp.arange(T), (B, T))
-  out, _ = draft.forward(params, embed[tokens], draft.fuse(params, aux), pos, None,
+  out, _ = draft.forward(params, embed[tokens], draft.fuse(params, aux, cfg=cfg), pos, None,
                          masks.causal_mask(jnp.full((B,), T), T), cfg=cfg)
   return draft.logits(params, out, cfg=cfg)
 
@@ -183,6 +192,63 @@ def test_each_layout_reads_into_the_reference_logits(tmp_path, case):
   if case == "speculators":
     assert ckpt.extra["verifier"] == VERIFIER and ckpt.extra["speculative_tokens"] == 5
     np.testing.assert_array_equal(ckpt.embed, sd["embed_tokens.weight"].numpy())
+
+
+VARIANTS = {  # name: the flags as speculators (and vLLM) name them; SpecForge writes fc_norm the same way
+    "norm_before_fc": {"norm_before_fc": True},
+    "fc_norm": {"fc_norm": True},
+    "norm_before_residual": {"norm_before_residual": True},
+    "eagle3.1": {"fc_norm": True, "norm_output": True},
+    "speculators_train_default": {"norm_before_residual": True, "norm_before_fc": True, "norm_output": True},
+}
+
+
+def _variant_state(seed, flags, dt, **kw):
+  sd, ids = make_state(seed, dt=dt, **kw)
+  g = torch.Generator().manual_seed(seed + 100)
+  if flags.get("norm_before_fc"):
+    sd["input_norm.weight"] = 1 + 0.2 * torch.randn(3 * dt, generator=g)
+  if flags.get("fc_norm"):
+    sd.update({f"fc_norm.{i}.weight": 1 + 0.2 * torch.randn(dt, generator=g) for i in range(3)})
+  return sd, ids
+
+
+@pytest.mark.parametrize("layout", ["speculators", "sglang"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_variants_read_into_the_reference_logits(tmp_path, variant, layout):
+  """Each variant as its producer writes it reads into a draft whose logits equal the PyTorch reference written
+  from speculators' forward; written back, it round trips bit-exactly in both layouts."""
+  flags = VARIANTS[variant]
+  if layout == "speculators":
+    sd, _ = _variant_state(7, flags, 48, prefix="layers.0.", embed=True)
+    config, theta = speculators_config() | flags, 1000000.0
+  else:  # SpecForge's LlamaForCausalLMEagle3 (fc_norm top level) as vLLM reads it; norm_output needs our marker
+    sd, _ = _variant_state(7, flags, D)
+    config, theta = sglang_config(**{k: v for k, v in flags.items() if k != "norm_before_fc"}), 500000.0
+    if flags.get("norm_before_fc"):
+      config["eagle_config"] = config["eagle_config"] | {"norm_before_fc": True}
+    if flags.get("norm_output"):
+      config["eagle3_jax"] = {"format_version": 1, "norm_output": interop.formats.NORM_OUTPUT_FED_BACK}
+  ckpt = interop.read_draft(save(tmp_path / "src", config, sd))
+  for flag in interop.formats.VARIANT_FLAGS:
+    assert getattr(ckpt.cfg, flag) == flags.get(flag, False), flag
+  rng = np.random.default_rng(3)
+  tokens = rng.integers(V, size=(2, 6))
+  aux = rng.standard_normal((2, 6, 3 * ckpt.cfg.target_hidden_size)).astype(np.float32)
+  embed = ckpt.embed if ckpt.embed is not None else rng.standard_normal((V, D)).astype(np.float32)
+  ref = torch_reference(sd, "layers.0." if layout == "speculators" else "midlayer.", torch.from_numpy(tokens),
+                        torch.from_numpy(aux), torch.from_numpy(np.asarray(embed, np.float32)), theta=theta,
+                        **{k: v for k, v in flags.items() if k != "norm_output"})
+  np.testing.assert_allclose(jax_logits(ckpt, tokens, aux, embed), ref.numpy(), atol=1e-4, rtol=1e-4)
+  for out in interop.WRITE_LAYOUTS:
+    interop.write_draft(tmp_path / out, ckpt, layout=out, verifier=VERIFIER, include_embed=ckpt.embed is not None)
+    back = interop.read_draft(tmp_path / out)
+    assert_same_ckpt(ckpt, back)
+    interop.write_draft(tmp_path / f"{out}2", back, layout=out, include_embed=ckpt.embed is not None)
+    assert_same_tensors(file_tensors(tmp_path / out), file_tensors(tmp_path / f"{out}2"))
+  written = json.loads((tmp_path / "speculators/config.json").read_text())
+  assert {k: written[k] for k in interop.formats.VARIANT_FLAGS} == {
+      k: flags.get(k, False) for k in interop.formats.VARIANT_FLAGS}
 
 
 def test_requested_read_dtype_and_bf16_bin(tmp_path):
@@ -385,8 +451,10 @@ def test_bad_keys_raise_naming_the_key(tmp_path, mutate, match):
 @pytest.mark.parametrize("config_kw, mutate, match", [
     ({"fc_norm": True}, None, "fc_norm"),
     ({}, lambda sd: sd.update({f"fc_norm.{i}.weight": torch.ones(D) for i in range(3)}), "fc_norm"),
-    ({"norm_output": True}, None, "norm_output"),
-    ({"norm_before_fc": True}, lambda sd: sd.update({"input_norm.weight": torch.ones(3 * D)}), "norm_before_fc"),
+    ({"norm_output": True}, None, "norm_output"),  # SpecForge 0.2.0 and #879 read it differently: ambiguous
+    ({"norm_output": False}, None, "norm_output"),
+    ({}, lambda sd: sd.update({"input_norm.weight": torch.ones(3 * D)}), "norm_before_fc"),
+    ({"fc_norm": 1}, None, "true or false"),
     ({"num_hidden_layers": 2}, lambda sd: sd.update({"layers.1.hidden_norm.weight": torch.ones(D)}),
      "num_hidden_layers"),
     ({}, lambda sd: sd.update({"layers.1.input_layernorm.weight": torch.ones(D)}), "multi-layer"),
@@ -405,9 +473,8 @@ def test_unimplemented_eagle_variants_are_refused(tmp_path, config_kw, mutate, m
 
 
 @pytest.mark.parametrize("change, match", [
-    ({"norm_before_residual": True}, "norm_before_residual"),
-    ({"norm_output": True}, "norm_output"),
-    ({"fc_norm": True}, "fc_norm"),
+    ({"fc_norm": True}, "fc_norm"),  # set, but the file has no fc_norm.{i}.weight
+    ({"fc_norm": True, "norm_before_fc": True}, "mutually exclusive"),
     ({"speculators_model_type": "eagle"}, "speculators_model_type"),
     ({"transformer_layer_config": {"model_type": "qwen3", "num_hidden_layers": 1}}, "model_type"),
     ({"transformer_layer_config": {"model_type": "llama", "num_hidden_layers": 3}}, "num_hidden_layers"),
@@ -518,7 +585,7 @@ def draft_chain(ckpt, embed, tokens, aux, steps):
   embed = jnp.asarray(embed)
   cache = draft.init_cache(ckpt.cfg, B, S)
   pos = jnp.broadcast_to(jnp.arange(T), (B, T))
-  out, cache = _forward(ckpt.params, embed[tokens], draft.fuse(ckpt.params, aux), pos, cache,
+  out, cache = _forward(ckpt.params, embed[tokens], draft.fuse(ckpt.params, aux, cfg=ckpt.cfg), pos, cache,
                         masks.cache_causal_mask(cache.lengths, T, S), cfg=ckpt.cfg)
   cache = cache.replace(lengths=cache.lengths + T)
   hidden, chain = out[:, -1:], []

@@ -184,3 +184,22 @@ def test_bad_inputs_raise(random_pair):
     run(dcfg=dataclasses.replace(dcfg, draft_vocab_size=40))
   with pytest.raises(ValueError, match="cannot be built"):
     sp.SpecConfig(tree=TreeConfig(top_k=2, depth=2, total_tokens=7))
+
+
+VARIANTS = [dict(norm_before_fc=True), dict(fc_norm=True, norm_output=True),
+            dict(norm_before_residual=True, norm_before_fc=True, norm_output=True)]
+
+
+@pytest.mark.parametrize("flags", VARIANTS, ids=lambda f: "+".join(f))
+def test_greedy_equals_vanilla_for_each_head_variant(random_pair, flags):
+  """The peers' head variants through the context pass, tree expansion and verify: still lossless."""
+  cfg, tparams, _, _, vocab = random_pair
+  dcfg = draft.DraftConfig.for_target(cfg, draft_vocab_size=48, **flags)
+  leaves, tree = jax.tree.flatten(draft.init_params(dcfg, jax.random.key(4)))
+  keys = jax.random.split(jax.random.key(5), len(leaves))  # norms away from ones, so every variant path matters
+  dparams = jax.tree.unflatten(tree, [x + 0.2 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+  spec = sp.SpecConfig(tree=TREES[2], max_new_tokens=12)
+  _, out = _speculative(cfg, tparams, dcfg, dparams, vocab, PROMPTS, LENGTHS, spec)
+  want, counts = _vanilla(cfg, tparams, PROMPTS, LENGTHS, 12)
+  np.testing.assert_array_equal(out["tokens"], want)
+  np.testing.assert_array_equal(out["counts"], counts)

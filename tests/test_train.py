@@ -73,6 +73,21 @@ def test_tiny_run_learns_and_exports(tmp_path):
   np.testing.assert_array_equal(np.asarray(exported.vocab.d2t), vm.d2t)
 
 
+def test_eagle31_variant_trains_and_exports_its_flags(tmp_path):
+  """draft.fc_norm / draft.norm_output select EAGLE 3.1: the head trains (ce_0 falls) and the export records it."""
+  cfg = load_config(TINY, [f"run_dir={tmp_path}", "num_steps=40", "log_every=1", "eval_every=0", "progress=false",
+                           "checkpoint_every=1000", "draft.fc_norm=true", "draft.norm_output=true"])
+  summary = loop.train(cfg)
+  rows = _metrics(tmp_path)
+  assert np.mean([r["ce_j"][0] for r in rows[-5:]]) < np.mean([r["ce_j"][0] for r in rows[:5]])
+  exported = interop.read_draft(summary["export_dir"])
+  assert exported.cfg.fc_norm and exported.cfg.norm_output and not exported.cfg.norm_before_fc
+  assert set(exported.params["fc_norm"]) == {"0", "1", "2"}
+  config = json.loads((pathlib.Path(summary["export_dir"]) / "config.json").read_text())
+  assert config["fc_norm"] is True and config["norm_output"] is True
+  assert config["eagle3_jax"]["norm_output"] == interop.formats.NORM_OUTPUT_FED_BACK
+
+
 @pytest.mark.parametrize("warmup, decay", [("linear", "linear"), ("log", "linear"), ("linear", "cosine"),
                                            ("linear", "constant")])
 def test_lr_schedule(warmup, decay):

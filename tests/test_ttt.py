@@ -77,12 +77,28 @@ def test_scan_matches_python_reference(setup, dcfg, steps, loss_norm):
   np.testing.assert_allclose(loss, np.sum(0.8 ** np.arange(steps) * np.asarray(m["loss"])), rtol=1e-6)
 
 
+@pytest.mark.parametrize("flags", [dict(norm_before_fc=True), dict(fc_norm=True, norm_output=True),
+                                   dict(norm_before_residual=True, norm_output=True)], ids=lambda f: "+".join(f))
+def test_scan_matches_python_reference_for_each_head_variant(setup, dcfg, flags):
+  vcfg = dataclasses.replace(dcfg, **flags)
+  s = dict(setup, params=_perturbed(draft.init_params(vcfg, jax.random.key(7)), jax.random.key(8)))
+  kw = dict(cfg=vcfg, steps=3)
+  loss, m = jax.jit(lambda *a: ttt.ttt_loss(*a, **kw))(*_args(s))
+  ref_loss, ref_m = ttt_reference.ttt_loss_reference(*_args(s), **kw)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  for k in m:
+    np.testing.assert_allclose(m[k], ref_m[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  plain, _ = jax.jit(lambda *a: ttt.ttt_loss(*a, cfg=dcfg, steps=3))(*_args(dict(s, params={
+      k: v for k, v in s["params"].items() if k not in ("input_norm", "fc_norm")})))
+  assert abs(float(loss) - float(plain)) > 1e-4  # the variant changes the loss: its flags are not ignored
+
+
 def test_step0_is_plain_soft_cross_entropy(setup, dcfg):
   s = setup
   p, embed = s["params"], s["embed"]
   x_next = jnp.pad(s["tokens"][:, 1:], ((0, 0), (0, 1)))
   pos = jnp.broadcast_to(jnp.arange(T), (B, T))
-  out, _ = draft.forward(p, embed[x_next], draft.fuse(p, s["aux"]), pos, None,
+  out, _ = draft.forward(p, embed[x_next], draft.fuse(p, s["aux"], cfg=dcfg), pos, None,
                          masks.causal_mask(jnp.full((B,), T), T), cfg=dcfg)
   logq = jax.nn.log_softmax(draft.logits(p, out, cfg=dcfg))[:, :T - 2]  # row t predicts x[t+2]
   target = s["probs"][:, 1:T - 1]

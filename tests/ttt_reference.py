@@ -22,7 +22,7 @@ def ttt_loss_reference(draft_params: Any, embed_VD: jax.Array, aux_BTA: jax.Arra
   del remat
   _check_norm(loss_norm)
   B, T = tokens_BT.shape
-  hidden = draft.fuse(draft_params, aux_BTA)
+  hidden = draft.fuse(draft_params, aux_BTA, cfg=cfg)
   pos_w = _shift_pad(loss_mask_BT.astype(jnp.float32), 1, T) * in_vocab_BT
   target_BT = jnp.argmax(probs_BTVd, axis=-1)
   ks, vs, terms = [], [], []

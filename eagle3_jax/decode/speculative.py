@@ -127,7 +127,7 @@ def prefill(target: Target, target_params: Any, draft_params: Any, embed_VD: jax
     key, sub = jax.random.split(key)
     root = sampling.sample(sub, logits, spec.sampling)
     # Draft row p = (fc(aux_p), token p+1): rows p < n-1 only need their K/V (no attention, no MLP).
-    hidden_d = draft.fuse(draft_params, aux)
+    hidden_d = draft.fuse(draft_params, aux, cfg=dcfg)
     next_tokens = jnp.concatenate([tokens_BT[:, 1:], jnp.full((B, 1), spec.pad_id, tokens_BT.dtype)], axis=1)
     _, k, v = draft.qkv(draft_params, jnp.take(embed_VD, next_tokens, axis=0), hidden_d, positions, cfg=dcfg)
     dcache = draft.init_cache(dcfg, B, S_d, hidden_d.dtype)
@@ -191,7 +191,7 @@ def spec_round(target: Target, target_params: Any, draft_params: Any, embed_VD: 
   # Only rows that go on advance: a finished row's lengths stay where its later (ignored) writes still fit.
   go_on = ~new.done
   with jax.named_scope("feed_back"):
-    new_hidden = draft.fuse(draft_params, jnp.take_along_axis(aux, rows[:, :, None], axis=1))
+    new_hidden = draft.fuse(draft_params, jnp.take_along_axis(aux, rows[:, :, None], axis=1), cfg=dcfg)
   pick = lambda a, b: jnp.where(go_on.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
   new = new.replace(
       cache=cache.replace(lengths=jnp.where(go_on, L + acc.count + 1, L)),

@@ -1,4 +1,10 @@
-"""The EAGLE-3 draft head as pure functions: fc fusion of three target layers, one 2D-input decoder layer, Vd head."""
+"""The EAGLE-3 draft head as pure functions: fc fusion of three target layers, one 2D-input decoder layer, Vd head.
+
+The peers' variants are configuration of this one head (DraftConfig flags, as speculators and vLLM name them):
+norm_before_fc (one RMSNorm over the concatenated aux states), fc_norm (EAGLE 3.1: one RMSNorm per aux state),
+norm_before_residual (the residual branch starts from the normalised hidden) and norm_output (EAGLE 3.1: the
+post-norm hidden is what the next draft step and tree level receive; lm_head reads it either way).
+"""
 
 from __future__ import annotations
 
@@ -34,8 +40,14 @@ class DraftConfig:
   rope_theta: float = 10000.0
   rope_scaling: RopeScaling | None = None  # ModelOpt drafts carry llama3 scaling for long contexts.
   num_aux: int = 3
+  norm_before_fc: bool = False
+  fc_norm: bool = False
+  norm_before_residual: bool = False
+  norm_output: bool = False
 
   def __post_init__(self):
+    if self.norm_before_fc and self.fc_norm:
+      raise ValueError("DraftConfig: norm_before_fc and fc_norm are mutually exclusive (as in speculators)")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"DraftConfig.num_heads={self.num_heads} not a multiple of num_kv_heads={self.num_kv_heads}")
     if self.draft_vocab_size > self.vocab_size:
@@ -84,7 +96,12 @@ def param_specs(cfg: DraftConfig) -> dict[str, Any]:
   """Trainable draft parameters, named exactly as the official checkpoint (kernels stored [in, out])."""
   D, Dt, F, N, K, H, Vd = (cfg.hidden_size, cfg.target_hidden_size, cfg.intermediate_size, cfg.num_heads,
                            cfg.num_kv_heads, cfg.head_dim, cfg.draft_vocab_size)
-  return {
+  extra: dict[str, Any] = {}
+  if cfg.norm_before_fc:
+    extra["input_norm"] = ParamSpec((cfg.num_aux * Dt,), ("aux",), "ones")
+  if cfg.fc_norm:
+    extra["fc_norm"] = {str(i): ParamSpec((Dt,), ("norm",), "ones") for i in range(cfg.num_aux)}
+  return extra | {
       "fc": ParamSpec((cfg.num_aux * Dt, D), ("aux", "embed")),
       "midlayer": {
           "input_layernorm": ParamSpec((D,), ("norm",), "ones"),
@@ -123,9 +140,16 @@ def inv_freq(cfg: DraftConfig) -> np.ndarray:
   return layers.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
 
 
-def fuse(params: Any, aux_BTA: jax.Array) -> jax.Array:
-  """fc over the concatenated low/mid/high target states: [B,T,3Dt] -> [B,T,D]."""
-  return jnp.einsum("BTA,AD->BTD", aux_BTA.astype(params["fc"].dtype), params["fc"])
+def fuse(params: Any, aux_BTA: jax.Array, *, cfg: DraftConfig) -> jax.Array:
+  """fc over the concatenated low/mid/high target states: [B,T,3Dt] -> [B,T,D] (normalised first, per variant)."""
+  x = aux_BTA.astype(params["fc"].dtype)
+  if cfg.norm_before_fc:
+    x = layers.rms_norm(x, params["input_norm"], cfg.rms_norm_eps)
+  if cfg.fc_norm:
+    chunks = jnp.split(x, cfg.num_aux, axis=-1)
+    x = jnp.concatenate([layers.rms_norm(c, params["fc_norm"][str(i)], cfg.rms_norm_eps)
+                         for i, c in enumerate(chunks)], axis=-1)
+  return jnp.einsum("BTA,AD->BTD", x, params["fc"])
 
 
 def qkv(params: Any, emb_BTD: jax.Array, hidden_BTD: jax.Array, positions_BT: jax.Array, *,
@@ -143,18 +167,25 @@ def qkv(params: Any, emb_BTD: jax.Array, hidden_BTD: jax.Array, positions_BT: ja
 
 
 def post_attention(params: Any, hidden_BTD: jax.Array, attn_BTNH: jax.Array, *, cfg: DraftConfig) -> jax.Array:
-  """o_proj with the residual from the un-normalised hidden, then the SwiGLU block: the draft hidden (pre-norm)."""
+  """o_proj plus the residual, then the SwiGLU block: the draft hidden that the next step receives.
+
+  The residual is the incoming hidden (EAGLE-3), or hidden_norm of it with norm_before_residual. The result is the
+  pre-norm hidden (EAGLE-3), or with norm_output the final norm of it (EAGLE 3.1), which `logits` then reads as is.
+  """
   m = params["midlayer"]
-  h = hidden_BTD + jnp.einsum("BTNH,NHD->BTD", attn_BTNH, m["self_attn"]["o_proj"])
+  residual = layers.rms_norm(hidden_BTD, m["hidden_norm"], cfg.rms_norm_eps) if cfg.norm_before_residual \
+      else hidden_BTD
+  h = residual + jnp.einsum("BTNH,NHD->BTD", attn_BTNH, m["self_attn"]["o_proj"])
   mlp = m["mlp"]
-  return h + layers.swiglu(layers.rms_norm(h, m["post_attention_layernorm"], cfg.rms_norm_eps),
-                           mlp["gate_proj"], mlp["up_proj"], mlp["down_proj"])
+  h = h + layers.swiglu(layers.rms_norm(h, m["post_attention_layernorm"], cfg.rms_norm_eps),
+                        mlp["gate_proj"], mlp["up_proj"], mlp["down_proj"])
+  return layers.rms_norm(h, params["norm"], cfg.rms_norm_eps) if cfg.norm_output else h
 
 
 def logits(params: Any, out_BTD: jax.Array, *, cfg: DraftConfig) -> jax.Array:
-  """Draft-vocab logits [.., Vd] in fp32."""
-  return jnp.einsum("...D,DV->...V", layers.rms_norm(out_BTD, params["norm"], cfg.rms_norm_eps),
-                    params["lm_head"], preferred_element_type=jnp.float32)
+  """Draft-vocab logits [.., Vd] in fp32 of a draft hidden (post_attention's): lm_head always reads it normed."""
+  x = out_BTD if cfg.norm_output else layers.rms_norm(out_BTD, params["norm"], cfg.rms_norm_eps)
+  return jnp.einsum("...D,DV->...V", x, params["lm_head"], preferred_element_type=jnp.float32)
 
 
 def init_cache(cfg: DraftConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:

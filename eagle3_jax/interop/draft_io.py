@@ -83,10 +83,14 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def _table(cfg: DraftConfig, prefix: str) -> dict[str, tuple[tuple[str, ...], tuple[int, ...], int]]:
-  """PyTorch key -> (our param path, our shape, input axes) for this config."""
+  """PyTorch key -> (our param path, our shape, input axes) for this config (variant norms included)."""
   specs = _flatten(param_specs(cfg))
   rows = [(prefix + key, path, n_in) for path, key, n_in in _LAYER_TABLE]
   rows += [(key, path, n_in) for path, key, n_in in _TOP_TABLE]
+  if cfg.norm_before_fc:
+    rows.append(("input_norm.weight", ("input_norm",), 0))
+  if cfg.fc_norm:
+    rows += [(f"fc_norm.{i}.weight", ("fc_norm", str(i)), 0) for i in range(cfg.num_aux)]
   return {key: (path, specs[".".join(path)].shape, n_in) for key, path, n_in in rows}
 
 
@@ -99,9 +103,10 @@ def _layer_prefix(names) -> str:
 
 def _unknown_key(key: str) -> ValueError:
   if key.startswith("fc_norm."):
-    return formats.refuse(f"key {key!r}", formats.REFUSED_FLAGS["fc_norm"])
+    return ValueError(f"key {key!r} is an EAGLE 3.1 per-aux-state norm, but config.json does not set fc_norm")
   if key.startswith("input_norm."):
-    return formats.refuse(f"key {key!r}", formats.REFUSED_FLAGS["norm_before_fc"])
+    return ValueError(f"key {key!r} is a norm of the concatenated aux states, but config.json does not set "
+                      "norm_before_fc")
   if key == "fc.bias":
     return formats.refuse(f"key {key!r}", formats.REFUSED_FLAGS["bias"])
   layer = re.match(r"(?:layers|midlayers|additional_layers)\.(\d+)\.", key)

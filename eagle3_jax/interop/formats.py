@@ -55,17 +55,19 @@ _LLAMA_DEFAULTS = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size"
                    "rms_norm_eps": 1e-6, "rope_theta": 10000.0}
 # Variants of the head that change the math. True means a different network; refuse rather than mis-read.
 REFUSED_FLAGS = {
-    "fc_norm": "EAGLE 3.1 per-layer RMSNorm of the aux states before fc",
     "use_aux_norm": "per-layer RMSNorm of the aux states before fc",
-    "norm_before_fc": "an RMSNorm of the concatenated aux states before fc",
-    "norm_output": "the post-norm hidden fed back across draft steps (EAGLE 3.1)",
-    "norm_before_residual": "hidden_norm applied before the residual branch",
     "bias": "a bias on fc",
     "attention_bias": "biases on q/k/v/o",
     "mlp_bias": "biases in the MLP",
     "tie_word_embeddings": "lm_head tied to embed_tokens",
 }
 _EAGLE_ARCHS = ("LlamaForCausalLMEagle3", "LlamaForCausalLM", "Eagle3LlamaForCausalLM")
+# The head variants DraftConfig implements, by the config field speculators, SpecForge and vLLM use for each.
+VARIANT_FLAGS = ("norm_before_fc", "fc_norm", "norm_before_residual", "norm_output")
+# What norm_output=true means in the official / SGLang layout depends on who wrote it: SpecForge 0.2.0 (where it is
+# the default) applies the final norm before lm_head and feeds back the pre-norm hidden (plain EAGLE-3); SpecForge
+# after its PR #879, SGLang and vLLM feed back the post-norm hidden (EAGLE 3.1). Our own files say which.
+NORM_OUTPUT_FED_BACK = "post-norm hidden fed back (EAGLE 3.1)"
 
 
 def refuse(what: str, why: str) -> ValueError:
@@ -81,6 +83,13 @@ def _refuse_flags(c: dict, where: str) -> None:
   for flag, meaning in REFUSED_FLAGS.items():
     if c.get(flag):
       raise refuse(f"{where}{flag}={c[flag]!r}", meaning)
+
+
+def _flag(c: dict, key: str, where: str) -> bool:
+  value = c.get(key)
+  if value is not None and not isinstance(value, bool):
+    raise ValueError(f"config field {where}{key} must be true or false, got {value!r}")
+  return bool(value)
 
 
 def _llama_shape(c: dict, where: str) -> dict[str, Any]:
@@ -164,6 +173,20 @@ def parse_eagle(config: dict, num_target_layers: int | None) -> tuple[dict, tupl
     sources.append((f"{FORMAT_KEY}.aux_layer_ids_input_numbering", own["aux_layer_ids_input_numbering"]))
   aux, field = _aux_from_sources(sources, num_target_layers, "no eagle_config.eagle_aux_hidden_state_layer_ids")
   extra = {"aux_ids_field": field}
+  # vLLM reads norm_before_fc from eagle_config first, then the top level; the other flags from the top level.
+  variants = {"norm_before_fc": _flag(ec, "norm_before_fc", "eagle_config.") or _flag(config, "norm_before_fc", ""),
+              "fc_norm": _flag(config, "fc_norm", ""),
+              "norm_before_residual": _flag(config, "norm_before_residual", "")}
+  if "norm_output" in config:
+    if own.get("norm_output") == NORM_OUTPUT_FED_BACK:
+      variants["norm_output"] = _flag(config, "norm_output", "")
+    else:
+      raise refuse(f"norm_output={config['norm_output']!r} in the official / SGLang layout",
+                   "SpecForge 0.2.0 wrote it for a final norm before lm_head with the pre-norm hidden fed back "
+                   "(plain EAGLE-3; false: no final norm), SpecForge after #879 and vLLM read true as the post-norm "
+                   "hidden fed back (EAGLE 3.1); the file does not say which. Remove the field for plain EAGLE-3, "
+                   f"or set {FORMAT_KEY}.norm_output to {NORM_OUTPUT_FED_BACK!r} with norm_output=true for EAGLE 3.1")
+  shape.update(variants)
   return shape, aux, extra
 
 
@@ -173,8 +196,6 @@ def parse_speculators(config: dict, num_target_layers: int | None) -> tuple[dict
   if "norm_before_residual" not in config:
     # vLLM defaults the missing field to true; speculators itself always writes it.
     raise refuse("speculators config without norm_before_residual", "vLLM serves that as norm_before_residual=true")
-  # Only the speculators flags: top-level transformers fields (e.g. tie_word_embeddings) are not the layer's.
-  _refuse_flags({k: config.get(k) for k in ("fc_norm", "norm_before_fc", "norm_output", "norm_before_residual")}, "")
   layer_cfg = config.get("transformer_layer_config")
   if not isinstance(layer_cfg, dict):
     raise ValueError("speculators config.json has no transformer_layer_config object")
@@ -194,6 +215,7 @@ def parse_speculators(config: dict, num_target_layers: int | None) -> tuple[dict
            "speculative_tokens": methods[0].get("speculative_tokens")}
   for key in ("max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id"):
     extra[key] = layer_cfg.get(key)
+  shape.update({k: _flag(config, k, "") for k in VARIANT_FLAGS})
   return shape, aux, extra
 
 
@@ -229,7 +251,16 @@ def eagle_config(cfg: DraftConfig, aux: tuple[int, ...], extra: dict, torch_dtyp
     config["target_hidden_size"] = cfg.target_hidden_size
   config["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": list(aux_ids_to_output_numbering(aux)),
                             "use_aux_hidden_state": True}
+  # Variant flags only when set, so a plain EAGLE-3 file stays exactly what the official loader expects; where vLLM
+  # and SpecForge read them (fc_norm as SpecForge writes it, norm_before_fc inside eagle_config as vLLM reads first).
+  if cfg.norm_before_fc:
+    config["eagle_config"]["norm_before_fc"] = True
+  for key in ("fc_norm", "norm_before_residual", "norm_output"):
+    if getattr(cfg, key):
+      config[key] = True
   config[FORMAT_KEY] = _own("eagle", aux, extra)
+  if cfg.norm_output:
+    config[FORMAT_KEY]["norm_output"] = NORM_OUTPUT_FED_BACK
   return config
 
 
@@ -247,7 +278,7 @@ def speculators_config(cfg: DraftConfig, aux: tuple[int, ...], extra: dict, torc
       "target_hidden_size": cfg.target_hidden_size if cfg.target_hidden_size != cfg.hidden_size else None,
       "eagle_aux_hidden_state_layer_ids": list(aux),
       # Written explicitly: vLLM treats a missing norm_before_residual as true.
-      "norm_before_residual": False, "norm_before_fc": False, "fc_norm": False, "norm_output": False,
+      **{k: bool(getattr(cfg, k)) for k in VARIANT_FLAGS},
       "embed_requires_grad": False, "dtype": torch_dtype, "torch_dtype": torch_dtype,
       "speculators_config": {"algorithm": "eagle3", "proposal_methods": [proposal], "default_proposal_method": "greedy",
                              "verifier": {"name_or_path": extra["verifier"],

@@ -156,7 +156,7 @@ def ttt_scan(draft_params: Any, embed_VD: jax.Array, aux_BTA: jax.Array, tok_pad
   B, T = aux_BTA.shape[:2]
   embed_VD = jax.lax.stop_gradient(embed_VD)
   t_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-  hidden0 = draft.fuse(draft_params, aux_BTA)
+  hidden0 = draft.fuse(draft_params, aux_BTA, cfg=cfg)
 
   def body(carry, j):
     hidden, kbuf, vbuf = carry

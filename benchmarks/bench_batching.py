@@ -1,0 +1,66 @@
+"""Static against continuous batching of plain decoding, same prompts, same run: tokens/s and slot utilisation.
+
+    python benchmarks/prompt_sets.py --out runs/bench256 --chat 256 --humaneval 0
+    python benchmarks/bench_batching.py --prompts runs/bench256/sharegpt_heldout.jsonl --max-new-tokens 256 \\
+        --configs static:8,continuous:8,static:16,continuous:16
+
+Each config is one `infer.py --draft none --batching MODE --batch-size B` run (tokens/s excludes compilation,
+includes prefill and every admission). Prints a markdown table, then one JSON list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import pathlib
+import sys
+import tempfile
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main(argv=None) -> list[dict]:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--prompts", required=True)
+  ap.add_argument("--questions", type=int, default=None, help="first N requests (default all)")
+  ap.add_argument("--max-new-tokens", type=int, default=256)
+  ap.add_argument("--configs", default="static:16,continuous:16", help="MODE:BATCH,...")
+  ap.add_argument("--temperature", default="0")
+  args = ap.parse_args(argv)
+  import infer
+
+  lines = pathlib.Path(args.prompts).read_text().splitlines()[:args.questions]
+  rows, outputs = [], {}
+  with tempfile.TemporaryDirectory() as tmp:
+    prompts = pathlib.Path(tmp) / "q.jsonl"
+    prompts.write_text("\n".join(lines) + "\n")
+    for item in args.configs.split(","):
+      mode, batch = item.split(":")
+      out = pathlib.Path(tmp) / f"{mode}{batch}.jsonl"
+      with contextlib.redirect_stdout(io.StringIO()):
+        s = infer.main(["--prompts", str(prompts), "--draft", "none", "--batching", mode, "--batch-size", batch,
+                        "--temperature", args.temperature, "--max-new-tokens", str(args.max_new_tokens),
+                        "--no-progress", "--output", str(out)])
+      outputs[item] = [json.loads(x)["token_ids"] for x in out.read_text().splitlines()]
+      row = {"mode": mode, "batch": int(batch), "requests": s["requests"], "tokens": s["tokens"],
+             "tokens_per_s": s["tokens_per_s"], "utilisation": s.get("utilisation"),
+             "generate_seconds": s["generate_seconds"], "compile_s": s.get("compile_s"),
+             "same_tokens_as_first": outputs[item] == next(iter(outputs.values()))}
+      rows.append(row)
+      print(json.dumps(row), file=sys.stderr, flush=True)
+  base = {r["batch"]: r["tokens_per_s"] for r in rows if r["mode"] == "static"}
+  print("| batching | B | requests | tokens | tokens/s | vs static same B | utilisation | same tokens |")
+  print("|---|---|---|---|---|---|---|---|")
+  for r in rows:
+    ratio = f"{r['tokens_per_s'] / base[r['batch']]:.2f}x" if r["batch"] in base else "-"
+    print(f"| {r['mode']} | {r['batch']} | {r['requests']} | {r['tokens']} | {r['tokens_per_s']:.1f} | {ratio} | "
+          f"{r['utilisation']} | {'yes' if r['same_tokens_as_first'] else 'NO'} |")
+  print(json.dumps(rows))
+  return rows
+
+
+if __name__ == "__main__":
+  main()
