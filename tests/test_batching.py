@@ -27,11 +27,12 @@ def _cut(ids, stop_ids):
   return ids
 
 
-def test_greedy_requests_decode_as_alone(params, cfg):
+@pytest.mark.parametrize("admit_group", [1, 4])
+def test_greedy_requests_decode_as_alone(params, cfg, admit_group):
   prompts = _prompts(11, seed=0)
   alone = [_reference(params, cfg, p, M) for p in prompts]
   stop = alone[3][4]  # a token some row emits mid-answer: that row stops early, its slot is refilled
-  out, stats = _batcher(params, cfg, stop_ids=(stop,)).run(prompts)
+  out, stats = _batcher(params, cfg, stop_ids=(stop,), admit_group=admit_group).run(prompts)
   assert out == [_cut(a, {stop}) for a in alone]
   assert any(len(o) < M for o in out) and stats["admissions"] == len(prompts)
   assert 0 < stats["utilisation"] <= 1 and stats["tokens"] == sum(map(len, out))
@@ -42,7 +43,7 @@ def test_sampled_requests_keep_their_own_key(params, cfg):
   the no-cache reference with that key, with 1 slot or 4, so the sampling invariants of plain decoding carry over."""
   hot = sampling.SamplingConfig(temperature=1.0)
   prompts = _prompts(7, seed=1)
-  many, _ = _batcher(params, cfg, slots=4, sampling_cfg=hot, seed=5).run(prompts)
+  many, _ = _batcher(params, cfg, slots=4, sampling_cfg=hot, seed=5, admit_group=3).run(prompts)
   one, _ = _batcher(params, cfg, slots=1, sampling_cfg=hot, seed=5, sync_every=3).run(prompts)
   ref = [_reference(params, cfg, p, M, key=jax.random.fold_in(jax.random.key(5), i), sampling_cfg=hot)
          for i, p in enumerate(prompts)]
@@ -52,16 +53,17 @@ def test_sampled_requests_keep_their_own_key(params, cfg):
 
 def test_cache_grows_with_the_prompts_and_nothing_recompiles_over_hundreds_of_admissions(params, cfg):
   prompts = _prompts(240, seed=2, high=30)  # buckets 16, 24, 32 -> caches of 32 then 64 slots
-  b = _batcher(params, cfg, slots=4, max_new_tokens=3, sync_every=2)
+  b = _batcher(params, cfg, slots=4, max_new_tokens=3, sync_every=2, admit_group=4)
   out, stats = b.run(prompts)
   assert stats["admissions"] == 240 and stats["grows"] == 1 and all(len(o) == 3 for o in out)
   sizes = {batching.pool_cache_len(b.bucket_fn(len(p)), 3) for p in prompts}
-  shapes = {(batching.pool_cache_len(b.bucket_fn(len(p)), 3), b.bucket_fn(len(p))) for p in prompts}
   assert sizes == {32, 64}
-  # One admission per (cache size, bucket), one step loop per size and one grow: fixed whatever the request count.
-  assert b.compile_count == len(shapes) + len(sizes) + 1
+  # Executables: an admission per (cache size, bucket, group size K in 1, 2, 4), a step loop per size, one grow.
+  assert b.compile_count == len(b._compiled) <= 3 * 3 + len(sizes) + 1
   again, _ = b.run(prompts[:50])
-  assert again == out[:50] and b.compile_count == len(shapes) + len(sizes) + 1  # warm: no trace at all
+  assert again == out[:50] and b.compile_count == len(b._compiled)  # warm shapes: no trace at all
+  b.run(prompts)
+  assert b.compile_count == len(b._compiled) <= 3 * 3 + len(sizes) + 1
 
 
 def test_growing_mid_answer_keeps_running_rows_exact(params, cfg):
@@ -79,3 +81,5 @@ def test_bad_input_raises(params, cfg):
     _batcher(params, cfg).run([list(range(60))])
   with pytest.raises(ValueError, match="slots"):
     _batcher(params, cfg, slots=0)
+  with pytest.raises(ValueError, match="admit_group"):
+    _batcher(params, cfg, admit_group=0)

@@ -66,18 +66,32 @@ def init_state(target: Target, slots: int, cache_len: int, cfg: SlotConfig, dtyp
                    keys=jax.random.split(jax.random.key(0), slots), steps=jnp.zeros((), jnp.int32))
 
 
-def admit(params: Any, state: SlotState, slot: jax.Array, tokens_1T: jax.Array, length: jax.Array, key: jax.Array,
-          *, target: Target, cfg: SlotConfig) -> SlotState:
-  """Prefills one request ([1, T], right-padded) alone and writes it, with its first token, into `slot`."""
+def admit(params: Any, state: SlotState, slots_K: jax.Array, tokens_KT: jax.Array, lengths_K: jax.Array,
+          keys_K: jax.Array, *, target: Target, cfg: SlotConfig) -> SlotState:
+  """Prefills K requests ([K, T], right-padded) together and writes each, with its first token, into its slot.
+
+  One pass reads the weights once for all K (a short prompt's prefill is as memory-bound as a decode step). Rows
+  whose slot is out of range (>= B) are padding: their writes are dropped. Each row samples with its own key.
+  """
   TRACE_COUNT["admit"] += 1
+  K, T = tokens_KT.shape
   dtype = jax.tree.leaves(state.cache)[0].dtype
-  cache1 = target.init_cache(1, target.cache_slots(state.cache), dtype)
-  one = vanilla.prefill(params, tokens_1T, length[None], cache1, key, target=target, sampling_cfg=cfg.sampling,
-                        max_new_tokens=cfg.max_new_tokens, stop_ids=cfg.stop_ids, pad_id=cfg.pad_id)
-  put = lambda big, small: jax.lax.dynamic_update_slice_in_dim(big, small.astype(big.dtype), slot, axis=0)
-  return state.replace(cache=jax.tree.map(put, state.cache, one.cache), last=put(state.last, one.last),
-                       tokens=put(state.tokens, one.tokens), counts=put(state.counts, one.counts),
-                       done=put(state.done, one.done), keys=put(state.keys, one.key[None]))
+  cache = target.init_cache(K, target.cache_slots(state.cache), dtype)
+  positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (K, T))
+  mask = masks.cache_causal_mask(jnp.zeros((K,), jnp.int32), T, target.cache_slots(cache))
+  logits, _, cache = target.last_logits(params, tokens_KT, positions, cache, mask, lengths_K - 1)
+  split = jax.vmap(jax.random.split)(keys_K)  # as vanilla.prefill, per row: the row's next key, and this one's
+  first = jax.vmap(lambda k, row: sampling.sample(k, row[None], cfg.sampling)[0])(split[:, 1], logits)
+  rows = SlotState(cache=cache.replace(lengths=lengths_K.astype(jnp.int32)), last=first,
+                   tokens=jnp.full((K, cfg.max_new_tokens), cfg.pad_id, jnp.int32),
+                   counts=jnp.zeros((K,), jnp.int32), done=jnp.zeros((K,), jnp.bool_), keys=split[:, 0],
+                   steps=state.steps)
+  rows = vanilla.emit(rows, first, max_new_tokens=cfg.max_new_tokens, stop_ids=cfg.stop_ids)
+  put = lambda big, new: big.at[slots_K].set(new.astype(big.dtype), mode="drop")  # noqa: E731
+  keys = jax.random.wrap_key_data(put(jax.random.key_data(state.keys), jax.random.key_data(rows.keys)))
+  return state.replace(cache=jax.tree.map(put, state.cache, rows.cache), last=put(state.last, rows.last),
+                       tokens=put(state.tokens, rows.tokens), counts=put(state.counts, rows.counts),
+                       done=put(state.done, rows.done), keys=keys)
 
 
 def step(params: Any, state: SlotState, *, target: Target, cfg: SlotConfig) -> SlotState:
@@ -116,7 +130,7 @@ def grow(params: Any, state: SlotState, *, target: Target, cfg: SlotConfig, cach
 
 
 admit_jit = jax.jit(admit, static_argnames=("target", "cfg"), donate_argnames=("state",))
-grow_jit = jax.jit(grow, static_argnames=("target", "cfg", "cache_len"), donate_argnames=("state",))
+grow_jit = jax.jit(grow, static_argnames=("target", "cfg", "cache_len"))  # new shapes: nothing to donate to
 run_steps_jit = jax.jit(run_steps, static_argnames=("target", "cfg"), donate_argnames=("state",))
 
 
@@ -129,6 +143,9 @@ class ContinuousBatcher:
   """Serves a list of prompts through `slots` decode slots; results come back per request as each finishes.
 
   `sync_every` steps run between host visits: fewer visits cost less dispatch, more let finished slots idle.
+  `admit_group` requests at most are prefilled together (padded to a power of two): one weight read for several
+  short prompts, but more executables, and on XLA:CPU each pays a one-time cost on its first run (~0.5 s for
+  SmolLM2); 1 measured fastest on 2 CPU cores (BENCHMARKS.md "Continuous batching").
   engine.Engine drives it like a Generator (`continuous` tells it to hand over every prompt at once).
   """
 
@@ -136,13 +153,14 @@ class ContinuousBatcher:
 
   def __init__(self, params: Any, target: Any, *, slots: int, sampling_cfg: sampling.SamplingConfig,
                max_new_tokens: int, stop_ids: Sequence[int] = (), pad_id: int = 0, seed: int = 0,
-               sync_every: int = 16, bucket_fn: Callable[[int], int] | None = None):
-    if slots < 1 or sync_every < 1 or max_new_tokens < 1:
-      raise ValueError(f"slots, sync_every and max_new_tokens must be >= 1, got {slots}, {sync_every}, "
-                       f"{max_new_tokens}")
+               sync_every: int = 16, admit_group: int = 1, bucket_fn: Callable[[int], int] | None = None):
+    if min(slots, sync_every, max_new_tokens, admit_group) < 1:
+      raise ValueError(f"slots, sync_every, max_new_tokens and admit_group must be >= 1, got {slots}, {sync_every}, "
+                       f"{max_new_tokens}, {admit_group}")
     from eagle3_jax.decode.engine import bucket_length  # the engine's buckets, so both pad alike
 
     self.params, self.slots, self.sync_every, self.seed = params, slots, sync_every, seed
+    self.admit_group = admit_group
     self.target = protocol.as_target(target)
     self.max_new_tokens = max_new_tokens
     self.cfg = SlotConfig(sampling=sampling_cfg, max_new_tokens=max_new_tokens,
@@ -199,22 +217,26 @@ class ContinuousBatcher:
     owner: list[int | None] = [None] * self.slots  # request index held by each slot
     n_steps, steps = jnp.asarray(self.sync_every, jnp.int32), 0
     while queue or any(o is not None for o in owner):
-      for slot in range(self.slots):
-        if owner[slot] is not None or not queue:
-          continue
-        i = queue.pop()
-        T = self.bucket_fn(len(prompt_ids[i]))
+      free = [slot for slot in range(self.slots) if owner[slot] is None][:len(queue)]
+      while free:  # admitted in groups: one prefill pass per group, K padded to a power of two (few shapes)
+        group, free = free[:self.admit_group], free[self.admit_group:]
+        take = [queue.pop() for _ in group]
+        T = self.bucket_fn(max(len(prompt_ids[i]) for i in take))
         need = pool_cache_len(T, self.max_new_tokens)
         if need > S:  # sorted admissions only ever grow the cache
           state = self._call("grow", S, need, stats, state, cache_len=need)
           S, stats["grows"] = need, stats["grows"] + 1
-        tokens = np.full((1, T), self.cfg.pad_id, np.int32)
-        tokens[0, :len(prompt_ids[i])] = prompt_ids[i]
-        state = self._call("admit", S, T, stats, state, jnp.asarray(slot, jnp.int32), tokens,
-                           jnp.asarray(len(prompt_ids[i]), jnp.int32),
-                           jax.random.fold_in(jax.random.key(self.seed), i))
-        owner[slot] = i
-        stats["admissions"] += 1
+        K = 1 << (len(take) - 1).bit_length()
+        tokens = np.full((K, T), self.cfg.pad_id, np.int32)
+        lengths = np.ones((K,), np.int32)
+        slots = np.full((K,), self.slots, np.int32)  # out of range: padding rows, dropped
+        for r, (slot, i) in enumerate(zip(group, take)):
+          tokens[r, :len(prompt_ids[i])] = prompt_ids[i]
+          lengths[r], slots[r], owner[slot] = len(prompt_ids[i]), slot, i
+        keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(self.seed), i))(
+            jnp.asarray([*take, *take[:1] * (K - len(take))], jnp.uint32))
+        state = self._call("admit", S, (T, K), stats, state, slots, tokens, lengths, keys)
+        stats["admissions"] += len(take)
       state = self._call("steps", S, None, stats, state, n_steps)
       done, counts, now = jax.device_get((state.done, state.counts, state.steps))
       stats["steps"] += int(now) - steps
