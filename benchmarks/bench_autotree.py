@@ -22,10 +22,11 @@ import pathlib
 import shutil
 import sys
 import tempfile
-from eagle3_jax.target import protocol
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from eagle3_jax.target import protocol  # noqa: E402  (after the path: runs from a checkout without an install)
 
 SHAPES = "none,1x1x1,1x2x2,1x3x3,1x4x4,2x2x4,2x3x6,3x3x8,4x4x16"
 
