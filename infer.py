@@ -213,6 +213,8 @@ def main(argv=None) -> dict:
         total_tokens=pick(args.draft_tokens, "total_tokens", 16))
   elif args.compare:
     raise ValueError("--compare compares speculative with plain decoding: it needs --draft")
+  if speculative and args.batching == "continuous":
+    raise ValueError("--batching continuous serves plain decoding only for now (--draft none); use --batching static")
   requests = [{"prompt": p} for p in args.prompt] + (read_jsonl(args.prompts) if args.prompts else [])
   requests = requests or default_requests()
 
@@ -245,8 +247,6 @@ def main(argv=None) -> dict:
       speculative = tree_cfg is not None
   continuous = args.batching == "continuous" or (
       args.batching == "auto" and not speculative and args.batch_size > 1 and not args.compare)
-  if continuous and speculative:
-    raise ValueError("--batching continuous serves plain decoding only for now (--draft none); use --batching static")
   if speculative:
     generator = engine.make_generator(params, cfg, draft_ckpt=ckpt, tree_cfg=tree_cfg, **common)
   elif continuous:

@@ -91,3 +91,8 @@ def test_draft_flag_errors(tmp_path):
                 "--prompt", "hi"])
   with pytest.raises(FileNotFoundError, match="--draft .*no config.json"):
     engine.load_draft(str(tmp_path), None)
+  with pytest.raises(ValueError, match="continuous serves plain decoding only"):  # before any model is loaded
+    infer.main(["--draft", str(tmp_path), "--batching", "continuous", "--prompt", "hi"])
+  from eagle3_jax.train import regenerate
+  with pytest.raises(ValueError, match="continuous serves plain decoding only"):
+    regenerate.main(["--output", str(tmp_path / "r.jsonl"), "--draft", str(tmp_path), "--batching", "continuous"])
