@@ -174,7 +174,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--top-k", type=int, default=0)
   ap.add_argument("--batch-size", type=int, default=1)
   ap.add_argument("--batching", default="auto", choices=("auto", "static", "continuous"),
-                  help="continuous: --batch-size decode slots refilled as requests finish (plain decoding only); "
+                  help="continuous: --batch-size decode slots refilled as requests finish (plain or speculative); "
                        "static: length-sorted batches. auto (default): continuous for plain decoding at "
                        "--batch-size > 1 without --compare, else static")
   ap.add_argument("--seed", type=int, default=0)
@@ -213,8 +213,6 @@ def main(argv=None) -> dict:
         total_tokens=pick(args.draft_tokens, "total_tokens", 16))
   elif args.compare:
     raise ValueError("--compare compares speculative with plain decoding: it needs --draft")
-  if speculative and args.batching == "continuous":
-    raise ValueError("--batching continuous serves plain decoding only for now (--draft none); use --batching static")
   requests = [{"prompt": p} for p in args.prompt] + (read_jsonl(args.prompts) if args.prompts else [])
   requests = requests or default_requests()
 
@@ -247,14 +245,8 @@ def main(argv=None) -> dict:
       speculative = tree_cfg is not None
   continuous = args.batching == "continuous" or (
       args.batching == "auto" and not speculative and args.batch_size > 1 and not args.compare)
-  if speculative:
-    generator = engine.make_generator(params, cfg, draft_ckpt=ckpt, tree_cfg=tree_cfg, **common)
-  elif continuous:
-    from eagle3_jax.decode import batching
-
-    generator = batching.ContinuousBatcher(params, cfg, slots=args.batch_size, **common)
-  else:
-    generator = vanilla()
+  generator = engine.make_generator(params, cfg, draft_ckpt=ckpt if speculative else None, tree_cfg=tree_cfg,
+                                    slots=args.batch_size if continuous else None, **common)
   run = lambda gen: serve(engine.Engine(gen, tokenizer, batch_size=args.batch_size, pad_id=pad_id), requests,
                          multi_turn=args.multi_turn, progress=not args.no_progress)
   results, summary = run(generator)

@@ -147,13 +147,19 @@ class ContinuousBatcher:
   short prompts, but more executables, and on XLA:CPU each pays a one-time cost on its first run (~0.5 s for
   SmolLM2); 1 measured fastest on 2 CPU cores (BENCHMARKS.md "Continuous batching").
   engine.Engine drives it like a Generator (`continuous` tells it to hand over every prompt at once).
+
+  With `draft_params` (and vocab, dcfg, tree_cfg, optionally the draft's own embedding) the slots run EAGLE-3
+  draft-verify rounds instead of decode steps (decode/spec_batching.py); `sync_every` then counts rounds, and the
+  stats add `rounds` and `accepted` (tau = accepted / rounds over all requests).
   """
 
   continuous = True
 
   def __init__(self, params: Any, target: Any, *, slots: int, sampling_cfg: sampling.SamplingConfig,
                max_new_tokens: int, stop_ids: Sequence[int] = (), pad_id: int = 0, seed: int = 0,
-               sync_every: int = 16, admit_group: int = 1, bucket_fn: Callable[[int], int] | None = None):
+               sync_every: int = 16, admit_group: int = 1, bucket_fn: Callable[[int], int] | None = None,
+               draft_params: Any = None, vocab: Any = None, dcfg: Any = None, tree_cfg: Any = None,
+               embed: Any = None):
     if min(slots, sync_every, max_new_tokens, admit_group) < 1:
       raise ValueError(f"slots, sync_every, max_new_tokens and admit_group must be >= 1, got {slots}, {sync_every}, "
                        f"{max_new_tokens}, {admit_group}")
@@ -163,20 +169,45 @@ class ContinuousBatcher:
     self.admit_group = admit_group
     self.target = protocol.as_target(target)
     self.max_new_tokens = max_new_tokens
-    self.cfg = SlotConfig(sampling=sampling_cfg, max_new_tokens=max_new_tokens,
-                          stop_ids=tuple(sorted(set(int(i) for i in stop_ids))), pad_id=int(pad_id))
+    stop_ids = tuple(sorted(set(int(i) for i in stop_ids)))
     self.bucket_fn = bucket_fn or bucket_length
     self._dtype = jax.tree.leaves(params)[0].dtype
     self._compiled: dict[tuple, Any] = {}
-    self._traces_at_start = sum(TRACE_COUNT.values())
+    self.speculative = draft_params is not None
+    if not self.speculative:
+      self.cfg: Any = SlotConfig(sampling=sampling_cfg, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+                                 pad_id=int(pad_id))
+      self._params, self._fns = params, {"admit": admit_jit, "steps": run_steps_jit, "grow": grow_jit}
+      self._pool_len = lambda T: pool_cache_len(T, max_new_tokens)  # noqa: E731
+      self._init = lambda S: init_state(self.target, slots, S, self.cfg, self._dtype)  # noqa: E731
+    else:
+      from eagle3_jax.decode import spec_batching, speculative
+
+      if vocab is None or dcfg is None or tree_cfg is None:
+        raise ValueError("speculative continuous batching needs draft_params, vocab, dcfg and tree_cfg")
+      self.cfg = spec_batching.SpecSlotConfig(dcfg=dcfg, spec=speculative.SpecConfig(
+          tree=tree_cfg, sampling=sampling_cfg, max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=int(pad_id)))
+      self._params = spec_batching.SpecParams(target=params, draft=draft_params, vocab=vocab,
+                                              embed=self.target.embed(params) if embed is None else embed)
+      self._fns = {"admit": spec_batching.admit_jit, "steps": spec_batching.run_rounds_jit,
+                   "grow": spec_batching.grow_jit}
+      self._pool_len = lambda T: spec_batching.pool_cache_len(T, self.cfg)  # noqa: E731
+      self._init = lambda S: spec_batching.init_state(  # noqa: E731
+          self.target, slots, S, self.cfg, self._params, self._dtype)
+    self._traces_at_start = self._traces()
+
+  def _traces(self) -> int:
+    from eagle3_jax.decode import spec_batching
+
+    return sum(TRACE_COUNT.values()) + sum(spec_batching.TRACE_COUNT.values())
 
   @property
   def compile_count(self) -> int:
-    return sum(TRACE_COUNT.values()) - self._traces_at_start
+    return self._traces() - self._traces_at_start
 
   @property
   def stop_ids(self) -> tuple[int, ...]:
-    return self.cfg.stop_ids
+    return self.cfg.spec.stop_ids if self.speculative else self.cfg.stop_ids
 
   def reseed(self, seed: int) -> None:
     """Request i of the next run samples with fold_in(seed, i) (regeneration reseeds per chunk)."""
@@ -187,15 +218,17 @@ class ContinuousBatcher:
     key = (kind, S, T)
     if key not in self._compiled:
       t0 = time.perf_counter()
-      fn = {"admit": admit_jit, "steps": run_steps_jit, "grow": grow_jit}[kind]
-      self._compiled[key] = fn.lower(self.params, *args, target=self.target, cfg=self.cfg, **static).compile()
+      self._compiled[key] = self._fns[kind].lower(self._params, *args, target=self.target, cfg=self.cfg,
+                                                  **static).compile()
       stats["compile_s"] += time.perf_counter() - t0
-    return self._compiled[key](self.params, *args)
+    return self._compiled[key](self._params, *args)
 
   def run(self, prompt_ids: Sequence[Sequence[int]], on_result: Callable[[int, list[int]], None] | None = None
           ) -> tuple[list[list[int]], dict[str, float]]:
     """Token ids per request (stop token kept) and stats: steps, slot_steps, tokens, compile_s, seconds (excluding
-    compilation), utilisation. on_result(index, ids) is called as each request finishes."""
+    compilation), utilisation (share of slot-steps, or slot-rounds, that served a request), and for speculative
+    decoding rounds and accepted (tokens, bonus included, over those rounds; per request in `self.request_stats`).
+    on_result(index, ids) is called as each request finishes."""
     n = len(prompt_ids)
     for i, p in enumerate(prompt_ids):
       if len(p) < 1:
@@ -205,15 +238,23 @@ class ContinuousBatcher:
       return [], {"steps": 0.0, "slot_steps": 0.0, "tokens": 0.0, "compile_s": 0.0, "admissions": 0.0,
                   "seconds": 0.0, "utilisation": 0.0}
     longest = len(prompt_ids[queue[0]])
-    vanilla.validate(np.ones((1, self.bucket_fn(longest)), np.int32), np.array([longest]), target=self.target,
-                     cache_len=pool_cache_len(self.bucket_fn(longest), self.max_new_tokens),
-                     max_new_tokens=self.max_new_tokens)
+    probe = np.ones((1, self.bucket_fn(longest)), np.int32), np.array([longest])
+    if self.speculative:
+      from eagle3_jax.decode import speculative
+
+      p = self._params
+      speculative.validate(self.target, p.target, p.draft, p.vocab, *probe, p.embed, dcfg=self.cfg.dcfg,
+                           spec=self.cfg.spec)
+    else:
+      vanilla.validate(*probe, target=self.target, cache_len=self._pool_len(self.bucket_fn(longest)),
+                       max_new_tokens=self.max_new_tokens)
     results: list[list[int] | None] = [None] * n
+    self.request_stats: list[dict[str, float]] = [{} for _ in range(n)]  # per request: rounds, tau (speculative)
     stats = {"steps": 0.0, "slot_steps": 0.0, "tokens": 0.0, "step_tokens": 0.0, "compile_s": 0.0,
-             "admissions": 0.0, "grows": 0.0}
+             "admissions": 0.0, "grows": 0.0} | ({"rounds": 0.0, "accepted": 0.0} if self.speculative else {})
     t_start = time.perf_counter()
-    S = pool_cache_len(self.bucket_fn(len(prompt_ids[queue[-1]])), self.max_new_tokens)
-    state = init_state(self.target, self.slots, S, self.cfg, self._dtype)
+    S = self._pool_len(self.bucket_fn(len(prompt_ids[queue[-1]])))
+    state = self._init(S)
     owner: list[int | None] = [None] * self.slots  # request index held by each slot
     n_steps, steps = jnp.asarray(self.sync_every, jnp.int32), 0
     while queue or any(o is not None for o in owner):
@@ -222,7 +263,7 @@ class ContinuousBatcher:
         group, free = free[:self.admit_group], free[self.admit_group:]
         take = [queue.pop() for _ in group]
         T = self.bucket_fn(max(len(prompt_ids[i]) for i in take))
-        need = pool_cache_len(T, self.max_new_tokens)
+        need = self._pool_len(T)
         if need > S:  # sorted admissions only ever grow the cache
           state = self._call("grow", S, need, stats, state, cache_len=need)
           S, stats["grows"] = need, stats["grows"] + 1
@@ -243,6 +284,12 @@ class ContinuousBatcher:
       stats["slot_steps"] += (int(now) - steps) * self.slots
       steps = int(now)
       finished = [s for s in range(self.slots) if owner[s] is not None and done[s]]
+      if finished and self.speculative:
+        rounds, accepted = jax.device_get((state.rounds, state.accepted))
+        for s in finished:
+          stats["rounds"] += float(rounds[s])
+          stats["accepted"] += float(accepted[s])
+          self.request_stats[owner[s]] = {"rounds": float(rounds[s]), "tau": float(accepted[s] / max(rounds[s], 1))}
       if finished:
         rows = jax.device_get(state.tokens)
         for s in finished:
@@ -253,6 +300,7 @@ class ContinuousBatcher:
           if on_result is not None:
             on_result(i, results[i])
     stats["seconds"] = time.perf_counter() - t_start - stats["compile_s"]
-    # Share of decode slots (slots x steps) that produced a token: idle and finished-but-uncollected slots count.
-    stats["utilisation"] = stats["step_tokens"] / max(stats["slot_steps"], 1.0)
+    # Share of slots x steps (rounds) that served a request: idle and finished-but-uncollected slots count.
+    busy = stats["rounds"] if self.speculative else stats["step_tokens"]
+    stats["utilisation"] = busy / max(stats["slot_steps"], 1.0)
     return results, stats  # type: ignore[return-value]

@@ -185,17 +185,24 @@ def load_draft(path: str, cfg: LlamaConfig) -> tuple[LlamaConfig, Any]:
 
 
 def make_generator(params: Any, cfg: LlamaConfig, *, draft_ckpt: Any = None, tree_cfg: TreeConfig | None = None,
-                   dtype: Any = None, **common: Any) -> "VanillaGenerator | SpeculativeGenerator":
-  """Vanilla decoding, or speculative decoding with a DraftCheckpoint (cast to the target's dtype) and a tree."""
+                   dtype: Any = None, slots: int | None = None, **common: Any) -> Any:
+  """Vanilla decoding, or speculative decoding with a DraftCheckpoint (cast to the target's dtype) and a tree; with
+  `slots`, a continuous batcher of that many decode slots (decode/batching.py) instead of static batches."""
+  from eagle3_jax.decode import batching  # deferred: batching imports this module's bucket_length
+
   if draft_ckpt is None:
-    return VanillaGenerator(params, cfg, **common)
+    return (VanillaGenerator(params, cfg, **common) if slots is None else
+            batching.ContinuousBatcher(params, cfg, slots=slots, **common))
   if tree_cfg is None:
     raise ValueError("speculative decoding needs a tree_cfg")
   dtype = dtype or jax.tree.leaves(params)[0].dtype
   cast = lambda x: jax.numpy.asarray(x, dtype)
-  return SpeculativeGenerator(params, cfg, jax.tree.map(cast, draft_ckpt.params), draft_ckpt.vocab,
-                              dcfg=draft_ckpt.cfg, tree_cfg=tree_cfg,
-                              embed=None if draft_ckpt.embed is None else cast(draft_ckpt.embed), **common)
+  draft = dict(vocab=draft_ckpt.vocab, dcfg=draft_ckpt.cfg, tree_cfg=tree_cfg,
+               embed=None if draft_ckpt.embed is None else cast(draft_ckpt.embed))
+  if slots is not None:
+    return batching.ContinuousBatcher(params, cfg, slots=slots, draft_params=jax.tree.map(cast, draft_ckpt.params),
+                                      **draft, **common)
+  return SpeculativeGenerator(params, cfg, jax.tree.map(cast, draft_ckpt.params), **draft, **common)
 
 
 @dataclasses.dataclass
@@ -334,14 +341,18 @@ class Engine:
     compiles = self.generator.compile_count - compiles_before
     if max_compiles is not None and compiles > max_compiles:
       raise RuntimeError(f"continuous batcher compiled {compiles} times (limit {max_compiles}): something retraces")
+    rows = getattr(self.generator, "request_stats", [{}] * len(token_lists))
     results = [Result(index=i, text=self.tokenizer.decode(ids, skip_special_tokens=True), token_ids=ids,
-                      prompt_tokens=len(prompt_ids[i]), seconds=st["seconds"]) for i, ids in enumerate(token_lists)]
+                      prompt_tokens=len(prompt_ids[i]), seconds=st["seconds"], stats=rows[i])
+               for i, ids in enumerate(token_lists)]
     n_tokens = sum(len(ids) for ids in token_lists)
     summary = {
         "requests": len(prompt_ids), "tokens": n_tokens, "generate_seconds": round(st["seconds"], 4),
         "tokens_per_s": round(n_tokens / st["seconds"], 3) if st["seconds"] > 0 else 0.0,
         "wall_seconds": round(time.perf_counter() - t_start, 4), "batch_size": self.generator.slots,
         "compiles": compiles, "compile_s": round(st["compile_s"], 4), "target_steps": int(st["steps"]),
-        "admissions": int(st["admissions"]), "tau": 1.0, "utilisation": round(st["utilisation"], 4),
+        "admissions": int(st["admissions"]), "utilisation": round(st["utilisation"], 4),
+        # Tokens per draft-verify round, bonus included, over every request; plain decoding emits one per step.
+        "tau": round(st["accepted"] / st["rounds"], 4) if st.get("rounds") else 1.0,
         "batching": "continuous"}
     return results, summary

@@ -68,7 +68,7 @@ class SpecState:
   tokens: jax.Array  # int32[B, M + R] emitted tokens (stop token kept), pad_id beyond counts
   counts: jax.Array  # int32[B]
   done: jax.Array  # bool[B]
-  key: jax.Array
+  key: jax.Array  # one PRNG key, or [B] one per row (continuous batching)
   rounds: jax.Array  # int32[B] draft-verify rounds the row took part in
   accepted: jax.Array  # int32[B] sum over those rounds of accepted nodes + 1 (the bonus): tau = accepted / rounds
   steps: jax.Array  # int32[] loop iterations
@@ -109,12 +109,25 @@ def _emit(state: SpecState, new_BR: jax.Array, n_new_B: jax.Array, spec: SpecCon
   return state.replace(tokens=tokens, counts=counts, done=done)
 
 
+def _split_sample(key: jax.Array, logits_BV: jax.Array, cfg: sampling.SamplingConfig) -> tuple[jax.Array, jax.Array]:
+  """(next key, one token per row): one key for the batch, or one per row (key [B]: continuous batching, where a
+  request's tokens must not depend on its slot or neighbours)."""
+  if key.ndim == 0:
+    key, sub = jax.random.split(key)
+    return key, sampling.sample(sub, logits_BV, cfg)
+  split = jax.vmap(jax.random.split)(key)
+  return split[:, 0], jax.vmap(lambda k, row: sampling.sample(k, row[None], cfg)[0])(split[:, 1], logits_BV)
+
+
 def prefill(target: Target, target_params: Any, draft_params: Any, embed_VD: jax.Array, tokens_BT: jax.Array,
             lengths_B: jax.Array, key: jax.Array, *, dcfg: draft.DraftConfig, spec: SpecConfig,
-            mesh: Mesh | None = None) -> SpecState:
-  """Target over right-padded prompts, first token sampled; the draft caches K/V of rows 0..n-2."""
+            mesh: Mesh | None = None, cache_lens: tuple[int, int] | None = None) -> SpecState:
+  """Target over right-padded prompts, first token sampled; the draft caches K/V of rows 0..n-2.
+
+  cache_lens: (target, draft) cache slots, default spec.cache_lengths(T) (continuous batching passes its pool's).
+  """
   B, T = tokens_BT.shape
-  S_t, S_d = spec.cache_lengths(T)
+  S_t, S_d = cache_lens or spec.cache_lengths(T)
   lengths_B = lengths_B.astype(jnp.int32)
   last = lengths_B - 1
   with jax.named_scope("prefill"):
@@ -124,8 +137,7 @@ def prefill(target: Target, target_params: Any, draft_params: Any, embed_VD: jax
     mask = masks.cache_causal_mask(jnp.zeros((B,), jnp.int32), T, S_t)
     take_last = lambda x: jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
     logits, aux, cache = target.last_logits(target_params, tokens_BT, positions, cache, mask, last)
-    key, sub = jax.random.split(key)
-    root = sampling.sample(sub, logits, spec.sampling)
+    key, root = _split_sample(key, logits, spec.sampling)
     # Draft row p = (fc(aux_p), token p+1): rows p < n-1 only need their K/V (no attention, no MLP).
     hidden_d = draft.fuse(draft_params, aux, cfg=dcfg)
     next_tokens = jnp.concatenate([tokens_BT[:, 1:], jnp.full((B, 1), spec.pad_id, tokens_BT.dtype)], axis=1)
@@ -173,11 +185,16 @@ def spec_round(target: Target, target_params: Any, draft_params: Any, embed_VD: 
     mask = masks.block_mask(L, draft_tree.mask, target.cache_slots(state.cache))
     logits, aux, cache = target.forward(target_params, block_tokens, positions, state.cache, mask)
 
-  key, sub = jax.random.split(state.key)
-  if spec.sampling.greedy:
-    acc = accept.greedy(logits, draft_tree, tcfg.max_accept)
-  else:
-    acc = accept.sample(sub, logits, draft_tree, tcfg.max_accept, tcfg.top_k, spec.sampling)
+  if state.key.ndim == 0 or spec.sampling.greedy:
+    key, sub = jax.random.split(state.key) if state.key.ndim == 0 else (state.key, None)
+    acc = (accept.greedy(logits, draft_tree, tcfg.max_accept) if spec.sampling.greedy else
+           accept.sample(sub, logits, draft_tree, tcfg.max_accept, tcfg.top_k, spec.sampling))
+  else:  # one key per row (continuous batching): each row's acceptance draws only from its own key
+    split = jax.vmap(jax.random.split)(state.key)
+    key = split[:, 0]
+    one = lambda k, lg, tr: jax.tree.map(lambda x: x[0], accept.sample(  # noqa: E731
+        k, lg[None], jax.tree.map(lambda x: x[None], tr), tcfg.max_accept, tcfg.top_k, spec.sampling))
+    acc = jax.vmap(one)(split[:, 1], logits, draft_tree)
   if not tcfg.is_chain:  # a chain's accepted nodes already sit at contiguous slots
     cache = kv_cache.commit(cache, L, acc.path, acc.count, tcfg.total_tokens, target.slot_axis)
 

@@ -284,12 +284,10 @@ def main(argv=None) -> dict[str, Any]:
                     max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
                     batch_size=args.batch_size, chunk_rows=args.chunk_rows, seed=args.seed,
                     batching=args.batching or ("static" if args.draft != "none" else "continuous"))
-  if cfg.batching == "continuous" and args.draft != "none":
-    raise ValueError("--batching continuous serves plain decoding only for now; use --batching static with --draft")
   import jax
   import jax.numpy as jnp
 
-  from eagle3_jax.decode import batching, engine, sampling
+  from eagle3_jax.decode import engine, sampling
   from eagle3_jax.target import load
   from eagle3_jax.target import hf
   from eagle3_jax.decode.tree import TreeConfig
@@ -311,12 +309,9 @@ def main(argv=None) -> dict[str, Any]:
 
   def make_generator(temperature: float):
     s = sampling.SamplingConfig(temperature=temperature, top_p=args.top_p if temperature else 1.0)
-    if cfg.batching == "continuous":
-      return batching.ContinuousBatcher(params, target_cfg, slots=cfg.batch_size, sampling_cfg=s,
-                                        max_new_tokens=cfg.max_new_tokens, stop_ids=stops, pad_id=pad_id,
-                                        seed=cfg.seed)
     return engine.make_generator(params, target_cfg, draft_ckpt=ckpt, tree_cfg=tree_cfg, sampling_cfg=s,
-                                 max_new_tokens=cfg.max_new_tokens, stop_ids=stops, pad_id=pad_id, seed=cfg.seed)
+                                 max_new_tokens=cfg.max_new_tokens, stop_ids=stops, pad_id=pad_id, seed=cfg.seed,
+                                 slots=cfg.batch_size if cfg.batching == "continuous" else None)
 
   result = regenerate(cfg, args.output, make_generator=make_generator, tokenizer=tokenizer, pad_id=pad_id,
                       progress=not args.no_progress)
