@@ -107,6 +107,9 @@ VARIANTS = [  # (name, flags, draft_vocab_size, extra DraftConfig fields)
     ("eagle3.1 (fc_norm+norm_output)", {"fc_norm": True, "norm_output": True}, 64, {}),
     ("speculators default (nbr+nbf+norm_output)",
      {"norm_before_residual": True, "norm_before_fc": True, "norm_output": True}, 64, {}),
+    ("qwen3 layer (qk_norm)", {}, 64, {"qk_norm": True}),
+    ("qwen3 speculators default (qk_norm+nbr+nbf+norm_output)",
+     {"norm_before_residual": True, "norm_before_fc": True, "norm_output": True}, 64, {"qk_norm": True}),
 ]
 CONVERT_VARIANTS = ("eagle3.1 (fc_norm+norm_output)", "speculators default (nbr+nbf+norm_output)")
 IGNORED_MODEL_KEYS = ("verifier_lm_head.weight", "verifier_norm.weight")  # filled from the verifier by design
@@ -209,7 +212,8 @@ def speculators_roundtrip(model, ckpt, embed, path) -> str:
     back = interop.read_draft(path)
   except ValueError as e:
     return f"speculators save -> read FAILED: {e} (config keys {keys})"
-  diff = [k for k in VARIANT_FLAGS + ("draft_vocab_size", "rope_theta", "rms_norm_eps", "num_kv_heads", "head_dim")
+  diff = [k for k in VARIANT_FLAGS + ("draft_vocab_size", "rope_theta", "rms_norm_eps", "num_kv_heads", "head_dim",
+                                      "qk_norm")
           if getattr(back.cfg, k) != getattr(ckpt.cfg, k)]
   if back.aux_layer_ids != AUX:
     diff.append(f"aux {back.aux_layer_ids}")

@@ -155,6 +155,8 @@ class TrainDraftConfig:
   fc_norm: bool = False
   norm_before_residual: bool = False
   norm_output: bool = False
+  # A Qwen3-style draft layer (per-head q/k RMSNorm); exported in the speculators layout, which can express it.
+  qk_norm: bool = False
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

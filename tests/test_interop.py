@@ -123,7 +123,7 @@ CASES = {  # name: (config, torch dtype, file format, extra make_state kwargs, n
 
 
 def torch_reference(sd, prefix, tokens, aux, embed, *, theta, eps=1e-5, norm_before_fc=False, fc_norm=False,
-                    norm_before_residual=False):
+                    norm_before_residual=False, qk_norm=False):
   """One draft step as speculators' Eagle3 core / model_definitions write it (the variant flags included; norm_output
   changes only what the next step receives, not this step's logits)."""
   w = {k: v.float() for k, v in sd.items() if v.is_floating_point()}
@@ -143,6 +143,8 @@ def torch_reference(sd, prefix, tokens, aux, embed, *, theta, eps=1e-5, norm_bef
     h = rms(h, p("hidden_norm.weight"))
   heads = lambda name, n: (u @ p(f"self_attn.{name}.weight").T).view(B, T, n, H).transpose(1, 2)  # noqa: E731
   q, k, v = heads("q_proj", N), heads("k_proj", K), heads("v_proj", K)
+  if qk_norm:  # transformers' Qwen3Attention: q_norm / k_norm over head_dim, before RoPE
+    q, k = rms(q, p("self_attn.q_norm.weight")), rms(k, p("self_attn.k_norm.weight"))
   inv = 1.0 / theta ** (torch.arange(0, H, 2, dtype=torch.float64) / H)
   ang = torch.arange(T, dtype=torch.float64)[:, None] * inv[None]
   cos, sin = torch.cat([ang, ang], -1).cos().float(), torch.cat([ang, ang], -1).sin().float()
@@ -200,6 +202,8 @@ VARIANTS = {  # name: the flags as speculators (and vLLM) name them; SpecForge w
     "norm_before_residual": {"norm_before_residual": True},
     "eagle3.1": {"fc_norm": True, "norm_output": True},
     "speculators_train_default": {"norm_before_residual": True, "norm_before_fc": True, "norm_output": True},
+    "qwen3": {"qk_norm": True},  # speculators' draft_arch "qwen3": transformer_layer_config.model_type qwen3
+    "qwen3_train_default": {"qk_norm": True, "norm_before_residual": True, "norm_before_fc": True, "norm_output": True},
 }
 
 
@@ -210,6 +214,9 @@ def _variant_state(seed, flags, dt, **kw):
     sd["input_norm.weight"] = 1 + 0.2 * torch.randn(3 * dt, generator=g)
   if flags.get("fc_norm"):
     sd.update({f"fc_norm.{i}.weight": 1 + 0.2 * torch.randn(dt, generator=g) for i in range(3)})
+  if flags.get("qk_norm"):
+    prefix = kw.get("prefix", "midlayer.")
+    sd.update({f"{prefix}self_attn.{n}_norm.weight": 1 + 0.2 * torch.randn(H, generator=g) for n in "qk"})
   return sd, ids
 
 
@@ -219,9 +226,13 @@ def test_variants_read_into_the_reference_logits(tmp_path, variant, layout):
   """Each variant as its producer writes it reads into a draft whose logits equal the PyTorch reference written
   from speculators' forward; written back, it round trips bit-exactly in both layouts."""
   flags = VARIANTS[variant]
+  if flags.get("qk_norm") and layout != "speculators":
+    pytest.skip("a Qwen3-style draft layer exists only in the speculators layout")
   if layout == "speculators":
     sd, _ = _variant_state(7, flags, 48, prefix="layers.0.", embed=True)
-    config, theta = speculators_config() | flags, 1000000.0
+    config, theta = speculators_config() | {k: v for k, v in flags.items() if k != "qk_norm"}, 1000000.0
+    if flags.get("qk_norm"):  # a diff against Qwen3Config, whose head_dim default (128) is not D / N
+      config["transformer_layer_config"] = config["transformer_layer_config"] | {"model_type": "qwen3"}
   else:  # SpecForge's LlamaForCausalLMEagle3 (fc_norm top level) as vLLM reads it; norm_output needs our marker
     sd, _ = _variant_state(7, flags, D)
     config, theta = sglang_config(**{k: v for k, v in flags.items() if k != "norm_before_fc"}), 500000.0
@@ -230,7 +241,7 @@ def test_variants_read_into_the_reference_logits(tmp_path, variant, layout):
     if flags.get("norm_output"):
       config["eagle3_jax"] = {"format_version": 1, "norm_output": interop.formats.NORM_OUTPUT_FED_BACK}
   ckpt = interop.read_draft(save(tmp_path / "src", config, sd))
-  for flag in interop.formats.VARIANT_FLAGS:
+  for flag in (*interop.formats.VARIANT_FLAGS, "qk_norm"):
     assert getattr(ckpt.cfg, flag) == flags.get(flag, False), flag
   rng = np.random.default_rng(3)
   tokens = rng.integers(V, size=(2, 6))
@@ -241,6 +252,10 @@ def test_variants_read_into_the_reference_logits(tmp_path, variant, layout):
                         **{k: v for k, v in flags.items() if k != "norm_output"})
   np.testing.assert_allclose(jax_logits(ckpt, tokens, aux, embed), ref.numpy(), atol=1e-4, rtol=1e-4)
   for out in interop.WRITE_LAYOUTS:
+    if ckpt.cfg.qk_norm and out == "eagle":
+      with pytest.raises(ValueError, match="no Qwen3-style"):
+        interop.write_draft(tmp_path / out, ckpt, layout=out, include_embed=ckpt.embed is not None)
+      continue
     interop.write_draft(tmp_path / out, ckpt, layout=out, verifier=VERIFIER, include_embed=ckpt.embed is not None)
     back = interop.read_draft(tmp_path / out)
     assert_same_ckpt(ckpt, back)
@@ -249,6 +264,7 @@ def test_variants_read_into_the_reference_logits(tmp_path, variant, layout):
   written = json.loads((tmp_path / "speculators/config.json").read_text())
   assert {k: written[k] for k in interop.formats.VARIANT_FLAGS} == {
       k: flags.get(k, False) for k in interop.formats.VARIANT_FLAGS}
+  assert written["transformer_layer_config"]["model_type"] == ("qwen3" if flags.get("qk_norm") else "llama")
 
 
 def test_requested_read_dtype_and_bf16_bin(tmp_path):
@@ -441,7 +457,7 @@ def _official(tmp_path, mutate_sd=None, **config_kw):
     (lambda sd: sd["t2d"].__setitem__(0, ~sd["t2d"][0]), "'t2d'"),
     (lambda sd: [sd.pop("d2t"), sd.pop("t2d")], "'d2t'"),
     (lambda sd: sd.update({"layers.0.norm.weight": torch.ones(D)}), "mixes"),
-    (lambda sd: sd.update({"midlayer.self_attn.q_norm.weight": torch.ones(H)}), "unknown key"),
+    (lambda sd: sd.update({"midlayer.self_attn.q_norm.weight": torch.ones(H)}), "Qwen3-style q/k norm, but"),
 ])
 def test_bad_keys_raise_naming_the_key(tmp_path, mutate, match):
   with pytest.raises(ValueError, match=match):
@@ -476,7 +492,12 @@ def test_unimplemented_eagle_variants_are_refused(tmp_path, config_kw, mutate, m
     ({"fc_norm": True}, "fc_norm"),  # set, but the file has no fc_norm.{i}.weight
     ({"fc_norm": True, "norm_before_fc": True}, "mutually exclusive"),
     ({"speculators_model_type": "eagle"}, "speculators_model_type"),
-    ({"transformer_layer_config": {"model_type": "qwen3", "num_hidden_layers": 1}}, "model_type"),
+    ({"transformer_layer_config": {"model_type": "gemma3", "num_hidden_layers": 1}}, "model_type"),
+    # A Qwen3-style layer needs its q/k norms (and Qwen3's head_dim default, 128, is not this file's 16).
+    ({"transformer_layer_config": speculators_config()["transformer_layer_config"] | {"model_type": "qwen3"}},
+     "q_norm"),
+    ({"transformer_layer_config": {k: v for k, v in speculators_config()["transformer_layer_config"].items()
+                                   if k != "head_dim"} | {"model_type": "qwen3"}}, "q_proj"),
     ({"transformer_layer_config": {"model_type": "llama", "num_hidden_layers": 3}}, "num_hidden_layers"),
     ({"draft_vocab_size": VD + 1}, "lm_head.weight"),
     # speculators' trainer default: every draft layer attends within a 2048-token window.
@@ -497,8 +518,8 @@ def test_unimplemented_speculators_variants_are_refused(tmp_path, change, match)
 
 def test_unknown_speculators_key_is_not_called_multi_layer(tmp_path):
   sd, _ = make_state(0, prefix="layers.0.", embed=True, dt=48)
-  sd["layers.0.self_attn.q_norm.weight"] = torch.ones(H)
-  with pytest.raises(ValueError, match="unknown key 'layers.0.self_attn.q_norm.weight'"):
+  sd["layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(H // 2)
+  with pytest.raises(ValueError, match="unknown key 'layers.0.self_attn.rotary_emb.inv_freq'"):
     interop.read_draft(save(tmp_path / "s", speculators_config(), sd))
 
 

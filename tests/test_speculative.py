@@ -187,7 +187,7 @@ def test_bad_inputs_raise(random_pair):
 
 
 VARIANTS = [dict(norm_before_fc=True), dict(fc_norm=True, norm_output=True),
-            dict(norm_before_residual=True, norm_before_fc=True, norm_output=True)]
+            dict(norm_before_residual=True, norm_before_fc=True, norm_output=True), dict(qk_norm=True)]
 
 
 @pytest.mark.parametrize("flags", VARIANTS, ids=lambda f: "+".join(f))

@@ -73,6 +73,21 @@ def test_tiny_run_learns_and_exports(tmp_path):
   np.testing.assert_array_equal(np.asarray(exported.vocab.d2t), vm.d2t)
 
 
+def test_qwen3_style_draft_trains_and_exports_in_the_speculators_layout(tmp_path):
+  """draft.qk_norm: a Qwen3-style draft layer trains (ce_0 falls); the official layout cannot express it, so the
+  export is a speculators directory (with the target's embedding) that reads back as the same draft."""
+  cfg = load_config(TINY, [f"run_dir={tmp_path}", "num_steps=30", "log_every=1", "eval_every=0", "progress=false",
+                           "checkpoint_every=1000", "draft.qk_norm=true"])
+  summary = loop.train(cfg)
+  rows = _metrics(tmp_path)
+  assert np.mean([r["ce_j"][0] for r in rows[-5:]]) < np.mean([r["ce_j"][0] for r in rows[:5]])
+  exported = interop.read_draft(summary["export_dir"])
+  assert exported.cfg.qk_norm and exported.source_layout == "speculators" and exported.embed is not None
+  assert set(exported.params["midlayer"]["self_attn"]) >= {"q_norm", "k_norm"}
+  config = json.loads((pathlib.Path(summary["export_dir"]) / "config.json").read_text())
+  assert config["transformer_layer_config"]["model_type"] == "qwen3"
+
+
 def test_eagle31_variant_trains_and_exports_its_flags(tmp_path):
   """draft.fc_norm / draft.norm_output select EAGLE 3.1: the head trains (ce_0 falls) and the export records it."""
   cfg = load_config(TINY, [f"run_dir={tmp_path}", "num_steps=40", "log_every=1", "eval_every=0", "progress=false",

@@ -2,8 +2,9 @@
 
 The peers' variants are configuration of this one head (DraftConfig flags, as speculators and vLLM name them):
 norm_before_fc (one RMSNorm over the concatenated aux states), fc_norm (EAGLE 3.1: one RMSNorm per aux state),
-norm_before_residual (the residual branch starts from the normalised hidden) and norm_output (EAGLE 3.1: the
-post-norm hidden is what the next draft step and tree level receive; lm_head reads it either way).
+norm_before_residual (the residual branch starts from the normalised hidden), norm_output (EAGLE 3.1: the
+post-norm hidden is what the next draft step and tree level receive; lm_head reads it either way) and qk_norm
+(a Qwen3-style layer: RMSNorm over each head's q and k before RoPE, speculators' draft_arch "qwen3").
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class DraftConfig:
   fc_norm: bool = False
   norm_before_residual: bool = False
   norm_output: bool = False
+  qk_norm: bool = False
 
   def __post_init__(self):
     if self.norm_before_fc and self.fc_norm:
@@ -97,6 +99,8 @@ def param_specs(cfg: DraftConfig) -> dict[str, Any]:
   D, Dt, F, N, K, H, Vd = (cfg.hidden_size, cfg.target_hidden_size, cfg.intermediate_size, cfg.num_heads,
                            cfg.num_kv_heads, cfg.head_dim, cfg.draft_vocab_size)
   extra: dict[str, Any] = {}
+  qk = {"q_norm": ParamSpec((H,), ("norm",), "ones"), "k_norm": ParamSpec((H,), ("norm",), "ones")} \
+      if cfg.qk_norm else {}
   if cfg.norm_before_fc:
     extra["input_norm"] = ParamSpec((cfg.num_aux * Dt,), ("aux",), "ones")
   if cfg.fc_norm:
@@ -111,7 +115,7 @@ def param_specs(cfg: DraftConfig) -> dict[str, Any]:
               "k_proj": ParamSpec((2 * D, K, H), (None, "kv_heads", "head_dim")),
               "v_proj": ParamSpec((2 * D, K, H), (None, "kv_heads", "head_dim")),
               "o_proj": ParamSpec((N, H, D), ("heads", "head_dim", "embed")),
-          },
+          } | qk,
           "post_attention_layernorm": ParamSpec((D,), ("norm",), "ones"),
           "mlp": {
               "gate_proj": ParamSpec((D, F), ("embed", "mlp")),
@@ -162,6 +166,8 @@ def qkv(params: Any, emb_BTD: jax.Array, hidden_BTD: jax.Array, positions_BT: ja
   q = jnp.einsum("BTE,ENH->BTNH", u, a["q_proj"])
   k = jnp.einsum("BTE,EKH->BTKH", u, a["k_proj"])
   v = jnp.einsum("BTE,EKH->BTKH", u, a["v_proj"])
+  if cfg.qk_norm:  # Qwen3: per-head RMSNorm of q and k, before RoPE
+    q, k = layers.rms_norm(q, a["q_norm"], cfg.rms_norm_eps), layers.rms_norm(k, a["k_norm"], cfg.rms_norm_eps)
   freqs = inv_freq(cfg)
   return layers.apply_rope(q, positions_BT, freqs), layers.apply_rope(k, positions_BT, freqs), v
 

@@ -91,6 +91,8 @@ def _table(cfg: DraftConfig, prefix: str) -> dict[str, tuple[tuple[str, ...], tu
     rows.append(("input_norm.weight", ("input_norm",), 0))
   if cfg.fc_norm:
     rows += [(f"fc_norm.{i}.weight", ("fc_norm", str(i)), 0) for i in range(cfg.num_aux)]
+  if cfg.qk_norm:
+    rows += [(f"{prefix}self_attn.{n}.weight", ("midlayer", "self_attn", n), 0) for n in ("q_norm", "k_norm")]
   return {key: (path, specs[".".join(path)].shape, n_in) for key, path, n_in in rows}
 
 
@@ -102,6 +104,9 @@ def _layer_prefix(names) -> str:
 
 
 def _unknown_key(key: str) -> ValueError:
+  if key.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight")):
+    return ValueError(f"key {key!r} is a Qwen3-style q/k norm, but config.json describes a Llama draft layer "
+                      "(model_type is not qwen3)")
   if key.startswith("fc_norm."):
     return ValueError(f"key {key!r} is an EAGLE 3.1 per-aux-state norm, but config.json does not set fc_norm")
   if key.startswith("input_norm."):

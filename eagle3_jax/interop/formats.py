@@ -53,6 +53,10 @@ def check_aux_ids(ids, field: str, num_target_layers: int | None) -> tuple[int, 
 _LLAMA_DEFAULTS = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
                    "num_attention_heads": 32, "hidden_act": "silu", "max_position_embeddings": 2048,
                    "rms_norm_eps": 1e-6, "rope_theta": 10000.0}
+# transformers' Qwen3Config defaults, for a Qwen3-style draft layer (q/k norm); head_dim is 128 whatever the width.
+_QWEN3_DEFAULTS = _LLAMA_DEFAULTS | {"vocab_size": 151936, "intermediate_size": 22016, "max_position_embeddings": 32768,
+                                     "head_dim": 128}
+_LAYER_DEFAULTS = {None: _LLAMA_DEFAULTS, "llama": _LLAMA_DEFAULTS, "qwen3": _QWEN3_DEFAULTS}
 # Variants of the head that change the math. True means a different network; refuse rather than mis-read.
 REFUSED_FLAGS = {
     "use_aux_norm": "per-layer RMSNorm of the aux states before fc",
@@ -76,7 +80,7 @@ def refuse(what: str, why: str) -> ValueError:
 
 
 def _get(c: dict, key: str) -> Any:
-  return c[key] if c.get(key) is not None else _LLAMA_DEFAULTS.get(key)
+  return c[key] if c.get(key) is not None else _LAYER_DEFAULTS.get(c.get("model_type"), _LLAMA_DEFAULTS).get(key)
 
 
 def _refuse_flags(c: dict, where: str) -> None:
@@ -93,10 +97,10 @@ def _flag(c: dict, key: str, where: str) -> bool:
 
 
 def _llama_shape(c: dict, where: str) -> dict[str, Any]:
-  """Shape and numerics of the draft's decoder layer from a transformers LlamaConfig dict."""
+  """Shape and numerics of the draft's decoder layer from a transformers LlamaConfig or Qwen3Config dict."""
   _refuse_flags(c, where)
-  if c.get("model_type") not in (None, "llama"):
-    raise refuse(f"{where}model_type={c['model_type']!r}", "only Llama-style draft layers are implemented")
+  if c.get("model_type") not in _LAYER_DEFAULTS:
+    raise refuse(f"{where}model_type={c['model_type']!r}", "only Llama- and Qwen3-style draft layers are implemented")
   if _get(c, "num_hidden_layers") != 1:
     raise refuse(f"{where}num_hidden_layers={_get(c, 'num_hidden_layers')}", "multi-layer drafts")
   # speculators' trainer gives draft layers sliding-window attention by default; reading such a layer as full
@@ -116,7 +120,8 @@ def _llama_shape(c: dict, where: str) -> dict[str, Any]:
       raise refuse(f"{where}{name}={scaling!r}", "DraftConfig has no scaled RoPE")
   D, N = _get(c, "hidden_size"), _get(c, "num_attention_heads")
   return {"hidden_size": D, "intermediate_size": _get(c, "intermediate_size"), "num_heads": N,
-          "num_kv_heads": c.get("num_key_value_heads") or N, "head_dim": c.get("head_dim") or D // N,
+          "num_kv_heads": c.get("num_key_value_heads") or N, "head_dim": _get(c, "head_dim") or D // N,
+          "qk_norm": c.get("model_type") == "qwen3",
           "vocab_size": _get(c, "vocab_size"), "rms_norm_eps": float(_get(c, "rms_norm_eps")),
           "rope_theta": float(rope.get("rope_theta") or _get(c, "rope_theta"))}
 
@@ -223,8 +228,12 @@ def parse_speculators(config: dict, num_target_layers: int | None) -> tuple[dict
 
 
 def _llama_fields(cfg: DraftConfig, extra: dict, torch_dtype: str) -> dict[str, Any]:
-  """A complete transformers LlamaConfig for the draft layer (every field engines read, nothing left to defaults)."""
-  fields = {"hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+  """A complete transformers LlamaConfig (Qwen3Config with qk_norm) for the draft layer: every field engines read,
+  nothing left to defaults, model_type first."""
+  qwen3 = {"use_sliding_window": False, "sliding_window": None, "max_window_layers": 1,
+           "layer_types": ["full_attention"]} if cfg.qk_norm else {}
+  fields = {"model_type": "qwen3" if cfg.qk_norm else "llama", **qwen3,
+            "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
             "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
             "num_hidden_layers": 1, "hidden_act": "silu", "rms_norm_eps": cfg.rms_norm_eps,
             "rope_theta": cfg.rope_theta, "rope_scaling": None,
@@ -244,8 +253,11 @@ def _own(layout: str, aux: tuple[int, ...], extra: dict) -> dict[str, Any]:
 
 def eagle_config(cfg: DraftConfig, aux: tuple[int, ...], extra: dict, torch_dtype: str) -> dict[str, Any]:
   """Official / SGLang config.json: LlamaForCausalLMEagle3 with aux ids in eagle_config, OUTPUT numbering."""
-  config = {"architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama",
-            **_llama_fields(cfg, extra, torch_dtype), "draft_vocab_size": cfg.draft_vocab_size}
+  if cfg.qk_norm:
+    raise ValueError("the official EAGLE-3 layout has no Qwen3-style (qk_norm) draft layer: write the speculators "
+                     "layout instead")
+  config = {"architectures": ["LlamaForCausalLMEagle3"], **_llama_fields(cfg, extra, torch_dtype),
+            "draft_vocab_size": cfg.draft_vocab_size}
   if cfg.target_hidden_size != cfg.hidden_size:
     # Only when needed: the official loader takes the mere presence of this field to mean "own embedding".
     config["target_hidden_size"] = cfg.target_hidden_size
@@ -273,7 +285,7 @@ def speculators_config(cfg: DraftConfig, aux: tuple[int, ...], extra: dict, torc
               "verifier_accept_k": 1, "accept_tolerance": 0.0}
   return {
       "architectures": ["Eagle3Speculator"], "speculators_model_type": "eagle3",
-      "transformer_layer_config": {"model_type": "llama", **_llama_fields(cfg, extra, torch_dtype)},
+      "transformer_layer_config": _llama_fields(cfg, extra, torch_dtype),
       "draft_vocab_size": cfg.draft_vocab_size,
       "target_hidden_size": cfg.target_hidden_size if cfg.target_hidden_size != cfg.hidden_size else None,
       "eagle_aux_hidden_state_layer_ids": list(aux),

@@ -148,11 +148,15 @@ def evaluate(eval_fn, params: Any, target_params: Any, vocab: DraftVocab, cfg: T
 
 
 def export_draft(path: pathlib.Path, params: Any, vm: vocab_lib.VocabMap, statics: step_lib.StepStatics,
-                 cfg: TrainConfig, tokenizer) -> str:
-  """Writes the draft in the official EAGLE-3 layout (safetensors + config.json), from process 0."""
+                 cfg: TrainConfig, tokenizer, target_params: Any = None) -> str:
+  """Writes the draft in the official EAGLE-3 layout (safetensors + config.json), from process 0; a Qwen3-style
+  (qk_norm) draft, which that layout cannot express, in the speculators layout with the target's embedding."""
   from eagle3_jax import interop
 
   params = host_params(params)
+  embed = None  # gathered on every process (a collective), written by process 0
+  if statics.draft_cfg.qk_norm and target_params is not None:
+    embed = host_params(statics.target.embed(target_params))
   if jax.process_index() == 0:
     tcfg = statics.target_cfg
     from eagle3_jax.target import load
@@ -167,7 +171,10 @@ def export_draft(path: pathlib.Path, params: Any, vm: vocab_lib.VocabMap, static
     ckpt = interop.DraftCheckpoint(cfg=statics.draft_cfg, params=params,
                                    vocab=DraftVocab(d2t=np.asarray(vm.d2t, np.int64), t2d=np.asarray(vm.t2d)),
                                    aux_layer_ids=tuple(tcfg.aux_layer_ids), source_layout="jax", extra=extra)
-    interop.write_draft(path, ckpt, layout="eagle", overwrite=True)  # a resumed run re-exports
+    if statics.draft_cfg.qk_norm:
+      interop.write_draft(path, ckpt, layout="speculators", overwrite=True, target_embed=embed)
+    else:
+      interop.write_draft(path, ckpt, layout="eagle", overwrite=True)  # a resumed run re-exports
   return str(path)
 
 
@@ -242,7 +249,8 @@ def train(cfg: TrainConfig, target: tuple[Any, Any] | None = None) -> dict[str, 
         last_eval = evaluate(steps.eval, state.params, target_params, vocab, cfg, tokenizer, mesh)
         recorder.scalars("eval", last_eval, step)
       if cfg.export and cfg.export_every and step % cfg.export_every == 0:
-        export_dir = export_draft(run_dir / f"export_step_{step}", state.params, vm, statics, cfg, tokenizer)
+        export_dir = export_draft(run_dir / f"export_step_{step}", state.params, vm, statics, cfg, tokenizer,
+                                  target_params)
     if pending is not None:
       stopped = recorder.record(*pending)["stop"] or stopped
     if saved_at != step:
@@ -253,7 +261,7 @@ def train(cfg: TrainConfig, target: tuple[Any, Any] | None = None) -> dict[str, 
         last_eval = evaluate(steps.eval, state.params, target_params, vocab, cfg, tokenizer, mesh)
         recorder.scalars("eval", last_eval, step)
       if cfg.export:
-        export_dir = export_draft(run_dir / "export", state.params, vm, statics, cfg, tokenizer)
+        export_dir = export_draft(run_dir / "export", state.params, vm, statics, cfg, tokenizer, target_params)
         log.info("draft exported to %s", export_dir)
     ckpt.close()
     log.info("checkpoints written to %s", ckpt.directory)
