@@ -3,15 +3,16 @@ the same draft logits, and drafts speculators saves load here. A manual script, 
 
 For a tiny random 4-layer Llama verifier (saved to a temp dir, which is its name_or_path; no network needed) and each
 head variant (canonical, norm_before_fc, fc_norm, norm_before_residual, EAGLE 3.1 = fc_norm + norm_output, and
-speculators' training default = norm_before_residual + norm_before_fc + norm_output; Vd = 64, plus one full-vocab
+speculators' training default = norm_before_residual + norm_before_fc + norm_output, a Qwen3-style layer (qk_norm)
+alone and with that default, a sliding-window layer whose window cuts the 128 tokens; Vd = 64, plus one full-vocab
 canonical case with a non-default rope_theta) it:
   1. writes a random draft with `interop.write_draft(layout="speculators", target_embed=<verifier embedding>)`;
   2. loads it with `Eagle3SpeculatorConfig.from_pretrained` (config ok) and `Eagle3DraftModel.from_pretrained`, and
      checks every file tensor landed in the model under the same key and no draft weight was left unloaded
      (tensors ok), embed_tokens == the verifier's (embed ok), flags / aux ids / d2t / t2d (flags ok);
   3. compares draft-vocab logits of speculators' `forward` (captured from lm_head) with ours, for TTT step 1 and
-     step 2 (step 2: the step-1 hidden fed back, next tokens, positions + 1, keys of both steps; this is where
-     norm_output's feed-back semantics shows);
+     step 2 (step 2: the step-1 hidden fed back, next tokens, positions + 1, keys of both steps, through our TTT
+     attention; this is where norm_output's feed-back semantics and the training window's row counting show);
   4. `save_pretrained`s the speculators model and reads it back with `interop.read_draft` (all tensors exact);
   5. for two variants, runs `python -m eagle3_jax.convert SRC DST --to speculators --target <verifier>` on an
      eagle-layout export and loads DST with speculators (config + logits).
@@ -94,7 +95,7 @@ from eagle3_jax import interop  # noqa: E402
 from eagle3_jax.draft import head as draft  # noqa: E402
 from eagle3_jax.draft.head import DraftConfig, DraftVocab  # noqa: E402
 from eagle3_jax.interop.formats import FORMAT_KEY, VARIANT_FLAGS  # noqa: E402
-from eagle3_jax.nn import masks  # noqa: E402
+from eagle3_jax.nn import attention, masks  # noqa: E402
 
 D, V, L, AUX = 64, 256, 4, (1, 2, 3)
 T = 128  # one flex-attention block: speculators builds its BlockMask for whole 128-token blocks
@@ -108,6 +109,7 @@ VARIANTS = [  # (name, flags, draft_vocab_size, extra DraftConfig fields)
     ("speculators default (nbr+nbf+norm_output)",
      {"norm_before_residual": True, "norm_before_fc": True, "norm_output": True}, 64, {}),
     ("qwen3 layer (qk_norm)", {}, 64, {"qk_norm": True}),
+    ("sliding window 48 (< T = 128: the window cuts)", {}, 64, {"sliding_window": 48}),
     ("qwen3 speculators default (qk_norm+nbr+nbf+norm_output)",
      {"norm_before_residual": True, "norm_before_fc": True, "norm_output": True}, 64, {"qk_norm": True}),
 ]
@@ -140,17 +142,19 @@ def make_ckpt(flags: dict, vd: int, extra: dict, seed: int) -> interop.DraftChec
 
 
 def our_logits(ckpt, embed, tokens, aux):
-  """Draft-vocab logits of TTT steps 1 and 2 as speculators' training forward runs them (teacher-forced step 2)."""
+  """Draft-vocab logits of TTT steps 1 and 2 as speculators' training forward runs them (teacher-forced step 2):
+  step 1 through draft.forward and its cache, step 2 through the TTT attention our trainer uses (for a
+  sliding-window layer, the window counts rows, as speculators' training mask does)."""
   cfg, p = ckpt.cfg, jax.tree.map(jnp.asarray, ckpt.params)
   pos = jnp.arange(T)[None]
-  cache = draft.init_cache(cfg, 1, 2 * T)
-  s = jnp.arange(2 * T)
-  mask1 = jnp.pad(masks.causal_mask(jnp.full((1,), T), T), ((0, 0), (0, 0), (0, T)))
-  out1, cache = draft.forward(p, embed[tokens], draft.fuse(p, aux, cfg=cfg), pos, cache, mask1, cfg=cfg)
+  cache = draft.init_cache(cfg, 1, T)
+  hidden = draft.fuse(p, aux, cfg=cfg)
+  out1, _ = draft.forward(p, embed[tokens], hidden, pos, cache, masks.causal_mask(jnp.full((1,), T), T), cfg=cfg)
   tokens2 = jnp.concatenate([tokens[:, 1:], jnp.zeros((1, 1), tokens.dtype)], axis=1)
-  mask2 = ((s[None, :] <= jnp.arange(T)[:, None]) | (s[None, :] == T + jnp.arange(T)[:, None]))[None]
-  cache = cache.replace(lengths=jnp.full((1,), T, jnp.int32))
-  out2, _ = draft.forward(p, embed[tokens2], out1, pos + 1, cache, mask2, cfg=cfg)
+  _, k1, v1 = draft.qkv(p, embed[tokens], hidden, pos, cfg=cfg)
+  q2, k2, v2 = draft.qkv(p, embed[tokens2], out1, pos + 1, cfg=cfg)
+  attn = attention.ttt_attention(q2, jnp.stack([k1, k2]), jnp.stack([v1, v2]), 1, cfg.sliding_window)
+  out2 = draft.post_attention(p, out1, attn, cfg=cfg)
   return [np.asarray(draft.logits(p, o, cfg=cfg)) for o in (out1, out2)]
 
 
@@ -213,7 +217,7 @@ def speculators_roundtrip(model, ckpt, embed, path) -> str:
   except ValueError as e:
     return f"speculators save -> read FAILED: {e} (config keys {keys})"
   diff = [k for k in VARIANT_FLAGS + ("draft_vocab_size", "rope_theta", "rms_norm_eps", "num_kv_heads", "head_dim",
-                                      "qk_norm")
+                                      "qk_norm", "sliding_window")
           if getattr(back.cfg, k) != getattr(ckpt.cfg, k)]
   if back.aux_layer_ids != AUX:
     diff.append(f"aux {back.aux_layer_ids}")

@@ -155,8 +155,10 @@ class TrainDraftConfig:
   fc_norm: bool = False
   norm_before_residual: bool = False
   norm_output: bool = False
-  # A Qwen3-style draft layer (per-head q/k RMSNorm); exported in the speculators layout, which can express it.
+  # A Qwen3-style draft layer (per-head q/k RMSNorm) and a sliding-window one (speculators' trainer default 2048);
+  # either is exported in the speculators layout, the one that can express it.
   qk_norm: bool = False
+  sliding_window: int | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

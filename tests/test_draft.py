@@ -23,7 +23,10 @@ def test_param_count_matches_official_formula(dcfg):
   assert count_params(draft.abstract_params(dcfg)) == expected
 
 
-def test_cached_steps_equal_one_pass(dcfg):
+@pytest.mark.parametrize("window", [None, 3], ids=["full", "window3"])
+def test_cached_steps_equal_one_pass(dcfg, window):
+  """Also for a sliding-window layer: the window applies to cache slots (slot == position) as to the one pass."""
+  dcfg = dataclasses.replace(dcfg, sliding_window=window)
   params = draft.init_params(dcfg, jax.random.key(0))
   B, T, S = 2, 7, 12
   emb = jax.random.normal(jax.random.key(1), (B, T, dcfg.hidden_size))
@@ -41,6 +44,11 @@ def test_cached_steps_equal_one_pass(dcfg):
     outs.append(out)
   np.testing.assert_allclose(np.concatenate(outs, 1), full, atol=1e-5)
   assert draft.logits(params, full, cfg=dcfg).shape == (B, T, 48)
+  if window is not None:  # the window really cut keys: the last rows differ from full attention
+    plain, _ = draft.forward(params, emb, draft.fuse(params, aux, cfg=dcfg), pos, None,
+                             masks.causal_mask(jnp.full((B,), T), T), cfg=dataclasses.replace(dcfg, sliding_window=None))
+    np.testing.assert_allclose(plain[:, :window], full[:, :window], atol=1e-6)
+    assert np.abs(np.asarray(plain[:, window:] - full[:, window:])).max(-1).min() > 1e-4  # every cut row
 
 
 def test_vocab_mapping_round_trip():

@@ -123,7 +123,7 @@ CASES = {  # name: (config, torch dtype, file format, extra make_state kwargs, n
 
 
 def torch_reference(sd, prefix, tokens, aux, embed, *, theta, eps=1e-5, norm_before_fc=False, fc_norm=False,
-                    norm_before_residual=False, qk_norm=False):
+                    norm_before_residual=False, qk_norm=False, sliding_window=None):
   """One draft step as speculators' Eagle3 core / model_definitions write it (the variant flags included; norm_output
   changes only what the next step receives, not this step's logits)."""
   w = {k: v.float() for k, v in sd.items() if v.is_floating_point()}
@@ -151,7 +151,10 @@ def torch_reference(sd, prefix, tokens, aux, embed, *, theta, eps=1e-5, norm_bef
   rot = lambda x: torch.cat([-x[..., H // 2:], x[..., :H // 2]], -1)  # noqa: E731
   q, k = q * cos + rot(q) * sin, k * cos + rot(k) * sin
   k, v = k.repeat_interleave(N // K, dim=1), v.repeat_interleave(N // K, dim=1)
-  scores = (q @ k.transpose(-1, -2) / math.sqrt(H)).masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), -math.inf)
+  visible = torch.ones(T, T, dtype=torch.bool).tril()
+  if sliding_window is not None:  # speculators' mask: kv_idx > q_idx - sliding_window
+    visible &= torch.arange(T)[None, :] > torch.arange(T)[:, None] - sliding_window
+  scores = (q @ k.transpose(-1, -2) / math.sqrt(H)).masked_fill(~visible, -math.inf)
   h1 = h + (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, N * H) @ p("self_attn.o_proj.weight").T
   x = rms(h1, p("post_attention_layernorm.weight"))
   mlp = torch.nn.functional.silu(x @ p("mlp.gate_proj.weight").T) * (x @ p("mlp.up_proj.weight").T)
@@ -203,6 +206,7 @@ VARIANTS = {  # name: the flags as speculators (and vLLM) name them; SpecForge w
     "eagle3.1": {"fc_norm": True, "norm_output": True},
     "speculators_train_default": {"norm_before_residual": True, "norm_before_fc": True, "norm_output": True},
     "qwen3": {"qk_norm": True},  # speculators' draft_arch "qwen3": transformer_layer_config.model_type qwen3
+    "sliding_window": {"sliding_window": 4},  # speculators' trainer default (2048), shrunk below the 6 test tokens
     "qwen3_train_default": {"qk_norm": True, "norm_before_residual": True, "norm_before_fc": True, "norm_output": True},
 }
 
@@ -226,13 +230,17 @@ def test_variants_read_into_the_reference_logits(tmp_path, variant, layout):
   """Each variant as its producer writes it reads into a draft whose logits equal the PyTorch reference written
   from speculators' forward; written back, it round trips bit-exactly in both layouts."""
   flags = VARIANTS[variant]
-  if flags.get("qk_norm") and layout != "speculators":
-    pytest.skip("a Qwen3-style draft layer exists only in the speculators layout")
+  layer_only = ("qk_norm", "sliding_window")  # fields of transformer_layer_config, not of the speculator
+  if any(k in flags for k in layer_only) and layout != "speculators":
+    pytest.skip("Qwen3-style and sliding-window draft layers exist only in the speculators layout")
   if layout == "speculators":
     sd, _ = _variant_state(7, flags, 48, prefix="layers.0.", embed=True)
-    config, theta = speculators_config() | {k: v for k, v in flags.items() if k != "qk_norm"}, 1000000.0
+    config, theta = speculators_config() | {k: v for k, v in flags.items() if k not in layer_only}, 1000000.0
     if flags.get("qk_norm"):  # a diff against Qwen3Config, whose head_dim default (128) is not D / N
       config["transformer_layer_config"] = config["transformer_layer_config"] | {"model_type": "qwen3"}
+    if flags.get("sliding_window"):  # as speculators' trainer writes it
+      config["transformer_layer_config"] = config["transformer_layer_config"] | {
+          "layer_types": ["sliding_attention"], "sliding_window": flags["sliding_window"], "use_sliding_window": True}
   else:  # SpecForge's LlamaForCausalLMEagle3 (fc_norm top level) as vLLM reads it; norm_output needs our marker
     sd, _ = _variant_state(7, flags, D)
     config, theta = sglang_config(**{k: v for k, v in flags.items() if k != "norm_before_fc"}), 500000.0
@@ -243,6 +251,7 @@ def test_variants_read_into_the_reference_logits(tmp_path, variant, layout):
   ckpt = interop.read_draft(save(tmp_path / "src", config, sd))
   for flag in (*interop.formats.VARIANT_FLAGS, "qk_norm"):
     assert getattr(ckpt.cfg, flag) == flags.get(flag, False), flag
+  assert ckpt.cfg.sliding_window == flags.get("sliding_window")
   rng = np.random.default_rng(3)
   tokens = rng.integers(V, size=(2, 6))
   aux = rng.standard_normal((2, 6, 3 * ckpt.cfg.target_hidden_size)).astype(np.float32)
@@ -252,8 +261,8 @@ def test_variants_read_into_the_reference_logits(tmp_path, variant, layout):
                         **{k: v for k, v in flags.items() if k != "norm_output"})
   np.testing.assert_allclose(jax_logits(ckpt, tokens, aux, embed), ref.numpy(), atol=1e-4, rtol=1e-4)
   for out in interop.WRITE_LAYOUTS:
-    if ckpt.cfg.qk_norm and out == "eagle":
-      with pytest.raises(ValueError, match="no Qwen3-style"):
+    if (ckpt.cfg.qk_norm or ckpt.cfg.sliding_window) and out == "eagle":
+      with pytest.raises(ValueError, match="the official EAGLE-3 layout has no"):
         interop.write_draft(tmp_path / out, ckpt, layout=out, include_embed=ckpt.embed is not None)
       continue
     interop.write_draft(tmp_path / out, ckpt, layout=out, verifier=VERIFIER, include_embed=ckpt.embed is not None)
@@ -501,8 +510,10 @@ def test_unimplemented_eagle_variants_are_refused(tmp_path, config_kw, mutate, m
     ({"transformer_layer_config": {"model_type": "llama", "num_hidden_layers": 3}}, "num_hidden_layers"),
     ({"draft_vocab_size": VD + 1}, "lm_head.weight"),
     # speculators' trainer default: every draft layer attends within a 2048-token window.
-    ({"transformer_layer_config": {"model_type": "llama", "num_hidden_layers": 1, "sliding_window": 2048,
-                                   "layer_types": ["sliding_attention"]}}, "layer_types.*sliding-window"),
+    ({"transformer_layer_config": {"model_type": "llama", "num_hidden_layers": 1, "sliding_window": None,
+                                   "layer_types": ["sliding_attention"]}}, "sliding_window is None"),
+    ({"transformer_layer_config": {"model_type": "llama", "num_hidden_layers": 1,
+                                   "layer_types": ["chunked_attention"]}}, "layer_types"),
     ({"transformer_layer_config": {"model_type": "llama", "num_hidden_layers": 1, "sliding_window": 2048}},
      "sliding_window=2048"),
 ])

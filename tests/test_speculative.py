@@ -182,12 +182,17 @@ def test_bad_inputs_raise(random_pair):
     run(vocab=draft.DraftVocab.identity(cfg.vocab_size))
   with pytest.raises(ValueError, match="param 'lm_head' has shape"):
     run(dcfg=dataclasses.replace(dcfg, draft_vocab_size=40))
+  with pytest.raises(ValueError, match="sliding_window=6 must exceed tree depth"):
+    run(dcfg=dataclasses.replace(dcfg, sliding_window=6))
+  with pytest.raises(ValueError, match="sliding_window must be None or an int >= 1"):
+    dataclasses.replace(dcfg, sliding_window=0)
   with pytest.raises(ValueError, match="cannot be built"):
     sp.SpecConfig(tree=TreeConfig(top_k=2, depth=2, total_tokens=7))
 
 
 VARIANTS = [dict(norm_before_fc=True), dict(fc_norm=True, norm_output=True),
-            dict(norm_before_residual=True, norm_before_fc=True, norm_output=True), dict(qk_norm=True)]
+            dict(norm_before_residual=True, norm_before_fc=True, norm_output=True), dict(qk_norm=True),
+            dict(sliding_window=10)]  # rows reach position 20: the window cuts the draft's context
 
 
 @pytest.mark.parametrize("flags", VARIANTS, ids=lambda f: "+".join(f))

@@ -30,7 +30,7 @@ def ttt_loss_reference(draft_params: Any, embed_VD: jax.Array, aux_BTA: jax.Arra
     emb = embed_VD[_shift_pad(tokens_BT, j + 1, T)]
     q, k, v = draft.qkv(draft_params, emb, hidden, jnp.broadcast_to(jnp.arange(T) + j, (B, T)), cfg=cfg)
     ks, vs = ks + [k], vs + [v]
-    mask = jnp.broadcast_to(masks.ttt_extended_mask(T, j), (B, T, (j + 1) * T))
+    mask = jnp.broadcast_to(masks.ttt_extended_mask(T, j, cfg.sliding_window), (B, T, (j + 1) * T))
     attn = attention.attention(q, attention.head_major(jnp.concatenate(ks, 1)), attention.head_major(jnp.concatenate(vs, 1)),
                                mask)
     hidden = draft.post_attention(draft_params, hidden, attn, cfg=cfg)

@@ -271,6 +271,9 @@ def validate(target: Target, target_params: Any, draft_params: Any, vocab: draft
     raise ValueError(f"vocab.d2t has shape {tuple(vocab.d2t.shape)}, expected ({dcfg.draft_vocab_size},)")
   if int(np.asarray(vocab.target_ids()).max()) >= target.vocab_size:
     raise ValueError(f"vocab.d2t maps draft ids outside the target vocabulary [0, {target.vocab_size})")
+  if dcfg.sliding_window is not None and dcfg.sliding_window <= spec.tree.depth + spec.rows:
+    raise ValueError(f"draft sliding_window={dcfg.sliding_window} must exceed tree depth + fed-back rows "
+                     f"({spec.tree.depth + spec.rows}): the draft's uncommitted rows must stay inside its window")
   if spec.tree.top_k > dcfg.draft_vocab_size:
     raise ValueError(f"TreeConfig.top_k={spec.tree.top_k} exceeds draft_vocab_size={dcfg.draft_vocab_size}")
 

@@ -4,7 +4,8 @@ The peers' variants are configuration of this one head (DraftConfig flags, as sp
 norm_before_fc (one RMSNorm over the concatenated aux states), fc_norm (EAGLE 3.1: one RMSNorm per aux state),
 norm_before_residual (the residual branch starts from the normalised hidden), norm_output (EAGLE 3.1: the
 post-norm hidden is what the next draft step and tree level receive; lm_head reads it either way) and qk_norm
-(a Qwen3-style layer: RMSNorm over each head's q and k before RoPE, speculators' draft_arch "qwen3").
+(a Qwen3-style layer: RMSNorm over each head's q and k before RoPE, speculators' draft_arch "qwen3"), and
+sliding_window (the layer sees only the last W positions, speculators' trainer default of 2048: one more mask).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from eagle3_jax.nn import layers
 from eagle3_jax.config import LlamaConfig, RopeScaling
 from eagle3_jax.params import ParamSpec, abstract_of, axes_of, init_from_specs
 from eagle3_jax.nn.kv_cache import KVCache, write_rows
-from eagle3_jax.nn import attention, kv_cache
+from eagle3_jax.nn import attention, kv_cache, masks
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -46,8 +47,11 @@ class DraftConfig:
   norm_before_residual: bool = False
   norm_output: bool = False
   qk_norm: bool = False
+  sliding_window: int | None = None  # W: a query sees key positions > its own - W (None: full attention)
 
   def __post_init__(self):
+    if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+      raise ValueError(f"DraftConfig.sliding_window must be None or an int >= 1, got {self.sliding_window!r}")
     if self.norm_before_fc and self.fc_norm:
       raise ValueError("DraftConfig: norm_before_fc and fc_norm are mutually exclusive (as in speculators)")
     if self.num_heads % self.num_kv_heads:
@@ -210,8 +214,12 @@ def forward(params: Any, emb_BTD: jax.Array, hidden_BTD: jax.Array, positions_BT
     q, k, v = qkv(params, emb_BTD, hidden_BTD, positions_BT, cfg=cfg)
     if cache is not None:
       kc, vc = write_rows(cache.k[0], k, cache.lengths), write_rows(cache.v[0], v, cache.lengths)
+      # A committed slot's index is its position; rows written past lengths (tree nodes, this call's rows) sit
+      # within depth + R of the query, inside any window the decoder accepts (speculative.validate).
+      mask = masks.sliding_window(mask, positions_BT, jnp.arange(kc.shape[kv_cache.SLOT_AXIS]), cfg.sliding_window)
       attn = attention.attention(q, kc, vc, mask)
       cache = cache.replace(k=(kc,), v=(vc,))
     else:
+      mask = masks.sliding_window(mask, positions_BT, positions_BT, cfg.sliding_window)
       attn = attention.attention(q, attention.head_major(k), attention.head_major(v), mask)
     return post_attention(params, hidden_BTD, attn, cfg=cfg), cache

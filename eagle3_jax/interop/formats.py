@@ -103,13 +103,22 @@ def _llama_shape(c: dict, where: str) -> dict[str, Any]:
     raise refuse(f"{where}model_type={c['model_type']!r}", "only Llama- and Qwen3-style draft layers are implemented")
   if _get(c, "num_hidden_layers") != 1:
     raise refuse(f"{where}num_hidden_layers={_get(c, 'num_hidden_layers')}", "multi-layer drafts")
-  # speculators' trainer gives draft layers sliding-window attention by default; reading such a layer as full
-  # attention would silently change the draft past the window.
+  # speculators' trainer gives draft layers sliding-window attention by default (layer_types + sliding_window);
+  # reading such a layer as full attention would silently change the draft past the window.
   layer_types = c.get("layer_types")
-  if layer_types is not None and any(t != "full_attention" for t in layer_types):
-    raise refuse(f"{where}layer_types={layer_types!r}", "sliding-window draft attention")
-  if layer_types is None and c.get("sliding_window") is not None and c.get("use_sliding_window", True):
-    raise refuse(f"{where}sliding_window={c['sliding_window']!r}", "sliding-window draft attention")
+  window = None
+  if layer_types is not None:
+    if len(layer_types) != 1 or layer_types[0] not in ("full_attention", "sliding_attention"):
+      raise refuse(f"{where}layer_types={layer_types!r}", "attention other than full or sliding-window")
+    if layer_types[0] == "sliding_attention":
+      window = c.get("sliding_window")
+      if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ValueError(f"config field {where}layer_types says sliding_attention but {where}sliding_window is "
+                         f"{window!r}, not a window size")
+  elif c.get("sliding_window") is not None and c.get("use_sliding_window", True):
+    # Without layer_types, speculators attends fully and other engines may apply the window: ambiguous.
+    raise refuse(f"{where}sliding_window={c['sliding_window']!r} without layer_types",
+                 "a window that engines disagree on applying")
   if _get(c, "hidden_act") != "silu":
     raise refuse(f"{where}hidden_act={_get(c, 'hidden_act')!r}", "only SiLU-gated MLPs are implemented")
   # transformers >= 5 nests theta (and the scaling type) in rope_parameters; older files use rope_scaling.
@@ -121,7 +130,7 @@ def _llama_shape(c: dict, where: str) -> dict[str, Any]:
   D, N = _get(c, "hidden_size"), _get(c, "num_attention_heads")
   return {"hidden_size": D, "intermediate_size": _get(c, "intermediate_size"), "num_heads": N,
           "num_kv_heads": c.get("num_key_value_heads") or N, "head_dim": _get(c, "head_dim") or D // N,
-          "qk_norm": c.get("model_type") == "qwen3",
+          "qk_norm": c.get("model_type") == "qwen3", "sliding_window": window,
           "vocab_size": _get(c, "vocab_size"), "rms_norm_eps": float(_get(c, "rms_norm_eps")),
           "rope_theta": float(rope.get("rope_theta") or _get(c, "rope_theta"))}
 
@@ -155,6 +164,9 @@ def parse_eagle(config: dict, num_target_layers: int | None) -> tuple[dict, tupl
   if any(a not in _EAGLE_ARCHS for a in archs):
     raise refuse(f"architectures={archs}", f"not one of {_EAGLE_ARCHS}")
   shape = _llama_shape(config, "")
+  if shape["sliding_window"] is not None:  # SGLang's and the official loaders attend fully whatever it says
+    raise refuse(f"layer_types={config.get('layer_types')!r} in the official / SGLang layout",
+                 "sliding-window draft attention (only the speculators layout states it for every engine)")
   ec = config.get("eagle_config") or {}
   _refuse_flags(ec, "eagle_config.")
   for key, bad, meaning in (("use_aux_hidden_state", False, "an EAGLE-1/2 head (no aux states)"),
@@ -230,9 +242,12 @@ def parse_speculators(config: dict, num_target_layers: int | None) -> tuple[dict
 def _llama_fields(cfg: DraftConfig, extra: dict, torch_dtype: str) -> dict[str, Any]:
   """A complete transformers LlamaConfig (Qwen3Config with qk_norm) for the draft layer: every field engines read,
   nothing left to defaults, model_type first."""
-  qwen3 = {"use_sliding_window": False, "sliding_window": None, "max_window_layers": 1,
-           "layer_types": ["full_attention"]} if cfg.qk_norm else {}
-  fields = {"model_type": "qwen3" if cfg.qk_norm else "llama", **qwen3,
+  window = cfg.sliding_window
+  # Stated whenever the layer is not a plain Llama one: Qwen3Config would otherwise fill in its own window fields.
+  attention = {"layer_types": ["sliding_attention" if window else "full_attention"], "sliding_window": window,
+               "use_sliding_window": window is not None} if window or cfg.qk_norm else {}
+  qwen3 = {"max_window_layers": 1} if cfg.qk_norm else {}
+  fields = {"model_type": "qwen3" if cfg.qk_norm else "llama", **qwen3, **attention,
             "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
             "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
             "num_hidden_layers": 1, "hidden_act": "silu", "rms_norm_eps": cfg.rms_norm_eps,
@@ -253,9 +268,10 @@ def _own(layout: str, aux: tuple[int, ...], extra: dict) -> dict[str, Any]:
 
 def eagle_config(cfg: DraftConfig, aux: tuple[int, ...], extra: dict, torch_dtype: str) -> dict[str, Any]:
   """Official / SGLang config.json: LlamaForCausalLMEagle3 with aux ids in eagle_config, OUTPUT numbering."""
-  if cfg.qk_norm:
-    raise ValueError("the official EAGLE-3 layout has no Qwen3-style (qk_norm) draft layer: write the speculators "
-                     "layout instead")
+  for field, what in (("qk_norm", "Qwen3-style (qk_norm)"), ("sliding_window", "sliding-window")):
+    if getattr(cfg, field):
+      raise ValueError(f"the official EAGLE-3 layout has no {what} draft layer: write the speculators layout "
+                       "instead")
   config = {"architectures": ["LlamaForCausalLMEagle3"], **_llama_fields(cfg, extra, torch_dtype),
             "draft_vocab_size": cfg.draft_vocab_size}
   if cfg.target_hidden_size != cfg.hidden_size:

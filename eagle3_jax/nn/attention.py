@@ -8,6 +8,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from eagle3_jax.nn import masks
+
 # Finite rather than -inf: a fully masked row (padding) must give zeros-ish, never NaN. Both functions below use it,
 # so they agree bit for bit on masked entries.
 MASKED = -1e30
@@ -39,10 +41,12 @@ def head_major(x_BTKH: jax.Array) -> jax.Array:
   return jnp.swapaxes(x_BTKH, 1, 2)
 
 
-def ttt_attention(q_BTNH: jax.Array, k_RBTKH: jax.Array, v_RBTKH: jax.Array, step: Any) -> jax.Array:
-  """Attention of TTT step `step` (corrected mask): row t sees step-0 keys s <= t and its own chain of keys
-  from steps 1..step at row t (the diagonal). Buffer slot 0 holds the step-0 K/V over all T positions, slot i
-  the keys step i wrote; slots beyond `step` are ignored whatever they hold.
+def ttt_attention(q_BTNH: jax.Array, k_RBTKH: jax.Array, v_RBTKH: jax.Array, step: Any,
+                  window: int | None = None) -> jax.Array:
+  """Attention of TTT step `step` (corrected mask): row t sees step-0 keys s <= t (and t - s < window for a
+  sliding-window layer, rows counted as speculators' trainer counts them) and its own chain of keys from steps
+  1..step at row t (the diagonal). Buffer slot 0 holds the step-0 K/V over all T positions, slot i the keys step i
+  wrote; slots beyond `step` are ignored whatever they hold.
 
   Equals `attention` over the keys [K_0; K_1; ...; K_step] with masks.ttt_extended_mask (causal ⊕ identity per
   extra step), at O(T·R) instead of O(T²·R) extra cost.
@@ -52,7 +56,7 @@ def ttt_attention(q_BTNH: jax.Array, k_RBTKH: jax.Array, v_RBTKH: jax.Array, ste
   q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
   with jax.named_scope("ttt_attention"):
     scale = 1.0 / math.sqrt(H)
-    causal_TS = jnp.arange(T)[:, None] >= jnp.arange(T)[None, :]
+    causal_TS = masks.ttt_extended_mask(T, 0, window)
     s0 = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_RBTKH[0]).astype(jnp.float32) * scale
     s0 = jnp.where(causal_TS, s0, MASKED)
     sd = jnp.einsum("BTKGH,RBTKH->BKGTR", q_BTKGH, k_RBTKH).astype(jnp.float32) * scale

@@ -1,4 +1,5 @@
-"""Every attention mask, as data: causal prefill, cache-causal decode, tree blocks and ancestors, TTT extended."""
+"""Every attention mask, as data: causal prefill, cache-causal decode, tree blocks and ancestors, sliding windows,
+TTT extended."""
 
 from __future__ import annotations
 
@@ -49,7 +50,22 @@ def ancestor_mask(parents_BP: jax.Array, depth: int) -> jax.Array:
   return anc
 
 
-def ttt_extended_mask(T: int, step: int) -> jax.Array:
-  """[T, (step+1)·T] dense TTT mask: causal over the step-0 keys, then an identity block per extra step."""
+def sliding_window(mask_BTS: jax.Array, q_positions_BT: jax.Array, k_positions: jax.Array,
+                   window: int | None) -> jax.Array:
+  """mask_BTS and, for a sliding-window layer, key position > query position - window (a query sees `window`
+  positions, itself included, as transformers and speculators count). k_positions: [S] or [B,S]."""
+  if window is None:
+    return mask_BTS
+  k_BS = jnp.broadcast_to(k_positions, (mask_BTS.shape[0], mask_BTS.shape[2]))
+  return mask_BTS & (k_BS[:, None, :] > q_positions_BT[:, :, None] - window)
+
+
+def ttt_extended_mask(T: int, step: int, window: int | None = None) -> jax.Array:
+  """[T, (step+1)·T] dense TTT mask: causal over the step-0 keys (within `window` rows of the query, for a
+  sliding-window layer), then an identity block per extra step."""
   eye = jnp.eye(T, dtype=bool)
-  return jnp.concatenate([jnp.tril(jnp.ones((T, T), bool))] + [eye] * step, axis=1)
+  t = jnp.arange(T)
+  causal = t[:, None] >= t[None, :]
+  if window is not None:
+    causal &= t[:, None] - t[None, :] < window
+  return jnp.concatenate([causal] + [eye] * step, axis=1)

@@ -150,12 +150,14 @@ def evaluate(eval_fn, params: Any, target_params: Any, vocab: DraftVocab, cfg: T
 def export_draft(path: pathlib.Path, params: Any, vm: vocab_lib.VocabMap, statics: step_lib.StepStatics,
                  cfg: TrainConfig, tokenizer, target_params: Any = None) -> str:
   """Writes the draft in the official EAGLE-3 layout (safetensors + config.json), from process 0; a Qwen3-style
-  (qk_norm) draft, which that layout cannot express, in the speculators layout with the target's embedding."""
+  (qk_norm) or sliding-window draft, which that layout cannot express, in the speculators layout with the target's
+  embedding."""
   from eagle3_jax import interop
 
   params = host_params(params)
   embed = None  # gathered on every process (a collective), written by process 0
-  if statics.draft_cfg.qk_norm and target_params is not None:
+  speculators = statics.draft_cfg.qk_norm or statics.draft_cfg.sliding_window is not None
+  if speculators and target_params is not None:
     embed = host_params(statics.target.embed(target_params))
   if jax.process_index() == 0:
     tcfg = statics.target_cfg
@@ -171,7 +173,7 @@ def export_draft(path: pathlib.Path, params: Any, vm: vocab_lib.VocabMap, static
     ckpt = interop.DraftCheckpoint(cfg=statics.draft_cfg, params=params,
                                    vocab=DraftVocab(d2t=np.asarray(vm.d2t, np.int64), t2d=np.asarray(vm.t2d)),
                                    aux_layer_ids=tuple(tcfg.aux_layer_ids), source_layout="jax", extra=extra)
-    if statics.draft_cfg.qk_norm:
+    if speculators:
       interop.write_draft(path, ckpt, layout="speculators", overwrite=True, target_embed=embed)
     else:
       interop.write_draft(path, ckpt, layout="eagle", overwrite=True)  # a resumed run re-exports

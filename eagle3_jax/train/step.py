@@ -42,7 +42,8 @@ def draft_config(cfg: TrainConfig, target_cfg: LlamaConfig) -> DraftConfig:
   return DraftConfig.for_target(target_cfg, min(cfg.draft.draft_vocab_size, target_cfg.vocab_size),
                                 rope_theta=cfg.draft.rope_theta, norm_before_fc=cfg.draft.norm_before_fc,
                                 fc_norm=cfg.draft.fc_norm, norm_before_residual=cfg.draft.norm_before_residual,
-                                norm_output=cfg.draft.norm_output, qk_norm=cfg.draft.qk_norm)
+                                norm_output=cfg.draft.norm_output, qk_norm=cfg.draft.qk_norm,
+                                sliding_window=cfg.draft.sliding_window)
 
 
 # ----- optimiser ----------------------------------------------------------------------------------------------

@@ -165,7 +165,7 @@ def ttt_scan(draft_params: Any, embed_VD: jax.Array, aux_BTA: jax.Array, tok_pad
       q, k, v = draft.qkv(draft_params, emb, hidden, t_BT + j, cfg=cfg)
       kbuf = jax.lax.dynamic_update_index_in_dim(kbuf, k.astype(kbuf.dtype), j, 0)
       vbuf = jax.lax.dynamic_update_index_in_dim(vbuf, v.astype(vbuf.dtype), j, 0)
-      out = draft.post_attention(draft_params, hidden, attention.ttt_attention(q, kbuf, vbuf, j), cfg=cfg)
+      out = draft.post_attention(draft_params, hidden, attention.ttt_attention(q, kbuf, vbuf, j, cfg.sliding_window), cfg=cfg)
       y = per_step(draft.logits(draft_params, out, cfg=cfg), j)
     return (out.astype(hidden.dtype), kbuf, vbuf), y
 
