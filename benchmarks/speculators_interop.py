@@ -4,7 +4,8 @@ the same draft logits, and drafts speculators saves load here. A manual script, 
 For a tiny random 4-layer Llama verifier (saved to a temp dir, which is its name_or_path; no network needed) and each
 head variant (canonical, norm_before_fc, fc_norm, norm_before_residual, EAGLE 3.1 = fc_norm + norm_output, and
 speculators' training default = norm_before_residual + norm_before_fc + norm_output, a Qwen3-style layer (qk_norm)
-alone and with that default, a sliding-window layer whose window cuts the 128 tokens; Vd = 64, plus one full-vocab
+alone and with that default, a sliding-window layer whose window cuts the 128 tokens, 3 layers, and 2 windowed
+Qwen3-style layers with speculators' defaults; Vd = 64, plus one full-vocab
 canonical case with a non-default rope_theta) it:
   1. writes a random draft with `interop.write_draft(layout="speculators", target_embed=<verifier embedding>)`;
   2. loads it with `Eagle3SpeculatorConfig.from_pretrained` (config ok) and `Eagle3DraftModel.from_pretrained`, and
@@ -110,6 +111,10 @@ VARIANTS = [  # (name, flags, draft_vocab_size, extra DraftConfig fields)
      {"norm_before_residual": True, "norm_before_fc": True, "norm_output": True}, 64, {}),
     ("qwen3 layer (qk_norm)", {}, 64, {"qk_norm": True}),
     ("sliding window 48 (< T = 128: the window cuts)", {}, 64, {"sliding_window": 48}),
+    ("3 layers", {}, 64, {"num_layers": 3}),
+    ("2 qwen3 layers, window 48, speculators default flags",
+     {"norm_before_residual": True, "norm_before_fc": True, "norm_output": True}, 64,
+     {"qk_norm": True, "sliding_window": 48, "num_layers": 2}),
     ("qwen3 speculators default (qk_norm+nbr+nbf+norm_output)",
      {"norm_before_residual": True, "norm_before_fc": True, "norm_output": True}, 64, {"qk_norm": True}),
 ]
@@ -151,10 +156,21 @@ def our_logits(ckpt, embed, tokens, aux):
   hidden = draft.fuse(p, aux, cfg=cfg)
   out1, _ = draft.forward(p, embed[tokens], hidden, pos, cache, masks.causal_mask(jnp.full((1,), T), T), cfg=cfg)
   tokens2 = jnp.concatenate([tokens[:, 1:], jnp.zeros((1, 1), tokens.dtype)], axis=1)
-  _, k1, v1 = draft.qkv(p, embed[tokens], hidden, pos, cfg=cfg)
-  q2, k2, v2 = draft.qkv(p, embed[tokens2], out1, pos + 1, cfg=cfg)
-  attn = attention.ttt_attention(q2, jnp.stack([k1, k2]), jnp.stack([v1, v2]), 1, cfg.sliding_window)
-  out2 = draft.post_attention(p, out1, attn, cfg=cfg)
+  kv: dict[int, list] = {}  # per layer: (k, v) of step 1, then of step 2
+
+  def attend(step):
+    def f(i, q, k, v):
+      kv.setdefault(i, []).append((k, v))
+      if step == 0:
+        return attention.attention(q, attention.head_major(k), attention.head_major(v),
+                                   masks.sliding_window(masks.causal_mask(jnp.full((1,), T), T), pos, pos,
+                                                        cfg.sliding_window))
+      ks, vs = zip(*kv[i])
+      return attention.ttt_attention(q, jnp.stack(ks), jnp.stack(vs), 1, cfg.sliding_window)
+    return f
+
+  draft.run_layers(p, embed[tokens], hidden, pos, attend(0), cfg=cfg)  # step 1 again: each layer's keys
+  out2 = draft.run_layers(p, embed[tokens2], out1, pos + 1, attend(1), cfg=cfg)
   return [np.asarray(draft.logits(p, o, cfg=cfg)) for o in (out1, out2)]
 
 
@@ -217,7 +233,7 @@ def speculators_roundtrip(model, ckpt, embed, path) -> str:
   except ValueError as e:
     return f"speculators save -> read FAILED: {e} (config keys {keys})"
   diff = [k for k in VARIANT_FLAGS + ("draft_vocab_size", "rope_theta", "rms_norm_eps", "num_kv_heads", "head_dim",
-                                      "qk_norm", "sliding_window")
+                                      "qk_norm", "sliding_window", "num_layers")
           if getattr(back.cfg, k) != getattr(ckpt.cfg, k)]
   if back.aux_layer_ids != AUX:
     diff.append(f"aux {back.aux_layer_ids}")

@@ -155,10 +155,11 @@ class TrainDraftConfig:
   fc_norm: bool = False
   norm_before_residual: bool = False
   norm_output: bool = False
-  # A Qwen3-style draft layer (per-head q/k RMSNorm) and a sliding-window one (speculators' trainer default 2048);
-  # either is exported in the speculators layout, the one that can express it.
+  # Qwen3-style draft layers (per-head q/k RMSNorm), sliding-window ones (speculators' trainer default 2048) and
+  # several layers: any of them is exported in the speculators layout, the one that can express it.
   qk_norm: bool = False
   sliding_window: int | None = None
+  num_layers: int = 1  # > 1 stacks plain decoder layers on the first (speculators' --num-layers)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -40,12 +40,16 @@ def test_ttt_ranks_match_unrolled_reference(tiny_cfg):
   ks, vs = [], []
   ids = np.asarray(vocab.target_ids())
   for j in range(R):
-    q, k, v = draft.qkv(dparams, params["embed"][pad(x, j + 1)], hidden,
-                        jnp.broadcast_to(jnp.arange(T) + j, (B, T)), cfg=dcfg)
-    ks, vs = ks + [k], vs + [v]
     mask = jnp.broadcast_to(masks.ttt_extended_mask(T, j), (B, T, (j + 1) * T))
-    hidden = draft.post_attention(dparams, hidden, attention.attention(
-        q, attention.head_major(jnp.concatenate(ks, 1)), attention.head_major(jnp.concatenate(vs, 1)), mask), cfg=dcfg)
+
+    def attend(i, q, k, v):
+      ks.append(k)
+      vs.append(v)
+      return attention.attention(q, attention.head_major(jnp.concatenate(ks, 1)),
+                                 attention.head_major(jnp.concatenate(vs, 1)), mask)
+
+    hidden = draft.run_layers(dparams, params["embed"][pad(x, j + 1)], hidden,
+                              jnp.broadcast_to(jnp.arange(T) + j, (B, T)), attend, cfg=dcfg)
     logits = np.asarray(draft.logits(dparams, hidden, cfg=dcfg))
     for b in range(B):
       for t in range(T):

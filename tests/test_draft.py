@@ -23,10 +23,12 @@ def test_param_count_matches_official_formula(dcfg):
   assert count_params(draft.abstract_params(dcfg)) == expected
 
 
-@pytest.mark.parametrize("window", [None, 3], ids=["full", "window3"])
-def test_cached_steps_equal_one_pass(dcfg, window):
-  """Also for a sliding-window layer: the window applies to cache slots (slot == position) as to the one pass."""
-  dcfg = dataclasses.replace(dcfg, sliding_window=window)
+@pytest.mark.parametrize("window, num_layers", [(None, 1), (3, 1), (None, 3), (3, 2)],
+                         ids=["full", "window3", "3layers", "window3_2layers"])
+def test_cached_steps_equal_one_pass(dcfg, window, num_layers):
+  """Also for a sliding-window layer (the window applies to cache slots, slot == position, as to the one pass) and
+  for stacked layers (each with its own cache buffers)."""
+  dcfg = dataclasses.replace(dcfg, sliding_window=window, num_layers=num_layers)
   params = draft.init_params(dcfg, jax.random.key(0))
   B, T, S = 2, 7, 12
   emb = jax.random.normal(jax.random.key(1), (B, T, dcfg.hidden_size))

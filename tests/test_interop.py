@@ -123,7 +123,7 @@ CASES = {  # name: (config, torch dtype, file format, extra make_state kwargs, n
 
 
 def torch_reference(sd, prefix, tokens, aux, embed, *, theta, eps=1e-5, norm_before_fc=False, fc_norm=False,
-                    norm_before_residual=False, qk_norm=False, sliding_window=None):
+                    norm_before_residual=False, qk_norm=False, sliding_window=None, num_layers=1):
   """One draft step as speculators' Eagle3 core / model_definitions write it (the variant flags included; norm_output
   changes only what the next step receives, not this step's logits)."""
   w = {k: v.float() for k, v in sd.items() if v.is_floating_point()}
@@ -141,25 +141,31 @@ def torch_reference(sd, prefix, tokens, aux, embed, *, theta, eps=1e-5, norm_bef
   u = torch.cat([rms(embed[tokens], p("input_layernorm.weight")), rms(h, p("hidden_norm.weight"))], -1)
   if norm_before_residual:  # residual = hidden_norm(hidden)
     h = rms(h, p("hidden_norm.weight"))
-  heads = lambda name, n: (u @ p(f"self_attn.{name}.weight").T).view(B, T, n, H).transpose(1, 2)  # noqa: E731
-  q, k, v = heads("q_proj", N), heads("k_proj", K), heads("v_proj", K)
-  if qk_norm:  # transformers' Qwen3Attention: q_norm / k_norm over head_dim, before RoPE
-    q, k = rms(q, p("self_attn.q_norm.weight")), rms(k, p("self_attn.k_norm.weight"))
   inv = 1.0 / theta ** (torch.arange(0, H, 2, dtype=torch.float64) / H)
   ang = torch.arange(T, dtype=torch.float64)[:, None] * inv[None]
   cos, sin = torch.cat([ang, ang], -1).cos().float(), torch.cat([ang, ang], -1).sin().float()
   rot = lambda x: torch.cat([-x[..., H // 2:], x[..., :H // 2]], -1)  # noqa: E731
-  q, k = q * cos + rot(q) * sin, k * cos + rot(k) * sin
-  k, v = k.repeat_interleave(N // K, dim=1), v.repeat_interleave(N // K, dim=1)
   visible = torch.ones(T, T, dtype=torch.bool).tril()
   if sliding_window is not None:  # speculators' mask: kv_idx > q_idx - sliding_window
     visible &= torch.arange(T)[None, :] > torch.arange(T)[:, None] - sliding_window
-  scores = (q @ k.transpose(-1, -2) / math.sqrt(H)).masked_fill(~visible, -math.inf)
-  h1 = h + (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, N * H) @ p("self_attn.o_proj.weight").T
-  x = rms(h1, p("post_attention_layernorm.weight"))
-  mlp = torch.nn.functional.silu(x @ p("mlp.gate_proj.weight").T) * (x @ p("mlp.up_proj.weight").T)
-  h2 = h1 + mlp @ p("mlp.down_proj.weight").T
-  return rms(h2, w["norm.weight"]) @ w["lm_head.weight"].T
+
+  def layer(pre, u, h):  # attention over u (the layer's normed input) with residual h, then the SwiGLU block
+    heads = lambda name, n: (u @ w[pre + f"self_attn.{name}.weight"].T).view(B, T, n, H).transpose(1, 2)  # noqa
+    q, k, v = heads("q_proj", N), heads("k_proj", K), heads("v_proj", K)
+    if qk_norm:  # transformers' Qwen3Attention: q_norm / k_norm over head_dim, before RoPE
+      q, k = rms(q, w[pre + "self_attn.q_norm.weight"]), rms(k, w[pre + "self_attn.k_norm.weight"])
+    q, k = q * cos + rot(q) * sin, k * cos + rot(k) * sin
+    k, v = k.repeat_interleave(N // K, dim=1), v.repeat_interleave(N // K, dim=1)
+    scores = (q @ k.transpose(-1, -2) / math.sqrt(H)).masked_fill(~visible, -math.inf)
+    h1 = h + (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, N * H) @ w[pre + "self_attn.o_proj.weight"].T
+    x = rms(h1, w[pre + "post_attention_layernorm.weight"])
+    mlp = torch.nn.functional.silu(x @ w[pre + "mlp.gate_proj.weight"].T) * (x @ w[pre + "mlp.up_proj.weight"].T)
+    return h1 + mlp @ w[pre + "mlp.down_proj.weight"].T
+
+  h = layer(prefix, u, h)
+  for i in range(1, num_layers):  # speculators' plain decoder layers 1..N-1
+    h = layer(f"layers.{i}.", rms(h, w[f"layers.{i}.input_layernorm.weight"]), h)
+  return rms(h, w["norm.weight"]) @ w["lm_head.weight"].T
 
 
 @functools.partial(jax.jit, static_argnames="cfg")
@@ -207,6 +213,8 @@ VARIANTS = {  # name: the flags as speculators (and vLLM) name them; SpecForge w
     "speculators_train_default": {"norm_before_residual": True, "norm_before_fc": True, "norm_output": True},
     "qwen3": {"qk_norm": True},  # speculators' draft_arch "qwen3": transformer_layer_config.model_type qwen3
     "sliding_window": {"sliding_window": 4},  # speculators' trainer default (2048), shrunk below the 6 test tokens
+    "three_layers": {"num_layers": 3},  # speculators' --num-layers: layers.1, layers.2 are plain decoder layers
+    "qwen3_2layers_window": {"num_layers": 2, "qk_norm": True, "sliding_window": 4, "norm_before_residual": True},
     "qwen3_train_default": {"qk_norm": True, "norm_before_residual": True, "norm_before_fc": True, "norm_output": True},
 }
 
@@ -218,9 +226,18 @@ def _variant_state(seed, flags, dt, **kw):
     sd["input_norm.weight"] = 1 + 0.2 * torch.randn(3 * dt, generator=g)
   if flags.get("fc_norm"):
     sd.update({f"fc_norm.{i}.weight": 1 + 0.2 * torch.randn(dt, generator=g) for i in range(3)})
+  mat = lambda o, i: torch.randn(o, i, generator=g) / math.sqrt(i)  # noqa: E731
+  vec = lambda n: 1 + 0.2 * torch.randn(n, generator=g)  # noqa: E731
+  for i in range(1, flags.get("num_layers", 1)):  # speculators' plain decoder layers
+    pre = f"layers.{i}."
+    sd.update({pre + "input_layernorm.weight": vec(D), pre + "self_attn.q_proj.weight": mat(N * H, D),
+               pre + "self_attn.k_proj.weight": mat(K * H, D), pre + "self_attn.v_proj.weight": mat(K * H, D),
+               pre + "self_attn.o_proj.weight": mat(D, N * H), pre + "post_attention_layernorm.weight": vec(D),
+               pre + "mlp.gate_proj.weight": mat(F, D), pre + "mlp.up_proj.weight": mat(F, D),
+               pre + "mlp.down_proj.weight": mat(D, F)})
   if flags.get("qk_norm"):
-    prefix = kw.get("prefix", "midlayer.")
-    sd.update({f"{prefix}self_attn.{n}_norm.weight": 1 + 0.2 * torch.randn(H, generator=g) for n in "qk"})
+    prefixes = [kw.get("prefix", "midlayer.")] + [f"layers.{i}." for i in range(1, flags.get("num_layers", 1))]
+    sd.update({f"{pre}self_attn.{n}_norm.weight": vec(H) for pre in prefixes for n in "qk"})
   return sd, ids
 
 
@@ -230,17 +247,20 @@ def test_variants_read_into_the_reference_logits(tmp_path, variant, layout):
   """Each variant as its producer writes it reads into a draft whose logits equal the PyTorch reference written
   from speculators' forward; written back, it round trips bit-exactly in both layouts."""
   flags = VARIANTS[variant]
-  layer_only = ("qk_norm", "sliding_window")  # fields of transformer_layer_config, not of the speculator
+  layer_only = ("qk_norm", "sliding_window", "num_layers")  # transformer_layer_config fields
   if any(k in flags for k in layer_only) and layout != "speculators":
-    pytest.skip("Qwen3-style and sliding-window draft layers exist only in the speculators layout")
+    pytest.skip("Qwen3-style, sliding-window and multi-layer drafts exist only in the speculators layout")
   if layout == "speculators":
     sd, _ = _variant_state(7, flags, 48, prefix="layers.0.", embed=True)
     config, theta = speculators_config() | {k: v for k, v in flags.items() if k not in layer_only}, 1000000.0
     if flags.get("qk_norm"):  # a diff against Qwen3Config, whose head_dim default (128) is not D / N
       config["transformer_layer_config"] = config["transformer_layer_config"] | {"model_type": "qwen3"}
+    n = flags.get("num_layers", 1)
+    config["transformer_layer_config"] = config["transformer_layer_config"] | {"num_hidden_layers": n}
     if flags.get("sliding_window"):  # as speculators' trainer writes it
       config["transformer_layer_config"] = config["transformer_layer_config"] | {
-          "layer_types": ["sliding_attention"], "sliding_window": flags["sliding_window"], "use_sliding_window": True}
+          "layer_types": ["sliding_attention"] * n, "sliding_window": flags["sliding_window"],
+          "use_sliding_window": True}
   else:  # SpecForge's LlamaForCausalLMEagle3 (fc_norm top level) as vLLM reads it; norm_output needs our marker
     sd, _ = _variant_state(7, flags, D)
     config, theta = sglang_config(**{k: v for k, v in flags.items() if k != "norm_before_fc"}), 500000.0
@@ -251,7 +271,7 @@ def test_variants_read_into_the_reference_logits(tmp_path, variant, layout):
   ckpt = interop.read_draft(save(tmp_path / "src", config, sd))
   for flag in (*interop.formats.VARIANT_FLAGS, "qk_norm"):
     assert getattr(ckpt.cfg, flag) == flags.get(flag, False), flag
-  assert ckpt.cfg.sliding_window == flags.get("sliding_window")
+  assert ckpt.cfg.sliding_window == flags.get("sliding_window") and ckpt.cfg.num_layers == flags.get("num_layers", 1)
   rng = np.random.default_rng(3)
   tokens = rng.integers(V, size=(2, 6))
   aux = rng.standard_normal((2, 6, 3 * ckpt.cfg.target_hidden_size)).astype(np.float32)
@@ -261,7 +281,7 @@ def test_variants_read_into_the_reference_logits(tmp_path, variant, layout):
                         **{k: v for k, v in flags.items() if k != "norm_output"})
   np.testing.assert_allclose(jax_logits(ckpt, tokens, aux, embed), ref.numpy(), atol=1e-4, rtol=1e-4)
   for out in interop.WRITE_LAYOUTS:
-    if (ckpt.cfg.qk_norm or ckpt.cfg.sliding_window) and out == "eagle":
+    if (ckpt.cfg.qk_norm or ckpt.cfg.sliding_window or ckpt.cfg.num_layers > 1) and out == "eagle":
       with pytest.raises(ValueError, match="the official EAGLE-3 layout has no"):
         interop.write_draft(tmp_path / out, ckpt, layout=out, include_embed=ckpt.embed is not None)
       continue
@@ -482,7 +502,7 @@ def test_bad_keys_raise_naming_the_key(tmp_path, mutate, match):
     ({"fc_norm": 1}, None, "true or false"),
     ({"num_hidden_layers": 2}, lambda sd: sd.update({"layers.1.hidden_norm.weight": torch.ones(D)}),
      "num_hidden_layers"),
-    ({}, lambda sd: sd.update({"layers.1.input_layernorm.weight": torch.ones(D)}), "multi-layer"),
+    ({}, lambda sd: sd.update({"layers.1.input_layernorm.weight": torch.ones(D)}), "beyond those config.json"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, None, "rope_scaling"),
     ({"tie_word_embeddings": True}, None, "tie_word_embeddings"),
     ({"attention_bias": True}, None, "attention_bias"),
@@ -507,7 +527,12 @@ def test_unimplemented_eagle_variants_are_refused(tmp_path, config_kw, mutate, m
      "q_norm"),
     ({"transformer_layer_config": {k: v for k, v in speculators_config()["transformer_layer_config"].items()
                                    if k != "head_dim"} | {"model_type": "qwen3"}}, "q_proj"),
-    ({"transformer_layer_config": {"model_type": "llama", "num_hidden_layers": 3}}, "num_hidden_layers"),
+    # Three layers stated, one in the file: the first missing weight is named.
+    ({"transformer_layer_config": speculators_config()["transformer_layer_config"] | {"num_hidden_layers": 3}},
+     "layers.1."),
+    ({"transformer_layer_config": speculators_config()["transformer_layer_config"] | {
+        "num_hidden_layers": 2, "layer_types": ["sliding_attention", "full_attention"], "sliding_window": 8}},
+     "one sliding window for every layer"),
     ({"draft_vocab_size": VD + 1}, "lm_head.weight"),
     # speculators' trainer default: every draft layer attends within a 2048-token window.
     ({"transformer_layer_config": {"model_type": "llama", "num_hidden_layers": 1, "sliding_window": None,

@@ -192,7 +192,8 @@ def test_bad_inputs_raise(random_pair):
 
 VARIANTS = [dict(norm_before_fc=True), dict(fc_norm=True, norm_output=True),
             dict(norm_before_residual=True, norm_before_fc=True, norm_output=True), dict(qk_norm=True),
-            dict(sliding_window=10)]  # rows reach position 20: the window cuts the draft's context
+            dict(sliding_window=10),  # rows reach position 20: the window cuts the draft's context
+            dict(num_layers=2, norm_output=True)]  # prefill runs the full draft pass for layer 1's K/V
 
 
 @pytest.mark.parametrize("flags", VARIANTS, ids=lambda f: "+".join(f))

@@ -73,18 +73,19 @@ def test_tiny_run_learns_and_exports(tmp_path):
   np.testing.assert_array_equal(np.asarray(exported.vocab.d2t), vm.d2t)
 
 
-def test_qwen3_style_sliding_window_draft_trains_and_exports_in_the_speculators_layout(tmp_path):
-  """draft.qk_norm + draft.sliding_window: a Qwen3-style windowed draft layer trains (ce_0 falls); the official
-  layout cannot express it, so the export is a speculators directory (with the target's embedding) that reads back
-  as the same draft."""
+def test_two_layer_qwen3_style_windowed_draft_trains_and_exports_in_the_speculators_layout(tmp_path):
+  """draft.qk_norm + draft.sliding_window + draft.num_layers: two Qwen3-style windowed draft layers train (ce_0
+  falls); the official layout cannot express them, so the export is a speculators directory (with the target's
+  embedding) that reads back as the same draft."""
   cfg = load_config(TINY, [f"run_dir={tmp_path}", "num_steps=30", "log_every=1", "eval_every=0", "progress=false",
-                           "checkpoint_every=1000", "draft.qk_norm=true", "draft.sliding_window=8"])
+                           "checkpoint_every=1000", "draft.qk_norm=true", "draft.sliding_window=8",
+                           "draft.num_layers=2"])
   summary = loop.train(cfg)
   rows = _metrics(tmp_path)
   assert np.mean([r["ce_j"][0] for r in rows[-5:]]) < np.mean([r["ce_j"][0] for r in rows[:5]])
   exported = interop.read_draft(summary["export_dir"])
   assert exported.cfg.qk_norm and exported.source_layout == "speculators" and exported.embed is not None
-  assert exported.cfg.sliding_window == 8
+  assert exported.cfg.sliding_window == 8 and exported.cfg.num_layers == 2 and "1" in exported.params["layers"]
   assert set(exported.params["midlayer"]["self_attn"]) >= {"q_norm", "k_norm"}
   config = json.loads((pathlib.Path(summary["export_dir"]) / "config.json").read_text())
   assert config["transformer_layer_config"]["model_type"] == "qwen3"

@@ -79,7 +79,7 @@ def test_scan_matches_python_reference(setup, dcfg, steps, loss_norm):
 
 @pytest.mark.parametrize("flags", [dict(norm_before_fc=True), dict(fc_norm=True, norm_output=True),
                                    dict(norm_before_residual=True, norm_output=True), dict(qk_norm=True),
-                                   dict(sliding_window=3)],
+                                   dict(sliding_window=3), dict(num_layers=3, norm_output=True)],
                          ids=lambda f: "+".join(f))
 def test_scan_matches_python_reference_for_each_head_variant(setup, dcfg, flags):
   vcfg = dataclasses.replace(dcfg, **flags)

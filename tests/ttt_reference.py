@@ -25,15 +25,19 @@ def ttt_loss_reference(draft_params: Any, embed_VD: jax.Array, aux_BTA: jax.Arra
   hidden = draft.fuse(draft_params, aux_BTA, cfg=cfg)
   pos_w = _shift_pad(loss_mask_BT.astype(jnp.float32), 1, T) * in_vocab_BT
   target_BT = jnp.argmax(probs_BTVd, axis=-1)
-  ks, vs, terms = [], [], []
+  ks, vs, terms = [[] for _ in range(cfg.num_layers)], [[] for _ in range(cfg.num_layers)], []
   for j in range(steps):
     emb = embed_VD[_shift_pad(tokens_BT, j + 1, T)]
-    q, k, v = draft.qkv(draft_params, emb, hidden, jnp.broadcast_to(jnp.arange(T) + j, (B, T)), cfg=cfg)
-    ks, vs = ks + [k], vs + [v]
     mask = jnp.broadcast_to(masks.ttt_extended_mask(T, j, cfg.sliding_window), (B, T, (j + 1) * T))
-    attn = attention.attention(q, attention.head_major(jnp.concatenate(ks, 1)), attention.head_major(jnp.concatenate(vs, 1)),
-                               mask)
-    hidden = draft.post_attention(draft_params, hidden, attn, cfg=cfg)
+
+    def attend(i, q, k, v):  # layer i: dense attention over its keys of steps 0..j
+      ks[i].append(k)
+      vs[i].append(v)
+      return attention.attention(q, attention.head_major(jnp.concatenate(ks[i], 1)),
+                                 attention.head_major(jnp.concatenate(vs[i], 1)), mask)
+
+    hidden = draft.run_layers(draft_params, emb, hidden, jnp.broadcast_to(jnp.arange(T) + j, (B, T)), attend,
+                              cfg=cfg)
     lm = _shift_pad(loss_mask_BT.astype(jnp.float32), j + 2, T)
     terms.append(_step_terms(draft.logits(draft_params, hidden, cfg=cfg), _shift_pad(probs_BTVd, j + 1, T),
                              _shift_pad(target_BT, j + 1, T), _shift_pad(pos_w, j + 1, T)) + (jnp.sum(lm),))

@@ -77,7 +77,7 @@ class SpecState:
 def _state_axes(state: SpecState, target: Target) -> SpecState:
   row = lambda x: ("batch",) + (None,) * (x.ndim - 1)
   axes = jax.tree.map(row, state)
-  axes = axes.replace(draft_cache=kv_cache.axes(1), key=(), steps=())
+  axes = axes.replace(draft_cache=kv_cache.axes(len(state.draft_cache.k)), key=(), steps=())
   if target.cache_axes is not None:
     axes = axes.replace(cache=target.cache_axes)
   return axes
@@ -141,11 +141,17 @@ def prefill(target: Target, target_params: Any, draft_params: Any, embed_VD: jax
     # Draft row p = (fc(aux_p), token p+1): rows p < n-1 only need their K/V (no attention, no MLP).
     hidden_d = draft.fuse(draft_params, aux, cfg=dcfg)
     next_tokens = jnp.concatenate([tokens_BT[:, 1:], jnp.full((B, 1), spec.pad_id, tokens_BT.dtype)], axis=1)
-    _, k, v = draft.qkv(draft_params, jnp.take(embed_VD, next_tokens, axis=0), hidden_d, positions, cfg=dcfg)
+    emb_next = jnp.take(embed_VD, next_tokens, axis=0)
     dcache = draft.init_cache(dcfg, B, S_d, hidden_d.dtype)
     zeros = jnp.zeros((B,), jnp.int32)
-    dcache = dcache.replace(k=(kv_cache.write_rows(dcache.k[0], k, zeros),),
-                            v=(kv_cache.write_rows(dcache.v[0], v, zeros),), lengths=last)
+    if dcfg.num_layers == 1:
+      _, k, v = draft.qkv(draft_params, emb_next, hidden_d, positions, cfg=dcfg)
+      dcache = dcache.replace(k=(kv_cache.write_rows(dcache.k[0], k, zeros),),
+                              v=(kv_cache.write_rows(dcache.v[0], v, zeros),))
+    else:  # layers 1.. need layer 0's outputs for their K/V: a full causal pass over the prompt rows
+      _, dcache = draft.forward(draft_params, emb_next, hidden_d, positions, dcache,
+                                masks.cache_causal_mask(zeros, T, S_d), cfg=dcfg)
+    dcache = dcache.replace(lengths=last)
   R = spec.rows
   state = SpecState(
       cache=cache.replace(lengths=lengths_B), draft_cache=dcache,

@@ -6,12 +6,15 @@ norm_before_residual (the residual branch starts from the normalised hidden), no
 post-norm hidden is what the next draft step and tree level receive; lm_head reads it either way) and qk_norm
 (a Qwen3-style layer: RMSNorm over each head's q and k before RoPE, speculators' draft_arch "qwen3"), and
 sliding_window (the layer sees only the last W positions, speculators' trainer default of 2048: one more mask).
+num_layers > 1 stacks plain decoder layers (speculators' layers.1..N-1) on the 2D-input first one; each layer has
+its own K/V, and `run_layers` takes the attention as a callback so decoding (a cache) and training (TTT buffers)
+share every other op.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import flax.struct
 import jax
@@ -48,10 +51,13 @@ class DraftConfig:
   norm_output: bool = False
   qk_norm: bool = False
   sliding_window: int | None = None  # W: a query sees key positions > its own - W (None: full attention)
+  num_layers: int = 1  # the first takes [embedding, hidden] (2D wide); the rest are plain decoder layers
 
   def __post_init__(self):
     if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
       raise ValueError(f"DraftConfig.sliding_window must be None or an int >= 1, got {self.sliding_window!r}")
+    if not isinstance(self.num_layers, int) or self.num_layers < 1:
+      raise ValueError(f"DraftConfig.num_layers must be an int >= 1, got {self.num_layers!r}")
     if self.norm_before_fc and self.fc_norm:
       raise ValueError("DraftConfig: norm_before_fc and fc_norm are mutually exclusive (as in speculators)")
     if self.num_heads % self.num_kv_heads:
@@ -109,6 +115,16 @@ def param_specs(cfg: DraftConfig) -> dict[str, Any]:
     extra["input_norm"] = ParamSpec((cfg.num_aux * Dt,), ("aux",), "ones")
   if cfg.fc_norm:
     extra["fc_norm"] = {str(i): ParamSpec((Dt,), ("norm",), "ones") for i in range(cfg.num_aux)}
+  mlp = {"gate_proj": ParamSpec((D, F), ("embed", "mlp")), "up_proj": ParamSpec((D, F), ("embed", "mlp")),
+         "down_proj": ParamSpec((F, D), ("mlp", "embed"))}
+  if cfg.num_layers > 1:  # plain decoder layers, named as speculators' layers.1..N-1
+    plain = {"input_layernorm": ParamSpec((D,), ("norm",), "ones"),
+             "self_attn": {"q_proj": ParamSpec((D, N, H), ("embed", "heads", "head_dim")),
+                           "k_proj": ParamSpec((D, K, H), ("embed", "kv_heads", "head_dim")),
+                           "v_proj": ParamSpec((D, K, H), ("embed", "kv_heads", "head_dim")),
+                           "o_proj": ParamSpec((N, H, D), ("heads", "head_dim", "embed"))} | qk,
+             "post_attention_layernorm": ParamSpec((D,), ("norm",), "ones"), "mlp": mlp}
+    extra["layers"] = {str(i): plain for i in range(1, cfg.num_layers)}
   return extra | {
       "fc": ParamSpec((cfg.num_aux * Dt, D), ("aux", "embed")),
       "midlayer": {
@@ -121,11 +137,7 @@ def param_specs(cfg: DraftConfig) -> dict[str, Any]:
               "o_proj": ParamSpec((N, H, D), ("heads", "head_dim", "embed")),
           } | qk,
           "post_attention_layernorm": ParamSpec((D,), ("norm",), "ones"),
-          "mlp": {
-              "gate_proj": ParamSpec((D, F), ("embed", "mlp")),
-              "up_proj": ParamSpec((D, F), ("embed", "mlp")),
-              "down_proj": ParamSpec((F, D), ("mlp", "embed")),
-          },
+          "mlp": mlp,
       },
       "norm": ParamSpec((D,), ("norm",), "ones"),
       "lm_head": ParamSpec((D, Vd), ("embed", "draft_vocab")),
@@ -166,41 +178,58 @@ def qkv(params: Any, emb_BTD: jax.Array, hidden_BTD: jax.Array, positions_BT: ja
   m = params["midlayer"]
   u = jnp.concatenate([layers.rms_norm(emb_BTD.astype(hidden_BTD.dtype), m["input_layernorm"], cfg.rms_norm_eps),
                        layers.rms_norm(hidden_BTD, m["hidden_norm"], cfg.rms_norm_eps)], axis=-1)
-  a = m["self_attn"]
-  q = jnp.einsum("BTE,ENH->BTNH", u, a["q_proj"])
-  k = jnp.einsum("BTE,EKH->BTKH", u, a["k_proj"])
-  v = jnp.einsum("BTE,EKH->BTKH", u, a["v_proj"])
+  return _project(m["self_attn"], u, positions_BT, cfg)
+
+
+def _project(a: Any, u_BTE: jax.Array, positions_BT: jax.Array, cfg: DraftConfig):
+  q = jnp.einsum("BTE,ENH->BTNH", u_BTE, a["q_proj"])
+  k = jnp.einsum("BTE,EKH->BTKH", u_BTE, a["k_proj"])
+  v = jnp.einsum("BTE,EKH->BTKH", u_BTE, a["v_proj"])
   if cfg.qk_norm:  # Qwen3: per-head RMSNorm of q and k, before RoPE
     q, k = layers.rms_norm(q, a["q_norm"], cfg.rms_norm_eps), layers.rms_norm(k, a["k_norm"], cfg.rms_norm_eps)
   freqs = inv_freq(cfg)
   return layers.apply_rope(q, positions_BT, freqs), layers.apply_rope(k, positions_BT, freqs), v
 
 
-def post_attention(params: Any, hidden_BTD: jax.Array, attn_BTNH: jax.Array, *, cfg: DraftConfig) -> jax.Array:
-  """o_proj plus the residual, then the SwiGLU block: the draft hidden that the next step receives.
+def _block_out(lp: Any, residual_BTD: jax.Array, attn_BTNH: jax.Array, cfg: DraftConfig) -> jax.Array:
+  """o_proj plus the residual, then the SwiGLU block (every draft layer ends so)."""
+  h = residual_BTD + jnp.einsum("BTNH,NHD->BTD", attn_BTNH, lp["self_attn"]["o_proj"])
+  mlp = lp["mlp"]
+  return h + layers.swiglu(layers.rms_norm(h, lp["post_attention_layernorm"], cfg.rms_norm_eps),
+                           mlp["gate_proj"], mlp["up_proj"], mlp["down_proj"])
 
-  The residual is the incoming hidden (EAGLE-3), or hidden_norm of it with norm_before_residual. The result is the
-  pre-norm hidden (EAGLE-3), or with norm_output the final norm of it (EAGLE 3.1), which `logits` then reads as is.
+
+def run_layers(params: Any, emb_BTD: jax.Array, hidden_BTD: jax.Array, positions_BT: jax.Array,
+               attend: Callable[[int, jax.Array, jax.Array, jax.Array], jax.Array], *, cfg: DraftConfig) -> jax.Array:
+  """Every draft layer; `attend(i, q, k, v)` is layer i's attention ([B,T,N,H]: over a cache, or TTT's buffers).
+
+  Layer 0's residual is the incoming hidden (EAGLE-3), or hidden_norm of it with norm_before_residual; layers 1..
+  are plain pre-norm decoder layers. The result is the draft hidden the next step receives: the pre-norm hidden
+  (EAGLE-3), or with norm_output the final norm of it (EAGLE 3.1), which `logits` then reads as is.
   """
   m = params["midlayer"]
+  q, k, v = qkv(params, emb_BTD, hidden_BTD, positions_BT, cfg=cfg)
   residual = layers.rms_norm(hidden_BTD, m["hidden_norm"], cfg.rms_norm_eps) if cfg.norm_before_residual \
       else hidden_BTD
-  h = residual + jnp.einsum("BTNH,NHD->BTD", attn_BTNH, m["self_attn"]["o_proj"])
-  mlp = m["mlp"]
-  h = h + layers.swiglu(layers.rms_norm(h, m["post_attention_layernorm"], cfg.rms_norm_eps),
-                        mlp["gate_proj"], mlp["up_proj"], mlp["down_proj"])
+  h = _block_out(m, residual, attend(0, q, k, v), cfg)
+  for i in range(1, cfg.num_layers):
+    lp = params["layers"][str(i)]
+    q, k, v = _project(lp["self_attn"], layers.rms_norm(h, lp["input_layernorm"], cfg.rms_norm_eps), positions_BT,
+                       cfg)
+    h = _block_out(lp, h, attend(i, q, k, v), cfg)
   return layers.rms_norm(h, params["norm"], cfg.rms_norm_eps) if cfg.norm_output else h
 
 
 def logits(params: Any, out_BTD: jax.Array, *, cfg: DraftConfig) -> jax.Array:
-  """Draft-vocab logits [.., Vd] in fp32 of a draft hidden (post_attention's): lm_head always reads it normed."""
+  """Draft-vocab logits [.., Vd] in fp32 of a draft hidden (run_layers'): lm_head always reads it normed."""
   x = out_BTD if cfg.norm_output else layers.rms_norm(out_BTD, params["norm"], cfg.rms_norm_eps)
   return jnp.einsum("...D,DV->...V", x, params["lm_head"], preferred_element_type=jnp.float32)
 
 
 def init_cache(cfg: DraftConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-  """The draft's own one-layer KV cache, same conventions as the target's (writes at lengths[b] + t)."""
-  return kv_cache.init(1, batch, cfg.num_kv_heads, max_len, cfg.head_dim, dtype)
+  """The draft's own KV cache (one buffer pair per layer), same conventions as the target's (writes at
+  lengths[b] + t)."""
+  return kv_cache.init(cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim, dtype)
 
 
 def forward(params: Any, emb_BTD: jax.Array, hidden_BTD: jax.Array, positions_BT: jax.Array,
@@ -211,15 +240,19 @@ def forward(params: Any, emb_BTD: jax.Array, hidden_BTD: jax.Array, positions_BT
   the new K/V written at slots cache.lengths[b] + t (lengths unchanged, as for the target).
   """
   with jax.named_scope("draft_step"):
-    q, k, v = qkv(params, emb_BTD, hidden_BTD, positions_BT, cfg=cfg)
-    if cache is not None:
-      kc, vc = write_rows(cache.k[0], k, cache.lengths), write_rows(cache.v[0], v, cache.lengths)
-      # A committed slot's index is its position; rows written past lengths (tree nodes, this call's rows) sit
-      # within depth + R of the query, inside any window the decoder accepts (speculative.validate).
-      mask = masks.sliding_window(mask, positions_BT, jnp.arange(kc.shape[kv_cache.SLOT_AXIS]), cfg.sliding_window)
-      attn = attention.attention(q, kc, vc, mask)
-      cache = cache.replace(k=(kc,), v=(vc,))
-    else:
+    if cache is None:
       mask = masks.sliding_window(mask, positions_BT, positions_BT, cfg.sliding_window)
-      attn = attention.attention(q, attention.head_major(k), attention.head_major(v), mask)
-    return post_attention(params, hidden_BTD, attn, cfg=cfg), cache
+      out = run_layers(params, emb_BTD, hidden_BTD, positions_BT, lambda i, q, k, v: attention.attention(
+          q, attention.head_major(k), attention.head_major(v), mask), cfg=cfg)
+      return out, None
+    # A committed slot's index is its position; rows written past lengths (tree nodes, this call's rows) sit
+    # within depth + R of the query, inside any window the decoder accepts (speculative.validate).
+    mask = masks.sliding_window(mask, positions_BT, jnp.arange(cache.max_len), cfg.sliding_window)
+    ks, vs = list(cache.k), list(cache.v)
+
+    def attend(i, q, k, v):
+      ks[i], vs[i] = write_rows(ks[i], k, cache.lengths), write_rows(vs[i], v, cache.lengths)
+      return attention.attention(q, ks[i], vs[i], mask)
+
+    out = run_layers(params, emb_BTD, hidden_BTD, positions_BT, attend, cfg=cfg)
+    return out, cache.replace(k=tuple(ks), v=tuple(vs))

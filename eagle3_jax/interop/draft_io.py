@@ -93,6 +93,13 @@ def _table(cfg: DraftConfig, prefix: str) -> dict[str, tuple[tuple[str, ...], tu
     rows += [(f"fc_norm.{i}.weight", ("fc_norm", str(i)), 0) for i in range(cfg.num_aux)]
   if cfg.qk_norm:
     rows += [(f"{prefix}self_attn.{n}.weight", ("midlayer", "self_attn", n), 0) for n in ("q_norm", "k_norm")]
+  for i in range(1, cfg.num_layers):  # plain decoder layers: speculators' layers.{i}, no hidden_norm
+    layer = [(f"layers.{i}.{key}", ("layers", str(i)) + path[1:], n_in) for path, key, n_in in _LAYER_TABLE
+             if key != "hidden_norm.weight"]
+    if cfg.qk_norm:
+      layer += [(f"layers.{i}.self_attn.{n}.weight", ("layers", str(i), "self_attn", n), 0)
+                for n in ("q_norm", "k_norm")]
+    rows += layer
   return {key: (path, specs[".".join(path)].shape, n_in) for key, path, n_in in rows}
 
 
@@ -116,7 +123,7 @@ def _unknown_key(key: str) -> ValueError:
     return formats.refuse(f"key {key!r}", formats.REFUSED_FLAGS["bias"])
   layer = re.match(r"(?:layers|midlayers|additional_layers)\.(\d+)\.", key)
   if layer and (int(layer.group(1)) > 0 or key.startswith("additional_layers.")):
-    return formats.refuse(f"key {key!r}", "multi-layer drafts")
+    return ValueError(f"key {key!r} belongs to a draft layer beyond those config.json's num_hidden_layers states")
   return ValueError(f"unknown key {key!r} in the checkpoint (not part of a plain EAGLE-3 draft)")
 
 

@@ -101,15 +101,18 @@ def _llama_shape(c: dict, where: str) -> dict[str, Any]:
   _refuse_flags(c, where)
   if c.get("model_type") not in _LAYER_DEFAULTS:
     raise refuse(f"{where}model_type={c['model_type']!r}", "only Llama- and Qwen3-style draft layers are implemented")
-  if _get(c, "num_hidden_layers") != 1:
-    raise refuse(f"{where}num_hidden_layers={_get(c, 'num_hidden_layers')}", "multi-layer drafts")
+  num_layers = _get(c, "num_hidden_layers")
+  if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers < 1:
+    raise ValueError(f"config field {where}num_hidden_layers must be an int >= 1, got {num_layers!r}")
   # speculators' trainer gives draft layers sliding-window attention by default (layer_types + sliding_window);
   # reading such a layer as full attention would silently change the draft past the window.
   layer_types = c.get("layer_types")
   window = None
   if layer_types is not None:
-    if len(layer_types) != 1 or layer_types[0] not in ("full_attention", "sliding_attention"):
-      raise refuse(f"{where}layer_types={layer_types!r}", "attention other than full or sliding-window")
+    # Every layer alike: full, or a window of one size (a per-layer mix is not implemented).
+    if len(set(layer_types)) != 1 or layer_types[0] not in ("full_attention", "sliding_attention"):
+      raise refuse(f"{where}layer_types={layer_types!r}", "attention other than full or one sliding window for "
+                   "every layer")
     if layer_types[0] == "sliding_attention":
       window = c.get("sliding_window")
       if not isinstance(window, int) or isinstance(window, bool) or window < 1:
@@ -130,7 +133,7 @@ def _llama_shape(c: dict, where: str) -> dict[str, Any]:
   D, N = _get(c, "hidden_size"), _get(c, "num_attention_heads")
   return {"hidden_size": D, "intermediate_size": _get(c, "intermediate_size"), "num_heads": N,
           "num_kv_heads": c.get("num_key_value_heads") or N, "head_dim": _get(c, "head_dim") or D // N,
-          "qk_norm": c.get("model_type") == "qwen3", "sliding_window": window,
+          "qk_norm": c.get("model_type") == "qwen3", "sliding_window": window, "num_layers": num_layers,
           "vocab_size": _get(c, "vocab_size"), "rms_norm_eps": float(_get(c, "rms_norm_eps")),
           "rope_theta": float(rope.get("rope_theta") or _get(c, "rope_theta"))}
 
@@ -164,6 +167,9 @@ def parse_eagle(config: dict, num_target_layers: int | None) -> tuple[dict, tupl
   if any(a not in _EAGLE_ARCHS for a in archs):
     raise refuse(f"architectures={archs}", f"not one of {_EAGLE_ARCHS}")
   shape = _llama_shape(config, "")
+  if shape["num_layers"] != 1:
+    raise refuse(f"num_hidden_layers={shape['num_layers']} in the official / SGLang layout",
+                 "multi-layer drafts (only the speculators layout names layers 1..N-1 for every engine)")
   if shape["sliding_window"] is not None:  # SGLang's and the official loaders attend fully whatever it says
     raise refuse(f"layer_types={config.get('layer_types')!r} in the official / SGLang layout",
                  "sliding-window draft attention (only the speculators layout states it for every engine)")
@@ -244,13 +250,13 @@ def _llama_fields(cfg: DraftConfig, extra: dict, torch_dtype: str) -> dict[str, 
   nothing left to defaults, model_type first."""
   window = cfg.sliding_window
   # Stated whenever the layer is not a plain Llama one: Qwen3Config would otherwise fill in its own window fields.
-  attention = {"layer_types": ["sliding_attention" if window else "full_attention"], "sliding_window": window,
-               "use_sliding_window": window is not None} if window or cfg.qk_norm else {}
-  qwen3 = {"max_window_layers": 1} if cfg.qk_norm else {}
+  attention = {"layer_types": ["sliding_attention" if window else "full_attention"] * cfg.num_layers,
+               "sliding_window": window, "use_sliding_window": window is not None} if window or cfg.qk_norm else {}
+  qwen3 = {"max_window_layers": cfg.num_layers} if cfg.qk_norm else {}
   fields = {"model_type": "qwen3" if cfg.qk_norm else "llama", **qwen3, **attention,
             "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
             "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
-            "num_hidden_layers": 1, "hidden_act": "silu", "rms_norm_eps": cfg.rms_norm_eps,
+            "num_hidden_layers": cfg.num_layers, "hidden_act": "silu", "rms_norm_eps": cfg.rms_norm_eps,
             "rope_theta": cfg.rope_theta, "rope_scaling": None,
             "max_position_embeddings": extra.get("max_position_embeddings", DEFAULT_MAX_POSITION_EMBEDDINGS),
             "vocab_size": cfg.vocab_size, "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
@@ -268,10 +274,12 @@ def _own(layout: str, aux: tuple[int, ...], extra: dict) -> dict[str, Any]:
 
 def eagle_config(cfg: DraftConfig, aux: tuple[int, ...], extra: dict, torch_dtype: str) -> dict[str, Any]:
   """Official / SGLang config.json: LlamaForCausalLMEagle3 with aux ids in eagle_config, OUTPUT numbering."""
-  for field, what in (("qk_norm", "Qwen3-style (qk_norm)"), ("sliding_window", "sliding-window")):
-    if getattr(cfg, field):
-      raise ValueError(f"the official EAGLE-3 layout has no {what} draft layer: write the speculators layout "
-                       "instead")
+  missing = [what for what, used in (("Qwen3-style (qk_norm)", cfg.qk_norm),
+                                     ("sliding-window", cfg.sliding_window is not None),
+                                     ("multi-layer", cfg.num_layers > 1)) if used]
+  if missing:
+    raise ValueError(f"the official EAGLE-3 layout has no {' / '.join(missing)} draft: write the speculators "
+                     "layout instead")
   config = {"architectures": ["LlamaForCausalLMEagle3"], **_llama_fields(cfg, extra, torch_dtype),
             "draft_vocab_size": cfg.draft_vocab_size}
   if cfg.target_hidden_size != cfg.hidden_size:

@@ -150,13 +150,14 @@ def evaluate(eval_fn, params: Any, target_params: Any, vocab: DraftVocab, cfg: T
 def export_draft(path: pathlib.Path, params: Any, vm: vocab_lib.VocabMap, statics: step_lib.StepStatics,
                  cfg: TrainConfig, tokenizer, target_params: Any = None) -> str:
   """Writes the draft in the official EAGLE-3 layout (safetensors + config.json), from process 0; a Qwen3-style
-  (qk_norm) or sliding-window draft, which that layout cannot express, in the speculators layout with the target's
-  embedding."""
+  (qk_norm), sliding-window or multi-layer draft, which that layout cannot express, in the speculators layout with
+  the target's embedding."""
   from eagle3_jax import interop
 
   params = host_params(params)
   embed = None  # gathered on every process (a collective), written by process 0
-  speculators = statics.draft_cfg.qk_norm or statics.draft_cfg.sliding_window is not None
+  dc = statics.draft_cfg
+  speculators = dc.qk_norm or dc.sliding_window is not None or dc.num_layers > 1
   if speculators and target_params is not None:
     embed = host_params(statics.target.embed(target_params))
   if jax.process_index() == 0:

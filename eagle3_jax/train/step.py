@@ -43,7 +43,7 @@ def draft_config(cfg: TrainConfig, target_cfg: LlamaConfig) -> DraftConfig:
                                 rope_theta=cfg.draft.rope_theta, norm_before_fc=cfg.draft.norm_before_fc,
                                 fc_norm=cfg.draft.fc_norm, norm_before_residual=cfg.draft.norm_before_residual,
                                 norm_output=cfg.draft.norm_output, qk_norm=cfg.draft.qk_norm,
-                                sliding_window=cfg.draft.sliding_window)
+                                sliding_window=cfg.draft.sliding_window, num_layers=cfg.draft.num_layers)
 
 
 # ----- optimiser ----------------------------------------------------------------------------------------------

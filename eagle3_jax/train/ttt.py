@@ -159,23 +159,27 @@ def ttt_scan(draft_params: Any, embed_VD: jax.Array, aux_BTA: jax.Array, tok_pad
   hidden0 = draft.fuse(draft_params, aux_BTA, cfg=cfg)
 
   def body(carry, j):
-    hidden, kbuf, vbuf = carry
+    hidden, kbufs, vbufs = carry
+    kb, vb = list(kbufs), list(vbufs)  # one [R,B,T,K,H] buffer per draft layer
+
+    def attend(i, q, k, v):
+      kb[i] = jax.lax.dynamic_update_index_in_dim(kb[i], k.astype(kb[i].dtype), j, 0)
+      vb[i] = jax.lax.dynamic_update_index_in_dim(vb[i], v.astype(vb[i].dtype), j, 0)
+      return attention.ttt_attention(q, kb[i], vb[i], j, cfg.sliding_window)
+
     with jax.named_scope("ttt_step"):
       emb = jnp.take(embed_VD, jax.lax.dynamic_slice_in_dim(tok_pad_BX, j + 1, T, axis=1), axis=0)
-      q, k, v = draft.qkv(draft_params, emb, hidden, t_BT + j, cfg=cfg)
-      kbuf = jax.lax.dynamic_update_index_in_dim(kbuf, k.astype(kbuf.dtype), j, 0)
-      vbuf = jax.lax.dynamic_update_index_in_dim(vbuf, v.astype(vbuf.dtype), j, 0)
-      out = draft.post_attention(draft_params, hidden, attention.ttt_attention(q, kbuf, vbuf, j, cfg.sliding_window), cfg=cfg)
+      out = draft.run_layers(draft_params, emb, hidden, t_BT + j, attend, cfg=cfg)
       y = per_step(draft.logits(draft_params, out, cfg=cfg), j)
-    return (out.astype(hidden.dtype), kbuf, vbuf), y
+    return (out.astype(hidden.dtype), tuple(kb), tuple(vb)), y
 
   if remat:
     body = jax.checkpoint(body, prevent_cse=False)
   q_s, k_s, v_s = jax.eval_shape(lambda: draft.qkv(draft_params, jnp.take(embed_VD, tok_pad_BX[:, :T], axis=0),
                                                    hidden0, t_BT, cfg=cfg))
-  kbuf = jnp.zeros((steps,) + k_s.shape, k_s.dtype)
-  vbuf = jnp.zeros((steps,) + v_s.shape, v_s.dtype)
-  return jax.lax.scan(body, (hidden0, kbuf, vbuf), jnp.arange(steps, dtype=jnp.int32))[1]
+  kbufs = tuple(jnp.zeros((steps,) + k_s.shape, k_s.dtype) for _ in range(cfg.num_layers))
+  vbufs = tuple(jnp.zeros((steps,) + v_s.shape, v_s.dtype) for _ in range(cfg.num_layers))
+  return jax.lax.scan(body, (hidden0, kbufs, vbufs), jnp.arange(steps, dtype=jnp.int32))[1]
 
 
 def ttt_ranks(draft_params: Any, embed_VD: jax.Array, aux_BTA: jax.Array, tokens_BT: jax.Array,
