@@ -199,6 +199,7 @@ def main(argv=None) -> dict:
     shipped = drafts.default_draft_path() if args.target is None else None
     args.draft = str(shipped) if shipped is not None else "none"
   speculative = args.draft != "none"
+  tree_cfg = None
   if speculative:
     if not pathlib.Path(args.draft).is_dir():
       raise FileNotFoundError(f"--draft {args.draft}: no such draft directory")

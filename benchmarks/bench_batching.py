@@ -1,11 +1,12 @@
-"""Static against continuous batching of plain decoding, same prompts, same run: tokens/s and slot utilisation.
+"""Static against continuous batching, plain or speculative, same prompts, same run: tokens/s, slot utilisation, tau.
 
     python benchmarks/prompt_sets.py --out runs/bench256 --chat 256 --humaneval 0
     python benchmarks/bench_batching.py --prompts runs/bench256/sharegpt_heldout.jsonl --max-new-tokens 256 \\
-        --configs static:8,continuous:8,static:16,continuous:16
+        --configs static:8,continuous:8,static:16,continuous:16,spec-static:8,spec-continuous:8
 
-Each config is one `infer.py --draft none --batching MODE --batch-size B` run (tokens/s excludes compilation,
-includes prefill and every admission). Prints a markdown table, then one JSON list.
+Each config is one `infer.py --batching MODE --batch-size B` run, `--draft none` for plain modes and `--draft DRAFT
+--draft-top-k/--draft-depth/--draft-tokens TREE` for spec-* modes (tokens/s excludes compilation, includes prefill
+and every admission). Prints a markdown table, then one JSON list.
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ def main(argv=None) -> list[dict]:
   ap.add_argument("--max-new-tokens", type=int, default=256)
   ap.add_argument("--configs", default="static:16,continuous:16", help="MODE:BATCH,...")
   ap.add_argument("--temperature", default="0")
+  ap.add_argument("--draft", default="auto", help="draft of the spec-* configs (auto: the shipped one)")
+  ap.add_argument("--tree", default="1,3,3", help="TOP_K,DEPTH,TOKENS of the spec-* configs")
   args = ap.parse_args(argv)
+  top_k, depth, tokens = args.tree.split(",")
   import infer
 
   lines = pathlib.Path(args.prompts).read_text().splitlines()[:args.questions]
@@ -40,24 +44,27 @@ def main(argv=None) -> list[dict]:
     for item in args.configs.split(","):
       mode, batch = item.split(":")
       out = pathlib.Path(tmp) / f"{mode}{batch}.jsonl"
+      draft = ["--draft", "none"] if not mode.startswith("spec-") else [
+          "--draft", args.draft, "--draft-top-k", top_k, "--draft-depth", depth, "--draft-tokens", tokens]
       with contextlib.redirect_stdout(io.StringIO()):
-        s = infer.main(["--prompts", str(prompts), "--draft", "none", "--batching", mode, "--batch-size", batch,
+        s = infer.main(["--prompts", str(prompts), *draft, "--batching", mode.removeprefix("spec-"),
+                        "--batch-size", batch,
                         "--temperature", args.temperature, "--max-new-tokens", str(args.max_new_tokens),
                         "--no-progress", "--output", str(out)])
       outputs[item] = [json.loads(x)["token_ids"] for x in out.read_text().splitlines()]
       row = {"mode": mode, "batch": int(batch), "requests": s["requests"], "tokens": s["tokens"],
-             "tokens_per_s": s["tokens_per_s"], "utilisation": s.get("utilisation"),
+             "tokens_per_s": s["tokens_per_s"], "utilisation": s.get("utilisation"), "tau": s.get("tau"),
              "generate_seconds": s["generate_seconds"], "compile_s": s.get("compile_s"),
              "same_tokens_as_first": outputs[item] == next(iter(outputs.values()))}
       rows.append(row)
       print(json.dumps(row), file=sys.stderr, flush=True)
   base = {r["batch"]: r["tokens_per_s"] for r in rows if r["mode"] == "static"}
-  print("| batching | B | requests | tokens | tokens/s | vs static same B | utilisation | same tokens |")
-  print("|---|---|---|---|---|---|---|---|")
+  print("| batching | B | requests | tokens | tokens/s | vs plain static same B | utilisation | tau | same tokens |")
+  print("|---|---|---|---|---|---|---|---|---|")
   for r in rows:
     ratio = f"{r['tokens_per_s'] / base[r['batch']]:.2f}x" if r["batch"] in base else "-"
     print(f"| {r['mode']} | {r['batch']} | {r['requests']} | {r['tokens']} | {r['tokens_per_s']:.1f} | {ratio} | "
-          f"{r['utilisation']} | {'yes' if r['same_tokens_as_first'] else 'NO'} |")
+          f"{r['utilisation']} | {r['tau']} | {'yes' if r['same_tokens_as_first'] else 'NO'} |")
   print(json.dumps(rows))
   return rows
 
