@@ -193,14 +193,15 @@ def test_bad_inputs_raise(random_pair):
 VARIANTS = [dict(norm_before_fc=True), dict(fc_norm=True, norm_output=True),
             dict(norm_before_residual=True, norm_before_fc=True, norm_output=True), dict(qk_norm=True),
             dict(sliding_window=10),  # rows reach position 20: the window cuts the draft's context
-            dict(num_layers=2, norm_output=True)]  # prefill runs the full draft pass for layer 1's K/V
+            dict(num_layers=2, norm_output=True),  # prefill runs the full draft pass for layer 1's K/V
+            dict(head_dim=32, num_heads=2, num_kv_heads=1)]  # the draft's own attention shape (target: 4x16, 2 kv)
 
 
 @pytest.mark.parametrize("flags", VARIANTS, ids=lambda f: "+".join(f))
 def test_greedy_equals_vanilla_for_each_head_variant(random_pair, flags):
   """The peers' head variants through the context pass, tree expansion and verify: still lossless."""
   cfg, tparams, _, _, vocab = random_pair
-  dcfg = draft.DraftConfig.for_target(cfg, draft_vocab_size=48, **flags)
+  dcfg = dataclasses.replace(draft.DraftConfig.for_target(cfg, draft_vocab_size=48), **flags)
   leaves, tree = jax.tree.flatten(draft.init_params(dcfg, jax.random.key(4)))
   keys = jax.random.split(jax.random.key(5), len(leaves))  # norms away from ones, so every variant path matters
   dparams = jax.tree.unflatten(tree, [x + 0.2 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
