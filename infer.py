@@ -23,8 +23,9 @@ import json
 import logging
 import pathlib
 import sys
-from eagle3_jax.target import protocol
 from typing import Any
+
+from eagle3_jax.target import protocol
 
 _CHAT_QUESTIONS = (
     "What is the capital of France, and what is it famous for?",
@@ -221,8 +222,7 @@ def main(argv=None) -> dict:
   import jax.numpy as jnp
 
   from eagle3_jax.decode import engine
-  from eagle3_jax.target import load
-  from eagle3_jax.target import hf
+  from eagle3_jax.target import hf, load
 
   if args.compile_cache != "none":
     # Each prompt bucket is one compile (~6 s for SmolLM2 on 2 cores); the cache makes re-runs start at once.

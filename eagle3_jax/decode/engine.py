@@ -13,10 +13,10 @@ from typing import Any, Callable, Protocol, Sequence
 import jax
 import numpy as np
 
-from eagle3_jax.decode import vanilla, sampling, speculative
-from eagle3_jax.draft import head as draft
 from eagle3_jax.config import LlamaConfig
+from eagle3_jax.decode import sampling, speculative, vanilla
 from eagle3_jax.decode.tree import TreeConfig
+from eagle3_jax.draft import head as draft
 from eagle3_jax.target import protocol
 
 

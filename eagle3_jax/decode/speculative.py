@@ -19,11 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from eagle3_jax.decode import accept, vanilla, sampling, tree
-from eagle3_jax.draft import head as draft
 from eagle3_jax import sharding
-from eagle3_jax.target.protocol import Target
+from eagle3_jax.decode import accept, sampling, tree, vanilla
+from eagle3_jax.draft import head as draft
 from eagle3_jax.nn import kv_cache, masks
+from eagle3_jax.target.protocol import Target
 
 # Incremented on every trace: tests and the engine use it to prove that nothing retraces per round or per call.
 TRACE_COUNT = {"generate": 0, "round": 0}

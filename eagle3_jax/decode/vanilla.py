@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from eagle3_jax.decode import sampling
-from eagle3_jax.target.protocol import Target
 from eagle3_jax.nn import masks
+from eagle3_jax.target.protocol import Target
 
 # Incremented each time `generate` is traced: tests and the engine use it to prove nothing retraces per call.
 TRACE_COUNT = {"generate": 0}

@@ -21,11 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eagle3_jax.nn import layers
 from eagle3_jax.config import LlamaConfig, RopeScaling
-from eagle3_jax.params import ParamSpec, abstract_of, axes_of, init_from_specs
+from eagle3_jax.nn import attention, kv_cache, layers, masks
 from eagle3_jax.nn.kv_cache import KVCache, write_rows
-from eagle3_jax.nn import attention, kv_cache, masks
+from eagle3_jax.params import ParamSpec, abstract_of, axes_of, init_from_specs
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

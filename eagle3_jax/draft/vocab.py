@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from eagle3_jax.train import data
 from eagle3_jax.interop import files
+from eagle3_jax.train import data
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1

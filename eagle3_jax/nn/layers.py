@@ -10,6 +10,7 @@ import numpy as np
 
 from eagle3_jax.config import RopeScaling
 
+
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
   """RMSNorm with fp32 statistics, cast back before the weight (as transformers' LlamaRMSNorm)."""
   x32 = x.astype(jnp.float32)

@@ -16,10 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from eagle3_jax.nn import layers
 from eagle3_jax.config import LlamaConfig, RopeScaling
-from eagle3_jax.target import hf
 from eagle3_jax.interop import files
+from eagle3_jax.nn import layers
+from eagle3_jax.target import hf
 
 # general.architecture -> HF model_type. llama.cpp files Mistral under "llama" (same tensors and maths).
 GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}

@@ -8,11 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eagle3_jax.nn import layers
 from eagle3_jax.config import LlamaConfig
-from eagle3_jax.params import ParamSpec, abstract_of, axes_of, init_from_specs
-from eagle3_jax.nn import attention, kv_cache
+from eagle3_jax.nn import attention, kv_cache, layers
 from eagle3_jax.nn.kv_cache import KVCache
+from eagle3_jax.params import ParamSpec, abstract_of, axes_of, init_from_specs
 
 
 def param_specs(cfg: LlamaConfig) -> dict[str, Any]:

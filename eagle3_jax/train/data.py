@@ -22,10 +22,9 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-from eagle3_jax.train.chat import EMPTY, MALFORMED, TOO_LONG, TRUNCATED, ChatEncoder
 from eagle3_jax.config import DataConfig
+from eagle3_jax.train.chat import EMPTY, MALFORMED, TOO_LONG, TRUNCATED, ChatEncoder
 from eagle3_jax.train.sources import Rows, load_rows, resolve_source
-
 
 
 def split_rows(cfg: DataConfig, split: str) -> Rows:

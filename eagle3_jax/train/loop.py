@@ -18,11 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from eagle3_jax.train import checkpoint, data, setup, step as step_lib
 from eagle3_jax import sharding
+from eagle3_jax.config import TrainConfig
 from eagle3_jax.draft import vocab as vocab_lib
 from eagle3_jax.draft.head import DraftVocab
-from eagle3_jax.config import TrainConfig
+from eagle3_jax.train import checkpoint, data, setup
+from eagle3_jax.train import step as step_lib
 
 log = logging.getLogger(__name__)
 _STOP = threading.Event()  # set by SIGTERM / SIGINT; the loop saves and exits at the next step boundary

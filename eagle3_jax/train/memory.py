@@ -11,13 +11,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AbstractMesh, NamedSharding
 
-from eagle3_jax.draft import head as draft
 from eagle3_jax import sharding
-from eagle3_jax.train import step as step_lib
-from eagle3_jax.config import LlamaConfig
-from eagle3_jax.config import MeshConfig
+from eagle3_jax.config import LlamaConfig, MeshConfig, TrainConfig
+from eagle3_jax.draft import head as draft
 from eagle3_jax.target import llama
-from eagle3_jax.config import TrainConfig
+from eagle3_jax.train import step as step_lib
 
 GiB = 1 << 30
 HBM_BYTES = {"tpu_v5p": 95 * GiB, "tpu_v5e": 16 * GiB, "h100": 80 * GiB, "h200": 141 * GiB, "a100_80g": 80 * GiB}

@@ -32,8 +32,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from eagle3_jax.train import chat, sources
 from eagle3_jax.interop import files
+from eagle3_jax.train import chat, sources
 
 log = logging.getLogger(__name__)
 STATE_FORMAT = "eagle3-jax-regenerate/1"
@@ -288,9 +288,8 @@ def main(argv=None) -> dict[str, Any]:
   import jax.numpy as jnp
 
   from eagle3_jax.decode import engine, sampling
-  from eagle3_jax.target import load
-  from eagle3_jax.target import hf
   from eagle3_jax.decode.tree import TreeConfig
+  from eagle3_jax.target import hf, load
 
   if args.compile_cache != "none":
     cache_dir = hf.cache_root() / "xla" if args.compile_cache == "auto" else args.compile_cache

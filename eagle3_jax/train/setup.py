@@ -17,7 +17,8 @@ from jax.experimental import multihost_utils
 
 from eagle3_jax.config import LlamaConfig, TrainConfig
 from eagle3_jax.draft import vocab as vocab_lib
-from eagle3_jax.train import data, features, step as step_lib
+from eagle3_jax.train import data, features
+from eagle3_jax.train import step as step_lib
 
 log = logging.getLogger(__name__)
 

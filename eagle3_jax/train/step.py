@@ -12,16 +12,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from eagle3_jax.draft import head as draft
-from eagle3_jax.train import features, ttt
 from eagle3_jax import sharding
-from eagle3_jax.config import LlamaConfig
+from eagle3_jax.config import LlamaConfig, OptimConfig, TrainConfig
+from eagle3_jax.draft import head as draft
 from eagle3_jax.draft.head import DraftConfig, DraftVocab
 from eagle3_jax.params import ParamSpec, init_from_specs
 from eagle3_jax.target import llama, protocol
-from eagle3_jax.config import OptimConfig, TrainConfig
+from eagle3_jax.train import features, ttt
 
 Batch = dict[str, jax.Array]
 # Logical axes of every array a batch may carry (online: the first three; offline adds the stored features).

@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 
 from eagle3_jax.draft import head as draft
+from eagle3_jax.draft.head import DraftConfig, DraftVocab
 from eagle3_jax.nn import attention
 from eagle3_jax.target.protocol import Target
-from eagle3_jax.draft.head import DraftConfig, DraftVocab
 
 LOSS_NORMS = ("batch", "tokens")
 

@@ -4,8 +4,16 @@ shape for a request set (choice.py). `python -m eagle3_jax.decode.autotree` writ
 the shapes.
 """
 
-from eagle3_jax.decode.autotree.acceptance import (ACCEPTANCE_FILE, MAX_DEPTH, MAX_TOP_K, Acceptance, acceptance,
-                                            examples_from_outputs, examples_from_rows, static_tree)
+from eagle3_jax.decode.autotree.acceptance import (
+    ACCEPTANCE_FILE,
+    MAX_DEPTH,
+    MAX_TOP_K,
+    Acceptance,
+    acceptance,
+    examples_from_outputs,
+    examples_from_rows,
+    static_tree,
+)
 from eagle3_jax.decode.autotree.choice import Prediction, candidates, choose, engine_batches, predict, shape_str
 from eagle3_jax.decode.autotree.costs import CACHE_LENS, PREFILL_LENS, VERIFY_POINTS, Costs, cached_costs, calibrate
 from eagle3_jax.decode.tree import TreeConfig

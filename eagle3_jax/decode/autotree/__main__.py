@@ -10,8 +10,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eagle3_jax.decode.autotree import (ACCEPTANCE_FILE, Acceptance, acceptance, cached_costs, examples_from_rows,
-                                 predict)
+from eagle3_jax.decode.autotree import (
+    ACCEPTANCE_FILE,
+    Acceptance,
+    acceptance,
+    cached_costs,
+    examples_from_rows,
+    predict,
+)
 from eagle3_jax.decode.tree import TreeConfig
 from eagle3_jax.target import protocol
 

@@ -22,12 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eagle3_jax.draft import head as draft
-from eagle3_jax.train import ttt
 from eagle3_jax.decode.tree import TreeConfig
+from eagle3_jax.draft import head as draft
+from eagle3_jax.interop import files
 from eagle3_jax.nn import masks
 from eagle3_jax.target import protocol
-from eagle3_jax.interop import files
+from eagle3_jax.train import ttt
 
 MAX_DEPTH = 8  # deepest candidate and the depth of the acceptance statistics
 MAX_TOP_K = 4  # widest candidate; ranks beyond it count as misses

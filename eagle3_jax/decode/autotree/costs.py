@@ -12,26 +12,26 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import hashlib
+import json
 import os
+import pathlib
 import platform
 import sys
 import time
-import pathlib
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eagle3_jax.draft import head as draft
 from eagle3_jax.decode import speculative, tree
 from eagle3_jax.decode.autotree.acceptance import FORMAT, MAX_DEPTH, MAX_TOP_K
 from eagle3_jax.decode.tree import TreeConfig
+from eagle3_jax.draft import head as draft
+from eagle3_jax.interop import files
 from eagle3_jax.nn import masks
 from eagle3_jax.target import protocol
-from eagle3_jax.interop import files
 
 VERIFY_POINTS = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32)  # tree nodes P timed; others interpolate linearly
 EXPAND_DEPTHS = (1, 4)  # expansion is timed at two depths per top_k; other depths are linear between them
@@ -282,7 +282,7 @@ def _engine_first_call(params, cfg, draft_params, vocab, dcfg, *, batch, tcfg) -
 
 def _decode_step_cost(params, cfg, *, batch, cache_len, n, first):
   """Seconds per vanilla.decode_step (greedy), the vanilla engine's loop body."""
-  from eagle3_jax.decode import vanilla, sampling
+  from eagle3_jax.decode import sampling, vanilla
   from eagle3_jax.target import llama
 
   T, M = 16, cache_len - 16
