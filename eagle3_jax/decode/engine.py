@@ -354,5 +354,6 @@ class Engine:
         "admissions": int(st["admissions"]), "utilisation": round(st["utilisation"], 4),
         # Tokens per draft-verify round, bonus included, over every request; plain decoding emits one per step.
         "tau": round(st["accepted"] / st["rounds"], 4) if st.get("rounds") else 1.0,
+        **({"rounds": st["rounds"], "accepted": st["accepted"]} if "rounds" in st else {}),
         "batching": "continuous"}
     return results, summary
