@@ -131,3 +131,23 @@ def test_speculative_greedy_equals_vanilla(ours, prompt):
   np.testing.assert_array_equal(out["counts"], [n_new, n_new])
   np.testing.assert_array_equal(out["tokens"], np.asarray(want.tokens))
   assert (out["tau"] >= 1).all()
+
+
+def test_continuous_speculative_with_the_shipped_draft_equals_decoding_alone(ours, prompt):
+  """Three requests through two slots with the shipped draft (real, ragged acceptance on real SmolLM2 KV): each
+  request's greedy tokens equal plain decoding of it alone (one slot, no draft), and drafts were accepted."""
+  from eagle3_jax import drafts
+  from eagle3_jax.decode import batching, engine
+  from eagle3_jax.decode.tree import TreeConfig
+
+  cfg, params = ours
+  cfg, ckpt = engine.load_draft(str(drafts.default_draft_path()), cfg)
+  T = prompt.shape[1]
+  requests = [prompt[0].tolist(), prompt[0, : T - 9].tolist(), prompt[0, : T - 20].tolist()]
+  common = dict(sampling_cfg=sampling.SamplingConfig(), max_new_tokens=24, sync_every=4)
+  spec = engine.make_generator(params, cfg, draft_ckpt=ckpt, tree_cfg=TreeConfig(top_k=1, depth=3, total_tokens=3),
+                               slots=2, **common)
+  got, stats = spec.run(requests)
+  alone, _ = batching.ContinuousBatcher(params, cfg, slots=1, **common).run(requests)
+  assert got == alone and all(len(g) == 24 for g in got)
+  assert stats["accepted"] / stats["rounds"] > 1.1, stats
