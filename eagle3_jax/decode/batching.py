@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eagle3_jax.decode import sampling, vanilla
+from eagle3_jax.decode import sampling, spec_batching, speculative, vanilla
 from eagle3_jax.nn import masks
 from eagle3_jax.target import protocol
 from eagle3_jax.target.protocol import Target
@@ -181,8 +181,6 @@ class ContinuousBatcher:
       self._pool_len = lambda T: pool_cache_len(T, max_new_tokens)  # noqa: E731
       self._init = lambda S: init_state(self.target, slots, S, self.cfg, self._dtype)  # noqa: E731
     else:
-      from eagle3_jax.decode import spec_batching, speculative
-
       if vocab is None or dcfg is None or tree_cfg is None:
         raise ValueError("speculative continuous batching needs draft_params, vocab, dcfg and tree_cfg")
       self.cfg = spec_batching.SpecSlotConfig(dcfg=dcfg, spec=speculative.SpecConfig(
@@ -195,10 +193,9 @@ class ContinuousBatcher:
       self._init = lambda S: spec_batching.init_state(  # noqa: E731
           self.target, slots, S, self.cfg, self._params, self._dtype)
     self._traces_at_start = self._traces()
+    self.request_stats: list[dict[str, float]] = []  # per request of the last run: rounds, tau (speculative)
 
   def _traces(self) -> int:
-    from eagle3_jax.decode import spec_batching
-
     return sum(TRACE_COUNT.values()) + sum(spec_batching.TRACE_COUNT.values())
 
   @property
@@ -240,8 +237,6 @@ class ContinuousBatcher:
     longest = len(prompt_ids[queue[0]])
     probe = np.ones((1, self.bucket_fn(longest)), np.int32), np.array([longest])
     if self.speculative:
-      from eagle3_jax.decode import speculative
-
       p = self._params
       speculative.validate(self.target, p.target, p.draft, p.vocab, *probe, p.embed, dcfg=self.cfg.dcfg,
                            spec=self.cfg.spec)
@@ -249,7 +244,7 @@ class ContinuousBatcher:
       vanilla.validate(*probe, target=self.target, cache_len=self._pool_len(self.bucket_fn(longest)),
                        max_new_tokens=self.max_new_tokens)
     results: list[list[int] | None] = [None] * n
-    self.request_stats: list[dict[str, float]] = [{} for _ in range(n)]  # per request: rounds, tau (speculative)
+    self.request_stats = [{} for _ in range(n)]
     stats = {"steps": 0.0, "slot_steps": 0.0, "tokens": 0.0, "step_tokens": 0.0, "compile_s": 0.0,
              "admissions": 0.0, "grows": 0.0} | ({"rounds": 0.0, "accepted": 0.0} if self.speculative else {})
     t_start = time.perf_counter()
