@@ -3,6 +3,7 @@
 # background-friendly form (nice, a pid file, checkpoints). Rerun the same stage to continue it.
 #
 #   scripts/default_draft.sh regen                        # SmolLM2's answers to ShareGPT prompts (runs/regen/)
+#   scripts/default_draft.sh regen-c                      # the same, positions 640 on, continuous batching (faster)
 #   RUN=runs/smollm2_135m scripts/default_draft.sh train [key=value ...]   # dumps features, trains, exports
 #
 # Pause a running stage for a benchmark with `kill -STOP $(cat runs/<stage>.pid)` and `kill -CONT ...`.
@@ -16,16 +17,24 @@ mkdir -p runs
 stage=${1:?usage: scripts/default_draft.sh regen|train [args]}; shift
 REGEN=runs/regen/sharegpt_t0.jsonl
 SNAPSHOT=data/smollm2_regen.jsonl.gz
+# The second file continues the same shuffled order where the first (static batches) stopped, with 32 continuous
+# slots: 1.1-1.4x the tokens/s of static batches here. Its sampled rows depend on its batching, hence its own file.
+REGEN_C=runs/regen/sharegpt_c.jsonl
+SNAPSHOT_C=data/smollm2_regen_c.jsonl.gz
 RUN=${RUN:-runs/smollm2_135m}
 SHIPPED=eagle3_jax/drafts/smollm2_135m_instruct
 
-restore_snapshot() {  # the committed regeneration output and its state, if runs/regen is gone
-  if [[ ! -f $REGEN.state.json && -f $SNAPSHOT ]]; then
-    mkdir -p runs/regen
-    gunzip -c "$SNAPSHOT" > "$REGEN"
-    cp "${SNAPSHOT%.jsonl.gz}.state.json" "$REGEN.state.json"
-    echo "restored $REGEN from $SNAPSHOT" >&2
-  fi
+restore_snapshot() {  # the committed regeneration outputs and their states, if runs/regen is gone
+  local out snap
+  for out_snap in "$REGEN:$SNAPSHOT" "$REGEN_C:$SNAPSHOT_C"; do
+    out=${out_snap%%:*}; snap=${out_snap#*:}
+    if [[ ! -f $out.state.json && -f $snap ]]; then
+      mkdir -p runs/regen
+      gunzip -c "$snap" > "$out"
+      cp "${snap%.jsonl.gz}.state.json" "$out.state.json"
+      echo "restored $out from $snap" >&2
+    fi
+  done
 }
 
 case $stage in
@@ -37,6 +46,23 @@ case $stage in
     exec nice -n 5 python3 -m eagle3_jax.train.regenerate --source sharegpt --output "$REGEN" --stop 16000 \
          --first-turn-only --temperatures 0:0.8,1.0:0.2 --max-new-tokens 256 --max-prompt-tokens 768 \
          --batch-size 16 --chunk-rows 128 --compile-cache auto --batching static
+    ;;
+  regen-c)
+    restore_snapshot
+    echo $$ > runs/regen.pid
+    exec nice -n 5 python3 -m eagle3_jax.train.regenerate --source sharegpt --output "$REGEN_C" --start 640 \
+         --stop 16000 --first-turn-only --temperatures 0:0.8,1.0:0.2 --max-new-tokens 256 --max-prompt-tokens 768 \
+         --batch-size 32 --chunk-rows 256 --compile-cache auto --batching continuous
+    ;;
+  snapshot)  # commit-ready copies of what regeneration has durably written (the state's byte count)
+    for out_snap in "$REGEN:$SNAPSHOT" "$REGEN_C:$SNAPSHOT_C"; do
+      out=${out_snap%%:*}; snap=${out_snap#*:}
+      [[ -f $out.state.json ]] || continue
+      bytes=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['bytes'])" "$out.state.json")
+      head -c "$bytes" "$out" | gzip -9 > "$snap.tmp" && mv "$snap.tmp" "$snap"
+      cp "$out.state.json" "${snap%.jsonl.gz}.state.json"
+      echo "$snap: $(gunzip -c "$snap" | wc -l) rows" >&2
+    done
     ;;
   train)
     restore_snapshot
@@ -53,9 +79,14 @@ case $stage in
     # so regeneration may go on beside it.
     if [[ ! -f $RUN/data.jsonl ]]; then
       [[ -f $REGEN.state.json ]] || { echo "no regenerated data ($REGEN): run '$0 regen' first" >&2; exit 2; }
-      bytes=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['bytes'])" "$REGEN.state.json")
-      head -c "$bytes" "$REGEN" > $RUN/data.jsonl.tmp && mv $RUN/data.jsonl.tmp $RUN/data.jsonl
-      cp "$REGEN.state.json" $RUN/data.jsonl.state.json  # how it was made, for the draft card
+      : > $RUN/data.jsonl.tmp
+      for out in "$REGEN" "$REGEN_C"; do
+        [[ -f $out.state.json ]] || continue
+        bytes=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['bytes'])" "$out.state.json")
+        head -c "$bytes" "$out" >> $RUN/data.jsonl.tmp
+        cp "$out.state.json" "$RUN/$(basename "$out").state.json"  # how it was made, for the draft card
+      done
+      mv $RUN/data.jsonl.tmp $RUN/data.jsonl
     fi
     init=$(cat $RUN/init_from)
     [[ -n $init ]] && extra+=("init_from=$init")
