@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "speculators' from_pretrained leaves a missing embedding at zero")
   p.add_argument("--no-embed", action="store_true",
                  help="write no embed_tokens.weight (for servers that share the target's, e.g. vLLM)")
+  p.add_argument("--norm-output-means", default=None, choices=interop.formats.NORM_OUTPUT_MEANINGS,
+                 help="how to read norm_output in an official/SGLang-layout SRC that does not say: eagle3.1 "
+                 "(SpecForge after PR #879, vLLM, SGLang) or final-norm (SpecForge 0.2.0)")
   p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
   return p
 
@@ -46,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   try:
-    ckpt = interop.read_draft(args.src, num_target_layers=args.num_target_layers)
+    ckpt = interop.read_draft(args.src, num_target_layers=args.num_target_layers,
+                              norm_output_means=args.norm_output_means)
     dtype = ckpt.extra.get("file_dtype", "float32") if args.dtype == "auto" else args.dtype
     if dtype not in ("float32", "bfloat16", "float16"):
       dtype = "float32"  # e.g. a float64 source

@@ -517,6 +517,34 @@ def test_unimplemented_eagle_variants_are_refused(tmp_path, config_kw, mutate, m
     interop.read_draft(_official(tmp_path, mutate, **config_kw), num_target_layers=L)
 
 
+@pytest.mark.parametrize("value, means, expect", [
+    (True, "eagle3.1", True),  # SpecForge after #879 (its EAGLE 3.1 export: fc_norm + norm_output true)
+    (False, "eagle3.1", False),
+    (True, "final-norm", False),  # SpecForge 0.2.0's default: the final norm before lm_head, i.e. plain EAGLE-3
+    (False, "final-norm", "without the final norm"),
+    (True, "eagle3", "is not one of"),
+])
+def test_norm_output_read_as_the_caller_says(tmp_path, value, means, expect):
+  """A SpecForge file carries norm_output without saying which SpecForge wrote it: the caller says, or it is
+  refused (test_unimplemented_eagle_variants_are_refused); the meaning read is the network built."""
+  sd, _ = _variant_state(7, {"fc_norm": True}, D)
+  src = save(tmp_path / "src", sglang_config(fc_norm=True, norm_output=value), sd)
+  if isinstance(expect, str):
+    with pytest.raises(ValueError, match=expect):
+      interop.read_draft(src, norm_output_means=means)
+    return
+  ckpt = interop.read_draft(src, norm_output_means=means)
+  assert ckpt.cfg.norm_output is expect and ckpt.cfg.fc_norm
+  interop.write_draft(tmp_path / "out", ckpt, layout="eagle")  # our write says which, so it reads back alone
+  assert interop.read_draft(tmp_path / "out").cfg.norm_output is expect
+  if expect:  # our own marker and a contradicting caller
+    with pytest.raises(ValueError, match="contradicts"):
+      interop.read_draft(tmp_path / "out", norm_output_means="final-norm")
+  assert convert.main([str(src), str(tmp_path / "spec"), "--to", "speculators", "--verifier", VERIFIER,
+                       "--no-embed", "--norm-output-means", means]) == 0
+  assert json.loads((tmp_path / "spec/config.json").read_text())["norm_output"] is expect
+
+
 @pytest.mark.parametrize("change, match", [
     ({"fc_norm": True}, "fc_norm"),  # set, but the file has no fc_norm.{i}.weight
     ({"fc_norm": True, "norm_before_fc": True}, "mutually exclusive"),

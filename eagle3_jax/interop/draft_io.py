@@ -162,18 +162,24 @@ def _vocab(tensors: dict[str, np.ndarray], V: int, Vd: int) -> DraftVocab:
 # ----- read ---------------------------------------------------------------------------------------------------
 
 
-def read_draft(path, *, num_target_layers: int | None = None, dtype=np.float32) -> DraftCheckpoint:
+def read_draft(path, *, num_target_layers: int | None = None, dtype=np.float32,
+               norm_output_means: str | None = None) -> DraftCheckpoint:
   """Reads a draft directory in any supported layout (see READ_LAYOUTS); float weights come back in `dtype`.
 
   num_target_layers is needed only when config.json states no aux layer ids (official EAGLE files), and then
   also bounds-checks the ids. Unknown, missing or wrong-shaped keys and unsupported variants raise ValueError.
+  norm_output_means says how to read `norm_output` in an official / SGLang-layout file that does not say itself
+  (formats.NORM_OUTPUT_MEANINGS: "eagle3.1" for SpecForge after its PR #879, "final-norm" for SpecForge 0.2.0);
+  without it such a file is refused, since the two readings are different networks.
   """
   path, dtype = pathlib.Path(path), files.as_float_dtype(dtype)
   config = files.load_json(path / "config.json")
   own = formats.own_block(config)
   speculators = any(k in config for k in ("speculators_model_type", "speculators_config", "transformer_layer_config"))
-  parse = formats.parse_speculators if speculators else formats.parse_eagle
-  shape, aux, extra = parse(config, num_target_layers)
+  if speculators:
+    shape, aux, extra = formats.parse_speculators(config, num_target_layers)
+  else:
+    shape, aux, extra = formats.parse_eagle(config, num_target_layers, norm_output_means)
   tensors, weight_file = files.load_tensors(path)
   if speculators:
     layout = "speculators"

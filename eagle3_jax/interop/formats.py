@@ -72,6 +72,9 @@ VARIANT_FLAGS = ("norm_before_fc", "fc_norm", "norm_before_residual", "norm_outp
 # the default) applies the final norm before lm_head and feeds back the pre-norm hidden (plain EAGLE-3); SpecForge
 # after its PR #879, SGLang and vLLM feed back the post-norm hidden (EAGLE 3.1). Our own files say which.
 NORM_OUTPUT_FED_BACK = "post-norm hidden fed back (EAGLE 3.1)"
+# What a reader may be told norm_output means in a file that does not say (read_draft(norm_output_means=...)):
+# "eagle3.1" as SpecForge after #879, SGLang and vLLM read it; "final-norm" as SpecForge 0.2.0 wrote it.
+NORM_OUTPUT_MEANINGS = ("eagle3.1", "final-norm")
 
 
 def refuse(what: str, why: str) -> ValueError:
@@ -162,7 +165,32 @@ def own_block(config: dict) -> dict:
   return own
 
 
-def parse_eagle(config: dict, num_target_layers: int | None) -> tuple[dict, tuple[int, ...], dict]:
+def _norm_output(config: dict, own: dict, means: str | None) -> bool:
+  """DraftConfig.norm_output of an official-layout file that has the field: its meaning depends on the writer."""
+  value = _flag(config, "norm_output", "")
+  if means is not None and means not in NORM_OUTPUT_MEANINGS:
+    raise ValueError(f"norm_output_means={means!r} is not one of {NORM_OUTPUT_MEANINGS}")
+  if own.get("norm_output") == NORM_OUTPUT_FED_BACK:
+    if means == "final-norm":
+      raise ValueError(f"norm_output_means='final-norm' contradicts the file's own {FORMAT_KEY}.norm_output "
+                       f"({NORM_OUTPUT_FED_BACK!r})")
+    means = "eagle3.1"
+  if means == "eagle3.1":
+    return value
+  if means == "final-norm":  # SpecForge 0.2.0: true is plain EAGLE-3 (final norm, pre-norm hidden fed back)
+    if not value:
+      raise refuse("norm_output=false read as SpecForge 0.2.0 wrote it", "a draft without the final norm before "
+                   "lm_head")
+    return False
+  raise refuse(f"norm_output={config['norm_output']!r} in the official / SGLang layout",
+               "SpecForge 0.2.0 wrote it for a final norm before lm_head with the pre-norm hidden fed back "
+               "(plain EAGLE-3; false: no final norm), SpecForge after #879 and vLLM read true as the post-norm "
+               "hidden fed back (EAGLE 3.1); the file does not say which. Say it: read_draft(norm_output_means="
+               "'eagle3.1' or 'final-norm'), or `convert --norm-output-means ...`")
+
+
+def parse_eagle(config: dict, num_target_layers: int | None,
+                norm_output_means: str | None = None) -> tuple[dict, tuple[int, ...], dict]:
   archs = config.get("architectures") or []
   if any(a not in _EAGLE_ARCHS for a in archs):
     raise refuse(f"architectures={archs}", f"not one of {_EAGLE_ARCHS}")
@@ -201,14 +229,7 @@ def parse_eagle(config: dict, num_target_layers: int | None) -> tuple[dict, tupl
               "fc_norm": _flag(config, "fc_norm", ""),
               "norm_before_residual": _flag(config, "norm_before_residual", "")}
   if "norm_output" in config:
-    if own.get("norm_output") == NORM_OUTPUT_FED_BACK:
-      variants["norm_output"] = _flag(config, "norm_output", "")
-    else:
-      raise refuse(f"norm_output={config['norm_output']!r} in the official / SGLang layout",
-                   "SpecForge 0.2.0 wrote it for a final norm before lm_head with the pre-norm hidden fed back "
-                   "(plain EAGLE-3; false: no final norm), SpecForge after #879 and vLLM read true as the post-norm "
-                   "hidden fed back (EAGLE 3.1); the file does not say which. Remove the field for plain EAGLE-3, "
-                   f"or set {FORMAT_KEY}.norm_output to {NORM_OUTPUT_FED_BACK!r} with norm_output=true for EAGLE 3.1")
+    variants["norm_output"] = _norm_output(config, own, norm_output_means)
   shape.update(variants)
   return shape, aux, extra
 
