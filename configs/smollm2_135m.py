@@ -6,10 +6,14 @@ on SmolLM2's own answers to ShareGPT prompts. The recipe of the shipped draft (e
       --first-turn-only --temperatures 0:0.8,1.0:0.2 --max-prompt-tokens 768   # ~50 answer tokens/s on 2 CPU cores
   python train.py --config configs/smollm2_135m.py run_dir=RUN data.source=RUN/data.jsonl  # dumps features first
 
-The shipped draft is two runs: this config on 557 regenerated rows (random init, stopped at step 524), then a
-warm start from its step-500 export on those rows plus 420 ShareGPT-original answers (scripts/sharegpt_originals.py,
-whose docstring has the command), because run 1 began to memorise its 172 k tokens (train acc_0 0.59 against 0.34
-held out); the card in eagle3_jax/drafts/smollm2_135m_instruct/ records both.
+The shipped draft is three runs, each warm-started from the one before (the card in
+eagle3_jax/drafts/smollm2_135m_instruct/ records them): this config on 557 regenerated rows from random init; then
+those rows plus 420 ShareGPT-original answers (scripts/sharegpt_originals.py), because run 1 began to memorise its
+172 k tokens (train acc_0 0.59 against 0.34 held out); then the 557 rows plus
+2,400 other originals with `ttt.schedule=0:1,350:3`.
+A fourth run on 3,135 regenerated rows alone was better by 3.7% tau and not shipped (BENCHMARKS.md "Run 4"; its
+machine and uncommitted data were lost). `scripts/default_draft.sh train` now holds out the same 29 rows in every
+run (eval.jsonl) and trains on everything both regeneration files have written.
 
 Why each choice (measured on the 2-core CPU this project is developed on, 2026-12-02; BENCHMARKS.md "Default draft"):
 - Data: the target's own answers (greedy for 80% of rows, T=1 for 20%), because a draft is only as good as its
