@@ -207,7 +207,8 @@ def regenerate(cfg: RegenConfig, output: str | os.PathLike, *, make_generator: C
           by_temp.setdefault(c.temperature, []).append((c, request))
         for temp, items in sorted(by_temp.items()):
           generators[temp].reseed(int(np.random.SeedSequence([cfg.seed, state.position, turn]).generate_state(1)[0]))
-          results, _ = engines[temp].run([r for _, r in items], progress=False)
+          # The inner bar counts requests as they finish: a chunk of 256 rows takes minutes on a CPU.
+          results, _ = engines[temp].run([r for _, r in items], progress=progress)
           for (c, request), r in zip(items, results):
             c.messages = request["messages"] + [{"role": "assistant", "content": r.text}]
             c.finished.append(bool(r.token_ids) and r.token_ids[-1] in generators[temp].stop_ids)
