@@ -453,6 +453,11 @@ def test_aux_ids_across_conventions_for_a_30_layer_target(tmp_path):
     interop.read_draft(save(tmp_path / "sg", sglang_config(), sd), num_target_layers=20)
   vllm_style = official_config(architectures=["Eagle3LlamaForCausalLM"], eagle_aux_hidden_state_layer_ids=[27, 2, 15])
   assert interop.read_draft(save(tmp_path / "vllm", vllm_style, sd)).aux_layer_ids == AUX_IN  # input numbering
+  final = official_config(architectures=["Eagle3LlamaForCausalLM"], eagle_aux_hidden_state_layer_ids=[2, 15, L])
+  assert interop.read_draft(save(tmp_path / "final", final, sd), num_target_layers=L).aux_layer_ids == (2, 15, L)
+  with pytest.raises(ValueError, match="outside"):  # L is the final hidden state (speculators), L + 1 nothing
+    interop.read_draft(save(tmp_path / "past", official_config(eagle_aux_hidden_state_layer_ids=[2, 15, L + 1]), sd),
+                       num_target_layers=L)
   inconsistent = sglang_config(eagle3_jax={"format_version": 1, "aux_layer_ids_input_numbering": [2, 15, 28]})
   with pytest.raises(ValueError, match="disagree"):
     interop.read_draft(save(tmp_path / "bad", inconsistent, sd))

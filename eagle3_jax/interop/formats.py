@@ -40,9 +40,9 @@ def check_aux_ids(ids, field: str, num_target_layers: int | None) -> tuple[int, 
   if not isinstance(ids, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
     raise ValueError(f"config field {field} must be a list of ints, got {ids!r}")
   for i in ids:
-    if i < 0 or (num_target_layers is not None and i >= num_target_layers):
+    if i < 0 or (num_target_layers is not None and i > num_target_layers):  # L: the final hidden (speculators)
       raise ValueError(f"config field {field}: aux layer {i} (input numbering) is outside "
-                       f"[0, {num_target_layers if num_target_layers is not None else 'L'})")
+                       f"[0, {num_target_layers if num_target_layers is not None else 'L'}]")
   # Engines tap in layer order whatever order the list has (ModelOpt writes list(set(...))), so fc sees them sorted.
   return tuple(sorted(ids))
 

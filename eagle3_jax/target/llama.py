@@ -101,7 +101,8 @@ def forward_hidden(params: Any, tokens_BT: jax.Array, positions_BT: jax.Array, c
   """Runs the decoder stack. Returns (final-normed hidden [B,T,D], aux [B,T,len(aux)*D], cache).
 
   mask is [B,T,S] boolean: S = cache.max_len with a cache (new K/V go to slots cache.lengths[b] + t),
-  or S = T without one. Aux = residual stream entering each of cfg.aux_layer_ids, concatenated in that order.
+  or S = T without one. Aux = residual stream entering each of cfg.aux_layer_ids, concatenated in that order (id
+  num_layers: the residual leaving the last layer, before the final norm).
   """
   inv_freq = layers.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
   x = jnp.take(params["embed"], tokens_BT, axis=0)
@@ -122,6 +123,9 @@ def forward_hidden(params: Any, tokens_BT: jax.Array, positions_BT: jax.Array, c
     if kv is not None:
       new_k.append(kv[0])
       new_v.append(kv[1])
+  # Tap L (speculators accepts it, "the final hidden state") is the residual after the last layer, before the final
+  # norm: the state speculators' trainer passes through the verifier's norm and head.
+  taps[len(params["layers"])] = x
   aux = jnp.concatenate([taps[i] for i in aux_ids], axis=-1)
   if cache is not None:
     cache = cache.replace(k=tuple(new_k), v=tuple(new_v))
