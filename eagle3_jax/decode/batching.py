@@ -80,11 +80,10 @@ def admit(params: Any, state: SlotState, slots_K: jax.Array, tokens_KT: jax.Arra
   positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (K, T))
   mask = masks.cache_causal_mask(jnp.zeros((K,), jnp.int32), T, target.cache_slots(cache))
   logits, _, cache = target.last_logits(params, tokens_KT, positions, cache, mask, lengths_K - 1)
-  split = jax.vmap(jax.random.split)(keys_K)  # as vanilla.prefill, per row: the row's next key, and this one's
-  first = jax.vmap(lambda k, row: sampling.sample(k, row[None], cfg.sampling)[0])(split[:, 1], logits)
+  keys_K, first = sampling.split_sample(keys_K, logits, cfg.sampling)  # as vanilla.prefill, per row
   rows = SlotState(cache=cache.replace(lengths=lengths_K.astype(jnp.int32)), last=first,
                    tokens=jnp.full((K, cfg.max_new_tokens), cfg.pad_id, jnp.int32),
-                   counts=jnp.zeros((K,), jnp.int32), done=jnp.zeros((K,), jnp.bool_), keys=split[:, 0],
+                   counts=jnp.zeros((K,), jnp.int32), done=jnp.zeros((K,), jnp.bool_), keys=keys_K,
                    steps=state.steps)
   rows = vanilla.emit(rows, first, max_new_tokens=cfg.max_new_tokens, stop_ids=cfg.stop_ids)
   put = lambda big, new: big.at[slots_K].set(new.astype(big.dtype), mode="drop")  # noqa: E731
@@ -100,10 +99,9 @@ def step(params: Any, state: SlotState, *, target: Target, cfg: SlotConfig) -> S
   mask = masks.cache_causal_mask(cache.lengths, 1, target.cache_slots(cache))
   logits, _, cache = target.last_logits(params, state.last[:, None], cache.lengths[:, None], cache, mask,
                                         jnp.zeros_like(cache.lengths))
-  split = jax.vmap(jax.random.split)(state.keys)  # [B, 2]: the row's next key, and this step's
-  new = jax.vmap(lambda k, row: sampling.sample(k, row[None], cfg.sampling)[0])(split[:, 1], logits)
+  keys, new = sampling.split_sample(state.keys, logits, cfg.sampling)
   cache = cache.replace(lengths=cache.lengths + (~state.done).astype(jnp.int32))
-  state = state.replace(cache=cache, keys=split[:, 0], steps=state.steps + 1)
+  state = state.replace(cache=cache, keys=keys, steps=state.steps + 1)
   return vanilla.emit(state, new, max_new_tokens=cfg.max_new_tokens, stop_ids=cfg.stop_ids)
 
 

@@ -83,3 +83,17 @@ def sample(key: jax.Array, logits_BV: jax.Array, cfg: SamplingConfig) -> jax.Arr
     if cfg.greedy:
       return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
     return jax.random.categorical(key, process_logits(logits_BV, cfg), axis=-1).astype(jnp.int32)
+
+
+def split_sample(key: jax.Array, logits_BV: jax.Array, cfg: SamplingConfig) -> tuple[jax.Array, jax.Array]:
+  """(next key, one token per row int32[B]) from logits [B, V]: one key for the whole batch (key []), or one per row
+  (key [B]: continuous batching, where a request's tokens must not depend on its slot or its neighbours).
+
+  Either way the key is split once per call and the second half is spent, so a row keyed alone draws what a
+  batch of one under that key would.
+  """
+  if key.ndim == 0:
+    key, sub = jax.random.split(key)
+    return key, sample(sub, logits_BV, cfg)
+  split = jax.vmap(jax.random.split)(key)  # [B, 2]: each row's next key, and this draw's
+  return split[:, 0], jax.vmap(lambda k, row: sample(k, row[None], cfg)[0])(split[:, 1], logits_BV)

@@ -109,16 +109,6 @@ def _emit(state: SpecState, new_BR: jax.Array, n_new_B: jax.Array, spec: SpecCon
   return state.replace(tokens=tokens, counts=counts, done=done)
 
 
-def _split_sample(key: jax.Array, logits_BV: jax.Array, cfg: sampling.SamplingConfig) -> tuple[jax.Array, jax.Array]:
-  """(next key, one token per row): one key for the batch, or one per row (key [B]: continuous batching, where a
-  request's tokens must not depend on its slot or neighbours)."""
-  if key.ndim == 0:
-    key, sub = jax.random.split(key)
-    return key, sampling.sample(sub, logits_BV, cfg)
-  split = jax.vmap(jax.random.split)(key)
-  return split[:, 0], jax.vmap(lambda k, row: sampling.sample(k, row[None], cfg)[0])(split[:, 1], logits_BV)
-
-
 def prefill(target: Target, target_params: Any, draft_params: Any, embed_VD: jax.Array, tokens_BT: jax.Array,
             lengths_B: jax.Array, key: jax.Array, *, dcfg: draft.DraftConfig, spec: SpecConfig,
             mesh: Mesh | None = None, cache_lens: tuple[int, int] | None = None) -> SpecState:
@@ -137,7 +127,7 @@ def prefill(target: Target, target_params: Any, draft_params: Any, embed_VD: jax
     mask = masks.cache_causal_mask(jnp.zeros((B,), jnp.int32), T, S_t)
     take_last = lambda x: jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
     logits, aux, cache = target.last_logits(target_params, tokens_BT, positions, cache, mask, last)
-    key, root = _split_sample(key, logits, spec.sampling)
+    key, root = sampling.split_sample(key, logits, spec.sampling)
     # Draft row p = (fc(aux_p), token p+1): rows p < n-1 only need their K/V (no attention, no MLP).
     hidden_d = draft.fuse(draft_params, aux, cfg=dcfg)
     next_tokens = jnp.concatenate([tokens_BT[:, 1:], jnp.full((B, 1), spec.pad_id, tokens_BT.dtype)], axis=1)
