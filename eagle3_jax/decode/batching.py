@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from eagle3_jax.decode import sampling, spec_batching, speculative, vanilla
-from eagle3_jax.nn import masks
+from eagle3_jax.nn import kv_cache, masks
 from eagle3_jax.target import protocol
 from eagle3_jax.target.protocol import Target
 
@@ -117,14 +117,7 @@ def grow(params: Any, state: SlotState, *, target: Target, cfg: SlotConfig, cach
   del params, cfg  # the signature every slot executable shares
   TRACE_COUNT["grow"] += 1
 
-  def pad(x):
-    if x.ndim < 2:
-      return x
-    widths = [(0, 0)] * x.ndim
-    widths[target.slot_axis] = (0, cache_len - x.shape[target.slot_axis])
-    return jnp.pad(x, widths)
-
-  return state.replace(cache=jax.tree.map(pad, state.cache))
+  return state.replace(cache=kv_cache.pad_slots(state.cache, cache_len, target.slot_axis))
 
 
 admit_jit = jax.jit(admit, static_argnames=("target", "cfg"), donate_argnames=("state",))

@@ -103,17 +103,8 @@ def grow(params: SpecParams, state: speculative.SpecState, *, target: Target, cf
   del params, cfg
   TRACE_COUNT["grow"] += 1
 
-  def pad(axis):
-    def f(x):
-      if x.ndim < 2:
-        return x
-      widths = [(0, 0)] * x.ndim
-      widths[axis] = (0, cache_len - x.shape[axis])
-      return jnp.pad(x, widths)
-    return f
-
-  return state.replace(cache=jax.tree.map(pad(target.slot_axis), state.cache),
-                       draft_cache=jax.tree.map(pad(kv_cache.SLOT_AXIS), state.draft_cache))
+  return state.replace(cache=kv_cache.pad_slots(state.cache, cache_len, target.slot_axis),
+                       draft_cache=kv_cache.pad_slots(state.draft_cache, cache_len, kv_cache.SLOT_AXIS))
 
 
 admit_jit = jax.jit(admit, static_argnames=("target", "cfg"), donate_argnames=("state",))
