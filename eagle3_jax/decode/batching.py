@@ -140,8 +140,9 @@ class ContinuousBatcher:
   engine.Engine drives it like a Generator (`continuous` tells it to hand over every prompt at once).
 
   With `draft_params` (and vocab, dcfg, tree_cfg, optionally the draft's own embedding) the slots run EAGLE-3
-  draft-verify rounds instead of decode steps (decode/spec_batching.py); `sync_every` then counts rounds, and the
-  stats add `rounds` and `accepted` (tau = accepted / rounds over all requests).
+  draft-verify rounds instead of decode steps (decode/spec_batching.py); `sync_every` then counts rounds, the
+  stats add `rounds` and `accepted` (tau = accepted / rounds over all requests), and each request's own rounds and
+  tau come with it to `on_result`.
   """
 
   continuous = True
@@ -184,7 +185,6 @@ class ContinuousBatcher:
       self._init = lambda S: spec_batching.init_state(  # noqa: E731
           self.target, slots, S, self.cfg, self._params, self._dtype)
     self._traces_at_start = self._traces()
-    self.request_stats: list[dict[str, float]] = []  # per request of the last run: rounds, tau (speculative)
 
   def _traces(self) -> int:
     return sum(TRACE_COUNT.values()) + sum(spec_batching.TRACE_COUNT.values())
@@ -211,12 +211,14 @@ class ContinuousBatcher:
       stats["compile_s"] += time.perf_counter() - t0
     return self._compiled[key](self._params, *args)
 
-  def run(self, prompt_ids: Sequence[Sequence[int]], on_result: Callable[[int, list[int]], None] | None = None
+  def run(self, prompt_ids: Sequence[Sequence[int]],
+          on_result: Callable[[int, list[int], dict[str, float]], None] | None = None
           ) -> tuple[list[list[int]], dict[str, float]]:
     """Token ids per request (stop token kept) and stats: steps, slot_steps, tokens, compile_s, seconds (excluding
     compilation), utilisation (share of slot-steps, or slot-rounds, that served a request), and for speculative
-    decoding rounds and accepted (tokens, bonus included, over those rounds; per request in `self.request_stats`).
-    on_result(index, ids) is called as each request finishes."""
+    decoding rounds and accepted (tokens, bonus included, over those rounds).
+    on_result(index, ids, request_stats) is called as each request finishes; request_stats holds that request's
+    rounds and tau with a draft, nothing without."""
     n = len(prompt_ids)
     for i, p in enumerate(prompt_ids):
       if len(p) < 1:
@@ -235,7 +237,6 @@ class ContinuousBatcher:
       vanilla.validate(*probe, target=self.target, cache_len=self._pool_len(self.bucket_fn(longest)),
                        max_new_tokens=self.max_new_tokens)
     results: list[list[int] | None] = [None] * n
-    self.request_stats = [{} for _ in range(n)]
     stats = {"steps": 0.0, "slot_steps": 0.0, "tokens": 0.0, "step_tokens": 0.0, "compile_s": 0.0,
              "admissions": 0.0, "grows": 0.0} | ({"rounds": 0.0, "accepted": 0.0} if self.speculative else {})
     t_start = time.perf_counter()
@@ -270,21 +271,21 @@ class ContinuousBatcher:
       stats["slot_steps"] += (int(now) - steps) * self.slots
       steps = int(now)
       finished = [s for s in range(self.slots) if owner[s] is not None and done[s]]
-      if finished and self.speculative:
-        rounds, accepted = jax.device_get((state.rounds, state.accepted))
-        for s in finished:
-          stats["rounds"] += float(rounds[s])
-          stats["accepted"] += float(accepted[s])
-          self.request_stats[owner[s]] = {"rounds": float(rounds[s]), "tau": float(accepted[s] / max(rounds[s], 1))}
       if finished:
         rows = jax.device_get(state.tokens)
+        rounds, accepted = jax.device_get((state.rounds, state.accepted)) if self.speculative else (None, None)
         for s in finished:
           i, owner[s] = owner[s], None
           results[i] = [int(t) for t in rows[s, :int(counts[s])]]
           stats["tokens"] += len(results[i])
           stats["step_tokens"] += len(results[i]) - 1  # the first came from the prefill
+          request: dict[str, float] = {}
+          if self.speculative:
+            stats["rounds"] += float(rounds[s])
+            stats["accepted"] += float(accepted[s])
+            request = {"rounds": float(rounds[s]), "tau": float(accepted[s] / max(rounds[s], 1))}
           if on_result is not None:
-            on_result(i, results[i])
+            on_result(i, results[i], request)
     stats["seconds"] = time.perf_counter() - t_start - stats["compile_s"]
     # Share of slots x steps (rounds) that served a request: idle and finished-but-uncollected slots count.
     busy = stats["rounds"] if self.speculative else stats["step_tokens"]

@@ -330,8 +330,10 @@ class Engine:
     compiles_before = self.generator.compile_count
     bar = tqdm(total=len(prompt_ids), desc="requests", unit="req", file=sys.stderr, disable=not progress)
     produced = [0]
+    rows: list[dict[str, float]] = [{} for _ in prompt_ids]  # per request: rounds and tau with a draft
 
-    def finished(i: int, ids: list[int]) -> None:
+    def finished(i: int, ids: list[int], request_stats: dict[str, float]) -> None:
+      rows[i] = request_stats
       produced[0] += len(ids)
       bar.update(1)
       bar.set_postfix(tokens=produced[0], refresh=False)
@@ -341,7 +343,6 @@ class Engine:
     compiles = self.generator.compile_count - compiles_before
     if max_compiles is not None and compiles > max_compiles:
       raise RuntimeError(f"continuous batcher compiled {compiles} times (limit {max_compiles}): something retraces")
-    rows = getattr(self.generator, "request_stats", [{}] * len(token_lists))
     results = [Result(index=i, text=self.tokenizer.decode(ids, skip_special_tokens=True), token_ids=ids,
                       prompt_tokens=len(prompt_ids[i]), seconds=st["seconds"], stats=rows[i])
                for i, ids in enumerate(token_lists)]
