@@ -16,7 +16,7 @@ _API = {
     "load_tokenizer": "eagle3_jax.target.load",
     # the draft: its configuration, parameters and vocabulary
     "DraftConfig": "eagle3_jax.draft.head",
-    "DraftVocab": "eagle3_jax.draft.head",
+    "DraftVocab": "eagle3_jax.draft.vocab",
     "init_draft": ("eagle3_jax.draft.head", "init_params"),
     # decoding: tree shape, sampling, speculative generation
     "TreeConfig": "eagle3_jax.decode.tree",

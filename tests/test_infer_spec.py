@@ -14,6 +14,7 @@ from test_infer import _QUIET, _hf_greedy, infer, tiny_target  # noqa: F401  (ti
 def _random_draft(target_dir, out_dir):
   """A random draft in the official EAGLE layout; aux layers (1, 1, 1) differ from the 2-layer target's default."""
   from eagle3_jax.draft import head as draft
+  from eagle3_jax.draft.vocab import DraftVocab
   from eagle3_jax import interop
   from eagle3_jax.target import load
 
@@ -21,7 +22,7 @@ def _random_draft(target_dir, out_dir):
   dcfg = draft.DraftConfig.for_target(cfg, draft_vocab_size=48)
   params = jax.tree.map(np.asarray, draft.init_params(dcfg, jax.random.key(0)))
   ids = np.sort(np.random.default_rng(0).choice(cfg.vocab_size, 48, replace=False))
-  ckpt = interop.DraftCheckpoint(cfg=dcfg, params=params, vocab=draft.DraftVocab.from_ids(ids, cfg.vocab_size),
+  ckpt = interop.DraftCheckpoint(cfg=dcfg, params=params, vocab=DraftVocab.from_ids(ids, cfg.vocab_size),
                                  aux_layer_ids=(1, 1, 1))
   interop.write_draft(out_dir, ckpt, layout="eagle")
   return out_dir

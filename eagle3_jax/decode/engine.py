@@ -17,6 +17,7 @@ from eagle3_jax.config import LlamaConfig
 from eagle3_jax.decode import sampling, speculative, vanilla
 from eagle3_jax.decode.tree import TreeConfig
 from eagle3_jax.draft import head as draft
+from eagle3_jax.draft.vocab import DraftVocab
 from eagle3_jax.target import protocol
 
 
@@ -110,7 +111,7 @@ class SpeculativeGenerator:
   over real rows (`rounds`, `accepted`), so the engine's summary tau is accepted / rounds over all requests.
   """
 
-  def __init__(self, params: Any, target: protocol.Target | LlamaConfig, draft_params: Any, vocab: draft.DraftVocab, *,
+  def __init__(self, params: Any, target: protocol.Target | LlamaConfig, draft_params: Any, vocab: DraftVocab, *,
                dcfg: draft.DraftConfig, tree_cfg: TreeConfig, sampling_cfg: sampling.SamplingConfig,
                max_new_tokens: int, stop_ids: Sequence[int] = (), pad_id: int = 0, seed: int = 0,
                embed: Any = None, mesh: Any = None):

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from eagle3_jax.decode import speculative
 from eagle3_jax.draft import head as draft
+from eagle3_jax.draft.vocab import DraftVocab
 from eagle3_jax.nn import kv_cache
 from eagle3_jax.target.protocol import Target
 
@@ -51,7 +52,7 @@ class SpecParams:
   target: Any
   draft: Any
   embed: jax.Array  # [V, D]
-  vocab: draft.DraftVocab
+  vocab: DraftVocab
 
 
 def pool_cache_len(bucket: int, cfg: SpecSlotConfig) -> int:

@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 from eagle3_jax import sharding
 from eagle3_jax.decode import accept, sampling, tree, vanilla
 from eagle3_jax.draft import head as draft
+from eagle3_jax.draft.vocab import DraftVocab
 from eagle3_jax.nn import kv_cache, masks
 from eagle3_jax.target.protocol import Target
 
@@ -154,7 +155,7 @@ def prefill(target: Target, target_params: Any, draft_params: Any, embed_VD: jax
   return _constrain(state, target, mesh)
 
 
-def spec_round(target: Target, target_params: Any, draft_params: Any, embed_VD: jax.Array, vocab: draft.DraftVocab,
+def spec_round(target: Target, target_params: Any, draft_params: Any, embed_VD: jax.Array, vocab: DraftVocab,
                state: SpecState, *, dcfg: draft.DraftConfig, spec: SpecConfig,
                mesh: Mesh | None = None) -> SpecState:
   """One draft-verify round for every row: context pass, tree expansion, verify, accept, commit, emit."""
@@ -217,7 +218,7 @@ def spec_round(target: Target, target_params: Any, draft_params: Any, embed_VD: 
   return _constrain(new, target, mesh)
 
 
-def generate_core(target: Target, target_params: Any, draft_params: Any, vocab: draft.DraftVocab,
+def generate_core(target: Target, target_params: Any, draft_params: Any, vocab: DraftVocab,
                   tokens_BT: jax.Array, lengths_B: jax.Array, key: jax.Array, embed_VD: jax.Array | None = None, *,
                   dcfg: draft.DraftConfig, spec: SpecConfig, mesh: Mesh | None = None) -> SpecState:
   """Prefill + lax.while_loop over rounds until every row is done; no host round trip per round. Unvalidated."""
@@ -235,7 +236,7 @@ prefill_jit = jax.jit(prefill, static_argnames=_STATIC)
 round_jit = jax.jit(spec_round, static_argnames=_STATIC, donate_argnames=("state",))
 
 
-def validate(target: Target, target_params: Any, draft_params: Any, vocab: draft.DraftVocab, tokens_BT: Any,
+def validate(target: Target, target_params: Any, draft_params: Any, vocab: DraftVocab, tokens_BT: Any,
              lengths_B: Any, embed_VD: Any = None, *, dcfg: draft.DraftConfig, spec: SpecConfig) -> None:
   """Host-side checks with clear errors (inside jit these would silently read or write the wrong slots)."""
   tokens_BT, lengths_B = vanilla.validate_prompts(tokens_BT, lengths_B, target.vocab_size)
@@ -274,7 +275,7 @@ def validate(target: Target, target_params: Any, draft_params: Any, vocab: draft
     raise ValueError(f"TreeConfig.top_k={spec.tree.top_k} exceeds draft_vocab_size={dcfg.draft_vocab_size}")
 
 
-def generate(target: Target, target_params: Any, draft_params: Any, vocab: draft.DraftVocab, tokens_BT: Any,
+def generate(target: Target, target_params: Any, draft_params: Any, vocab: DraftVocab, tokens_BT: Any,
              lengths_B: Any, key: jax.Array, embed_VD: jax.Array | None = None, *, dcfg: draft.DraftConfig,
              spec: SpecConfig, mesh: Mesh | None = None) -> SpecState:
   """Library entry point: validates, then runs the jitted prefill + round loop. See `outputs` for the results."""

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from eagle3_jax.draft import head as draft
+from eagle3_jax.draft.vocab import DraftVocab
 from eagle3_jax.nn import masks
 from eagle3_jax.nn.kv_cache import KVCache
 
@@ -96,7 +97,7 @@ def build(scores_BC: jax.Array, tokens_BC: jax.Array, pool_parent_BC: jax.Array,
               mask=masks.ancestor_mask(parents, cfg.max_accept))
 
 
-def expand(draft_params: Any, embed_VD: jax.Array, vocab: draft.DraftVocab, last_BD: jax.Array, cache: KVCache, *,
+def expand(draft_params: Any, embed_VD: jax.Array, vocab: DraftVocab, last_BD: jax.Array, cache: KVCache, *,
            dcfg: draft.DraftConfig, cfg: TreeConfig) -> tuple[Tree, KVCache]:
   """EAGLE-2 expansion from the draft hidden of the last committed row (the row whose token is the root).
 

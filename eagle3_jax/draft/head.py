@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,35 +71,6 @@ class DraftConfig:
                num_kv_heads=target.num_kv_heads, head_dim=target.head_dim, vocab_size=target.vocab_size,
                draft_vocab_size=draft_vocab_size or target.vocab_size, rms_norm_eps=target.rms_norm_eps,
                num_aux=len(target.aux_layer_ids), **kw)
-
-
-@flax.struct.dataclass
-class DraftVocab:
-  """Draft-vocab buffers: target_id = i + d2t[i] for draft index i; t2d[v] marks target ids in the draft vocab."""
-
-  d2t: jax.Array  # int32[Vd]
-  t2d: jax.Array  # bool[V]
-
-  @classmethod
-  def identity(cls, vocab_size: int) -> "DraftVocab":
-    return cls(d2t=jnp.zeros((vocab_size,), jnp.int32), t2d=jnp.ones((vocab_size,), bool))
-
-  @classmethod
-  def from_ids(cls, ids_Vd: np.ndarray, vocab_size: int) -> "DraftVocab":
-    """From the sorted target ids kept in the draft vocabulary."""
-    ids = np.asarray(ids_Vd, np.int64)
-    if np.any(np.diff(ids) <= 0) or ids.min() < 0 or ids.max() >= vocab_size:
-      raise ValueError("draft vocabulary ids must be strictly ascending target ids in [0, vocab_size)")
-    t2d = np.zeros((vocab_size,), bool)
-    t2d[ids] = True
-    return cls(d2t=jnp.asarray(ids - np.arange(len(ids)), jnp.int32), t2d=jnp.asarray(t2d))
-
-  def to_target(self, draft_ids: jax.Array) -> jax.Array:
-    return draft_ids + self.d2t[draft_ids]
-
-  def target_ids(self) -> jax.Array:
-    """[Vd] target id of every draft index, ascending."""
-    return jnp.arange(self.d2t.shape[0], dtype=jnp.int32) + self.d2t
 
 
 def param_specs(cfg: DraftConfig) -> dict[str, Any]:
