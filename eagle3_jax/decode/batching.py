@@ -17,7 +17,6 @@ depend on the slot it lands in or on what runs beside it: greedy or sampled, a r
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Any, Callable, Sequence
 
@@ -26,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eagle3_jax.config import SlotConfig
 from eagle3_jax.decode import sampling, spec_batching, speculative, vanilla
 from eagle3_jax.nn import kv_cache, masks
 from eagle3_jax.target import protocol
@@ -46,16 +46,6 @@ class SlotState:
   done: jax.Array  # bool[B]
   keys: jax.Array  # [B] one PRNG key per slot (its request's), split every step
   steps: jax.Array  # int32[] decode steps run (all slots together)
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class SlotConfig:
-  """Static decoding settings of the slot loop (hashable: they enter jit)."""
-
-  sampling: sampling.SamplingConfig = sampling.SamplingConfig()
-  max_new_tokens: int = 128
-  stop_ids: tuple[int, ...] = ()
-  pad_id: int = 0
 
 
 def init_state(target: Target, slots: int, cache_len: int, cfg: SlotConfig, dtype: Any = jnp.float32) -> SlotState:

@@ -13,13 +13,13 @@ round's acceptance splits the slot's key, so a request's tokens do not depend on
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
+from eagle3_jax.config import SpecSlotConfig
 from eagle3_jax.decode import speculative
 from eagle3_jax.draft import head as draft
 from eagle3_jax.draft.vocab import DraftVocab
@@ -27,22 +27,6 @@ from eagle3_jax.nn import kv_cache
 from eagle3_jax.target.protocol import Target
 
 TRACE_COUNT = {"admit": 0, "rounds": 0, "grow": 0}
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class SpecSlotConfig:
-  """Static settings of the speculative slot loop (hashable: they enter jit)."""
-
-  dcfg: draft.DraftConfig
-  spec: speculative.SpecConfig
-
-  @property
-  def max_new_tokens(self) -> int:
-    return self.spec.max_new_tokens
-
-  @property
-  def pad_id(self) -> int:
-    return self.spec.pad_id
 
 
 @flax.struct.dataclass

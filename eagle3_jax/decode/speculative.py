@@ -9,7 +9,6 @@ are target positions whose aux states the draft has not consumed yet (draft row 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any
 
@@ -20,6 +19,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from eagle3_jax import sharding
+from eagle3_jax.config import SpecConfig
 from eagle3_jax.decode import accept, sampling, tree, vanilla
 from eagle3_jax.draft import head as draft
 from eagle3_jax.draft.vocab import DraftVocab
@@ -28,33 +28,6 @@ from eagle3_jax.target.protocol import Target
 
 # Incremented on every trace: tests and the engine use it to prove that nothing retraces per round or per call.
 TRACE_COUNT = {"generate": 0, "round": 0}
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class SpecConfig:
-  """Static decoding settings. cache_len = target KV slots (None: just enough for the prompt bucket)."""
-
-  tree: tree.TreeConfig = tree.TreeConfig()
-  sampling: sampling.SamplingConfig = sampling.SamplingConfig()
-  max_new_tokens: int = 128
-  stop_ids: tuple[int, ...] = ()
-  pad_id: int = 0
-  cache_len: int | None = None
-
-  def __post_init__(self):
-    if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-      raise ValueError(f"SpecConfig.max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
-
-  @property
-  def rows(self) -> int:
-    """R: draft rows fed back per round (root + accepted nodes), the static size of the context pass."""
-    return self.tree.max_accept + 1
-
-  def cache_lengths(self, T: int) -> tuple[int, int]:
-    """(target, draft) cache slots for a prompt bucket T: the active-row maximum L = T + M - 2 plus each write."""
-    P, k, M = self.tree.total_tokens, self.tree.top_k, self.max_new_tokens
-    target = self.cache_len if self.cache_len is not None else T + M + P
-    return target, T + M + max(self.rows, (self.tree.depth - 1) * k)
 
 
 @flax.struct.dataclass
