@@ -37,6 +37,7 @@ def load_draft(arg: str, cfg, params):
   import jax
 
   from eagle3_jax.draft import head as draft
+  from eagle3_jax.draft.vocab import DraftVocab
   from eagle3_jax import interop
 
   if arg != "random":
@@ -46,7 +47,7 @@ def load_draft(arg: str, cfg, params):
   # Vd = 16384 as configs/smollm2_135m.py trains it; the lowest ids stand in for the frequency-ranked ones.
   dcfg = draft.DraftConfig.for_target(cfg, draft_vocab_size=min(16384, cfg.vocab_size))
   return (cfg, dcfg, draft.init_params(dcfg, jax.random.key(0)),
-          draft.DraftVocab.from_ids(np.arange(dcfg.draft_vocab_size), cfg.vocab_size), None)
+          DraftVocab.from_ids(np.arange(dcfg.draft_vocab_size), cfg.vocab_size), None)
 
 
 def main(argv=None) -> dict:
@@ -70,6 +71,7 @@ def main(argv=None) -> dict:
   import infer
   from eagle3_jax.decode import vanilla, engine, sampling, speculative as sp
   from eagle3_jax.draft import head as draft
+  from eagle3_jax.draft.vocab import DraftVocab
   from eagle3_jax.target import llama, load
   from eagle3_jax.decode.tree import TreeConfig
 

@@ -29,7 +29,7 @@ from eagle3_jax.train import data, features, step as step_lib, memory, ttt
 from eagle3_jax.train import setup
 from eagle3_jax import sharding  # noqa: E402
 from eagle3_jax.config import LlamaConfig, load_config  # noqa: E402
-from eagle3_jax.draft.head import DraftVocab  # noqa: E402
+from eagle3_jax.draft.vocab import DraftVocab  # noqa: E402
 from eagle3_jax.target import protocol  # noqa: E402
 
 GiB = 1 << 30

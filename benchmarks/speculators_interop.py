@@ -94,7 +94,8 @@ from speculators.models.eagle3 import Eagle3DraftModel, Eagle3SpeculatorConfig  
 
 from eagle3_jax import interop  # noqa: E402
 from eagle3_jax.draft import head as draft  # noqa: E402
-from eagle3_jax.draft.head import DraftConfig, DraftVocab  # noqa: E402
+from eagle3_jax.draft.head import DraftConfig  # noqa: E402
+from eagle3_jax.draft.vocab import DraftVocab  # noqa: E402
 from eagle3_jax.interop.formats import FORMAT_KEY, VARIANT_FLAGS  # noqa: E402
 from eagle3_jax.nn import attention, masks  # noqa: E402
 

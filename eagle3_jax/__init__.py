@@ -15,13 +15,13 @@ _API = {
     "load_target": "eagle3_jax.target.load",
     "load_tokenizer": "eagle3_jax.target.load",
     # the draft: its configuration, parameters and vocabulary
-    "DraftConfig": "eagle3_jax.draft.head",
-    "DraftVocab": "eagle3_jax.draft.head",
+    "DraftConfig": "eagle3_jax.config",
+    "DraftVocab": "eagle3_jax.draft.vocab",
     "init_draft": ("eagle3_jax.draft.head", "init_params"),
     # decoding: tree shape, sampling, speculative generation
-    "TreeConfig": "eagle3_jax.decode.tree",
-    "SamplingConfig": "eagle3_jax.decode.sampling",
-    "SpecConfig": "eagle3_jax.decode.speculative",
+    "TreeConfig": "eagle3_jax.config",
+    "SamplingConfig": "eagle3_jax.config",
+    "SpecConfig": "eagle3_jax.config",
     "speculative_generate": ("eagle3_jax.decode.speculative", "generate"),
     "speculative_outputs": ("eagle3_jax.decode.speculative", "outputs"),
     # drafts on disk, in the peers' layouts

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from eagle3_jax.draft import head as draft
+from eagle3_jax.draft.vocab import DraftVocab
 from eagle3_jax.config import LlamaConfig
 from eagle3_jax.target import llama
 
@@ -77,4 +78,4 @@ def copy_draft(cfg: LlamaConfig, target_params, *, lam: float = 60.0, sign: floa
   attn["q_proj"], attn["k_proj"], attn["v_proj"], attn["o_proj"] = map(jnp.asarray, (q, k, v, o))
   params["midlayer"]["mlp"]["down_proj"] = jnp.zeros_like(params["midlayer"]["mlp"]["down_proj"])
   params["lm_head"] = sign * target_params["lm_head"]
-  return dcfg, params, draft.DraftVocab.identity(cfg.vocab_size)
+  return dcfg, params, DraftVocab.identity(cfg.vocab_size)

@@ -10,6 +10,7 @@ import pytest
 
 from eagle3_jax.decode import autotree
 from eagle3_jax.draft import head as draft
+from eagle3_jax.draft.vocab import DraftVocab
 from eagle3_jax.train import ttt
 from eagle3_jax.decode.autotree import costs as autotree_costs
 from eagle3_jax.target import llama
@@ -24,7 +25,7 @@ def _models(tiny_cfg, Vd=96):
   dcfg = draft.DraftConfig.for_target(cfg, draft_vocab_size=Vd)
   dparams = draft.init_params(dcfg, jax.random.key(1))
   ids = np.sort(np.random.default_rng(0).choice(cfg.vocab_size, Vd, replace=False))
-  return cfg, params, dcfg, dparams, draft.DraftVocab.from_ids(ids, cfg.vocab_size)
+  return cfg, params, dcfg, dparams, DraftVocab.from_ids(ids, cfg.vocab_size)
 
 
 def test_ttt_ranks_match_unrolled_reference(tiny_cfg):
@@ -127,7 +128,7 @@ def test_calibration_is_cached_and_invalidated(tiny_cfg, tmp_path, monkeypatch):
   assert len(calls) == 2  # another batch size is another calibration
   other = dataclasses.replace(dcfg, draft_vocab_size=64)
   autotree.cached_costs(target, params, cfg, draft.init_params(other, jax.random.key(5)),
-                        draft.DraftVocab.from_ids(np.arange(64), cfg.vocab_size), other, batch=1, **kw)
+                        DraftVocab.from_ids(np.arange(64), cfg.vocab_size), other, batch=1, **kw)
   assert len(calls) == 3  # another draft shape too
   monkeypatch.setattr(autotree_costs, "machine_key", lambda: {"platform": "elsewhere"})
   autotree.cached_costs(target, params, cfg, dparams, vocab, dcfg, batch=1, **kw)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from eagle3_jax.draft import head as draft
+from eagle3_jax.draft.vocab import DraftVocab
 from eagle3_jax.params import count_params
 from eagle3_jax.nn import layers, masks
 
@@ -55,12 +56,12 @@ def test_cached_steps_equal_one_pass(dcfg, window, num_layers):
 
 def test_vocab_mapping_round_trip():
   ids = np.array([0, 3, 4, 9, 11])
-  vocab = draft.DraftVocab.from_ids(ids, 16)
+  vocab = DraftVocab.from_ids(ids, 16)
   np.testing.assert_array_equal(vocab.target_ids(), ids)
   np.testing.assert_array_equal(vocab.to_target(jnp.array([4, 0, 2])), [11, 0, 4])
   assert int(vocab.t2d.sum()) == 5 and bool(vocab.t2d[9]) and not bool(vocab.t2d[10])
   with pytest.raises(ValueError, match="ascending"):
-    draft.DraftVocab.from_ids(np.array([3, 1]), 16)
+    DraftVocab.from_ids(np.array([3, 1]), 16)
 
 
 def test_norm_output_feeds_back_the_post_norm_hidden(dcfg):

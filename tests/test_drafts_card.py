@@ -19,8 +19,8 @@ def _run(path, *, source, init_from="", steps, tokens, acc, provenance):
           {"split": "eval", "step": steps, "acc_j": acc, "tau": 1 + sum(np.cumprod(acc))}]
   (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
   d2t, t2d = vocab.vocab_from_counts(np.arange(16)[::-1], 8)
-  vocab.save_vocab(path / "draft_vocab.safetensors", vocab.VocabMap(d2t=d2t, t2d=t2d, counts=np.zeros(16, np.int64),
-                                                                    provenance=provenance))
+  vocab.save_vocab(path / "draft_vocab.safetensors",
+                   vocab.DraftVocab(d2t=d2t, t2d=t2d, counts=np.zeros(16, np.int64), provenance=provenance))
 
 
 def test_card_follows_the_warm_start_chain(tmp_path):

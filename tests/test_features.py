@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from eagle3_jax.draft import head as draft
+from eagle3_jax.draft.vocab import DraftVocab
 from eagle3_jax.train import features, ttt
 from eagle3_jax.config import LlamaConfig
 from eagle3_jax.target import llama, protocol
@@ -48,7 +49,7 @@ _online = jax.jit(features.target_features, static_argnums=0)
 def _loss_from(params, aux, hidden, tokens, loss_mask):
   """Teacher + TTT loss of a random draft: the part of a train step that consumes the features."""
   dcfg = draft.DraftConfig.for_target(CFG, draft_vocab_size=64)
-  vocab = draft.DraftVocab.from_ids(np.arange(0, 128, 2), 128)
+  vocab = DraftVocab.from_ids(np.arange(0, 128, 2), 128)
   probs, in_vocab = ttt.teacher(protocol.llama_target(CFG), params, hidden.astype(jnp.float32), vocab)
   return ttt.ttt_loss(draft.init_params(dcfg, jax.random.key(1)), params["embed"], aux.astype(jnp.float32),
                       tokens, loss_mask, probs, in_vocab, cfg=dcfg, steps=3)

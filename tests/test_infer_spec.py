@@ -14,6 +14,7 @@ from test_infer import _QUIET, _hf_greedy, infer, tiny_target  # noqa: F401  (ti
 def _random_draft(target_dir, out_dir):
   """A random draft in the official EAGLE layout; aux layers (1, 1, 1) differ from the 2-layer target's default."""
   from eagle3_jax.draft import head as draft
+  from eagle3_jax.draft.vocab import DraftVocab
   from eagle3_jax import interop
   from eagle3_jax.target import load
 
@@ -21,7 +22,7 @@ def _random_draft(target_dir, out_dir):
   dcfg = draft.DraftConfig.for_target(cfg, draft_vocab_size=48)
   params = jax.tree.map(np.asarray, draft.init_params(dcfg, jax.random.key(0)))
   ids = np.sort(np.random.default_rng(0).choice(cfg.vocab_size, 48, replace=False))
-  ckpt = interop.DraftCheckpoint(cfg=dcfg, params=params, vocab=draft.DraftVocab.from_ids(ids, cfg.vocab_size),
+  ckpt = interop.DraftCheckpoint(cfg=dcfg, params=params, vocab=DraftVocab.from_ids(ids, cfg.vocab_size),
                                  aux_layer_ids=(1, 1, 1))
   interop.write_draft(out_dir, ckpt, layout="eagle")
   return out_dir
@@ -109,3 +110,32 @@ def test_draft_flag_errors(tmp_path):
                 "--prompt", "hi"])
   with pytest.raises(FileNotFoundError, match="--draft .*no config.json"):
     engine.load_draft(str(tmp_path), None)
+
+
+def test_engine_takes_a_protocol_target(tiny_target, tmp_path):
+  """load_draft / make_generator with a Target built by the caller (any JAX model's road to the host engine): the
+  same tokens as through the bundled LlamaConfig; a draft reading another aux width is refused."""
+  import dataclasses
+
+  from eagle3_jax.decode import sampling
+  from eagle3_jax.decode.tree import TreeConfig
+  from eagle3_jax.target import load, protocol
+
+  path, _, tok = tiny_target
+  draft_dir = _random_draft(path, tmp_path / "draft")
+  cfg, params = load.load_target(path)
+  target = protocol.llama_target(dataclasses.replace(cfg, aux_layers=(1, 1, 1)))  # the draft's taps
+  same, ckpt = engine.load_draft(str(draft_dir), target)
+  assert same is target
+  common = dict(draft_ckpt=ckpt, tree_cfg=TreeConfig(top_k=2, depth=3, total_tokens=6),
+                sampling_cfg=sampling.SamplingConfig(), max_new_tokens=8)
+  prompts = [{"prompt": "hello world"}, {"prompt": "why is the sky blue"}]
+  got, _ = engine.Engine(engine.make_generator(params, target, **common), tok, batch_size=2).run(
+      prompts, progress=False)
+  llama_cfg, _ = engine.load_draft(str(draft_dir), cfg)
+  want, _ = engine.Engine(engine.make_generator(params, llama_cfg, **common), tok, batch_size=2).run(
+      prompts, progress=False)
+  assert [r.token_ids for r in got] == [r.token_ids for r in want]
+  narrow = protocol.llama_target(dataclasses.replace(cfg, aux_layers=(1, 1)))
+  with pytest.raises(ValueError, match="aux_size"):
+    engine.load_draft(str(draft_dir), narrow)

@@ -21,6 +21,7 @@ import safetensors.torch  # noqa: E402
 
 from eagle3_jax import convert, interop
 from eagle3_jax.draft import head as draft
+from eagle3_jax.draft.vocab import DraftVocab
 from eagle3_jax.interop import files
 from eagle3_jax.config import LlamaConfig  # noqa: E402
 from eagle3_jax.nn import masks
@@ -331,7 +332,7 @@ def random_ckpt(seed=0, *, dt=D, embed=False, extra=None):
   rng = np.random.default_rng(seed)
   # Not the init values: every entry distinct, so a transposed or mis-reshaped weight cannot go unnoticed.
   params = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32) / 4, draft.abstract_params(cfg))
-  vocab = draft.DraftVocab.from_ids(np.sort(rng.choice(V, VD, replace=False)), V)
+  vocab = DraftVocab.from_ids(np.sort(rng.choice(V, VD, replace=False)), V)
   e = rng.standard_normal((V, D)).astype(np.float32) if embed or dt != D else None
   return interop.DraftCheckpoint(cfg=cfg, params=params, vocab=vocab, aux_layer_ids=AUX_IN, embed=e,
                                  extra=extra or {})
@@ -426,7 +427,7 @@ def test_full_vocab_speculators_export_has_no_vocab_maps(tmp_path):
   """speculators reports d2t / t2d of a full-vocabulary draft as unexpected keys; the eagle layout keeps them."""
   cfg = dataclasses.replace(random_ckpt().cfg, draft_vocab_size=V)
   params = jax.tree.map(lambda s: np.full(s.shape, 0.25, np.float32), draft.abstract_params(cfg))
-  ckpt = interop.DraftCheckpoint(cfg=cfg, params=params, vocab=draft.DraftVocab.identity(V), aux_layer_ids=AUX_IN,
+  ckpt = interop.DraftCheckpoint(cfg=cfg, params=params, vocab=DraftVocab.identity(V), aux_layer_ids=AUX_IN,
                                  embed=np.ones((V, D), np.float32))
   interop.write_draft(tmp_path / "s", ckpt, layout="speculators", verifier=VERIFIER)
   interop.write_draft(tmp_path / "e", ckpt, layout="eagle")

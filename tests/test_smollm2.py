@@ -110,6 +110,7 @@ def test_speculative_greedy_equals_vanilla(ours, prompt):
   (as configs/smollm2_135m.py shapes it). Nearly every proposal is rejected, so almost every round takes the
   correction path through verify + commit on real SmolLM2 KV; accepting paths are covered on tiny targets."""
   from eagle3_jax.draft import head as draft
+  from eagle3_jax.draft.vocab import DraftVocab
   from eagle3_jax.decode import speculative as sp
   from eagle3_jax.decode.tree import TreeConfig
 
@@ -123,7 +124,7 @@ def test_speculative_greedy_equals_vanilla(ours, prompt):
                              llama.init_cache(cfg, 2, vanilla.cache_length(T, n_new)), jax.random.key(0), target=protocol.llama_target(cfg),
                              sampling_cfg=sampling.SamplingConfig(), max_new_tokens=n_new)
   dcfg = draft.DraftConfig.for_target(cfg, draft_vocab_size=16384)
-  vocab = draft.DraftVocab.from_ids(np.arange(16384), cfg.vocab_size)
+  vocab = DraftVocab.from_ids(np.arange(16384), cfg.vocab_size)
   spec = sp.SpecConfig(tree=TreeConfig(top_k=4, depth=4, total_tokens=16), max_new_tokens=n_new)
   state = sp.generate(protocol.llama_target(cfg), params, draft.init_params(dcfg, jax.random.key(1)), vocab, tokens,
                       lengths, jax.random.key(0), dcfg=dcfg, spec=spec)

@@ -12,6 +12,7 @@ import pytest
 import spec_oracle
 from eagle3_jax.decode import vanilla, sampling, speculative as sp
 from eagle3_jax.draft import head as draft
+from eagle3_jax.draft.vocab import DraftVocab
 from eagle3_jax.target import llama
 from eagle3_jax.decode.tree import TreeConfig
 from eagle3_jax.nn import kv_cache, masks
@@ -42,7 +43,7 @@ def random_pair(tiny_cfg):
   dcfg = draft.DraftConfig.for_target(cfg, draft_vocab_size=48)
   ids = np.sort(np.random.default_rng(0).choice(cfg.vocab_size, 48, replace=False))
   return (cfg, llama.init_params(cfg, jax.random.key(0)), dcfg, draft.init_params(dcfg, jax.random.key(1)),
-          draft.DraftVocab.from_ids(ids, cfg.vocab_size))
+          DraftVocab.from_ids(ids, cfg.vocab_size))
 
 
 PROMPTS = np.random.default_rng(2).integers(0, 128, (4, 9))
@@ -179,7 +180,7 @@ def test_bad_inputs_raise(random_pair):
   with pytest.raises(ValueError, match="does not match the target's vocab_size"):
     run(dcfg=dataclasses.replace(dcfg, vocab_size=256))
   with pytest.raises(ValueError, match="d2t has shape"):
-    run(vocab=draft.DraftVocab.identity(cfg.vocab_size))
+    run(vocab=DraftVocab.identity(cfg.vocab_size))
   with pytest.raises(ValueError, match="param 'lm_head' has shape"):
     run(dcfg=dataclasses.replace(dcfg, draft_vocab_size=40))
   with pytest.raises(ValueError, match="sliding_window=6 must exceed tree depth"):

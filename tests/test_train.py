@@ -16,7 +16,7 @@ from eagle3_jax.train import step as step_lib, loop
 from eagle3_jax.train import setup as run_setup
 from eagle3_jax.train.checkpoint import Checkpointer
 from eagle3_jax.config import load_config
-from eagle3_jax.draft.head import DraftVocab
+from eagle3_jax.draft.vocab import DraftVocab
 from eagle3_jax.config import OptimConfig
 
 

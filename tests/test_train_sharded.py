@@ -12,7 +12,7 @@ import pytest
 from eagle3_jax import sharding
 from eagle3_jax.train import step as step_lib
 from eagle3_jax.config import load_config
-from eagle3_jax.draft.head import DraftVocab
+from eagle3_jax.draft.vocab import DraftVocab
 
 TINY = pathlib.Path(__file__).parent.parent / "configs" / "tiny.py"
 B, T = 8, 32

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from eagle3_jax.draft import head as draft
+from eagle3_jax.draft.vocab import DraftVocab
 from eagle3_jax.decode import tree
 from eagle3_jax.target import llama
 from eagle3_jax.nn import masks
@@ -128,7 +129,7 @@ def test_expand_scores_equal_sequential_draft(tiny_cfg):
   dparams["lm_head"] = dparams["lm_head"] * 40
   embed = 0.5 * jax.random.normal(jax.random.key(4), (tiny_cfg.vocab_size, dcfg.hidden_size))
   ids = np.sort(np.random.default_rng(5).choice(tiny_cfg.vocab_size, 40, replace=False))
-  vocab = draft.DraftVocab.from_ids(ids, tiny_cfg.vocab_size)
+  vocab = DraftVocab.from_ids(ids, tiny_cfg.vocab_size)
   cfg = tree.TreeConfig(top_k=3, depth=3, total_tokens=9)
   B, n_ctx, S = 2, 5, 32
   ctx_hidden = jax.random.normal(jax.random.key(6), (B, n_ctx, dcfg.hidden_size))

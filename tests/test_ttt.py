@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from eagle3_jax.draft import head as draft
+from eagle3_jax.draft.vocab import DraftVocab
 from eagle3_jax.train import ttt
 from eagle3_jax.config import LlamaConfig
 from eagle3_jax.train.features import target_features
@@ -51,7 +52,7 @@ def setup(dcfg):
   kept = np.delete(top, np.argmin(counts))
   others = np.setdiff1d(np.arange(CFG.vocab_size), top)
   ids = np.concatenate([kept, rng.choice(others, 48 - len(kept), replace=False)])
-  vocab = draft.DraftVocab.from_ids(np.sort(ids), CFG.vocab_size)
+  vocab = DraftVocab.from_ids(np.sort(ids), CFG.vocab_size)
   probs, in_vocab = ttt.teacher(protocol.llama_target(CFG), target, hidden, vocab)
   assert 0 < int(in_vocab.sum()) < B * T  # the crafted vocab leaves some targets out, so the mask matters
   return dict(params=params, embed=target["embed"], aux=aux, tokens=tokens, loss_mask=loss_mask, probs=probs,
@@ -186,7 +187,7 @@ def test_teacher_probs_are_the_renormalised_target_softmax(tiny_cfg):
   target = llama.init_params(tiny_cfg, jax.random.key(4))
   hidden = jax.random.normal(jax.random.key(5), (B, T, tiny_cfg.hidden_size))
   ids = np.sort(rng.choice(tiny_cfg.vocab_size, 48, replace=False))
-  probs, in_vocab = ttt.teacher(protocol.llama_target(tiny_cfg), target, hidden, draft.DraftVocab.from_ids(ids, 128))
+  probs, in_vocab = ttt.teacher(protocol.llama_target(tiny_cfg), target, hidden, DraftVocab.from_ids(ids, 128))
   np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-6)
   full = jax.nn.softmax(llama.lm_head(target, hidden, cfg=tiny_cfg))
   np.testing.assert_allclose(probs, full[..., ids] / full[..., ids].sum(-1, keepdims=True), rtol=1e-5)
@@ -207,7 +208,7 @@ def test_teacher_in_vocab_on_crafted_head(tiny_cfg, tied, chunk):
   head[4, 16] = 5.0
   params = {"embed": jnp.asarray(head.T)} if tied else {"lm_head": jnp.asarray(head)}
   hidden = jnp.eye(D)[None, :len(top)]
-  probs, in_vocab = ttt.teacher(protocol.llama_target(cfg), params, hidden, draft.DraftVocab.from_ids(ids, V),
+  probs, in_vocab = ttt.teacher(protocol.llama_target(cfg), params, hidden, DraftVocab.from_ids(ids, V),
                                 vocab_chunk=chunk)
   np.testing.assert_array_equal(in_vocab[0], [True, False, True, False, False, True])
   assert int(jnp.argmax(probs[0, 0])) == 5  # draft index of target id 10

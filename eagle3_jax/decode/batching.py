@@ -17,7 +17,6 @@ depend on the slot it lands in or on what runs beside it: greedy or sampled, a r
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Any, Callable, Sequence
 
@@ -26,8 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eagle3_jax.config import SlotConfig
 from eagle3_jax.decode import sampling, spec_batching, speculative, vanilla
-from eagle3_jax.nn import masks
+from eagle3_jax.nn import kv_cache, masks
 from eagle3_jax.target import protocol
 from eagle3_jax.target.protocol import Target
 
@@ -46,16 +46,6 @@ class SlotState:
   done: jax.Array  # bool[B]
   keys: jax.Array  # [B] one PRNG key per slot (its request's), split every step
   steps: jax.Array  # int32[] decode steps run (all slots together)
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class SlotConfig:
-  """Static decoding settings of the slot loop (hashable: they enter jit)."""
-
-  sampling: sampling.SamplingConfig = sampling.SamplingConfig()
-  max_new_tokens: int = 128
-  stop_ids: tuple[int, ...] = ()
-  pad_id: int = 0
 
 
 def init_state(target: Target, slots: int, cache_len: int, cfg: SlotConfig, dtype: Any = jnp.float32) -> SlotState:
@@ -80,11 +70,10 @@ def admit(params: Any, state: SlotState, slots_K: jax.Array, tokens_KT: jax.Arra
   positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (K, T))
   mask = masks.cache_causal_mask(jnp.zeros((K,), jnp.int32), T, target.cache_slots(cache))
   logits, _, cache = target.last_logits(params, tokens_KT, positions, cache, mask, lengths_K - 1)
-  split = jax.vmap(jax.random.split)(keys_K)  # as vanilla.prefill, per row: the row's next key, and this one's
-  first = jax.vmap(lambda k, row: sampling.sample(k, row[None], cfg.sampling)[0])(split[:, 1], logits)
+  keys_K, first = sampling.split_sample(keys_K, logits, cfg.sampling)  # as vanilla.prefill, per row
   rows = SlotState(cache=cache.replace(lengths=lengths_K.astype(jnp.int32)), last=first,
                    tokens=jnp.full((K, cfg.max_new_tokens), cfg.pad_id, jnp.int32),
-                   counts=jnp.zeros((K,), jnp.int32), done=jnp.zeros((K,), jnp.bool_), keys=split[:, 0],
+                   counts=jnp.zeros((K,), jnp.int32), done=jnp.zeros((K,), jnp.bool_), keys=keys_K,
                    steps=state.steps)
   rows = vanilla.emit(rows, first, max_new_tokens=cfg.max_new_tokens, stop_ids=cfg.stop_ids)
   put = lambda big, new: big.at[slots_K].set(new.astype(big.dtype), mode="drop")  # noqa: E731
@@ -100,10 +89,9 @@ def step(params: Any, state: SlotState, *, target: Target, cfg: SlotConfig) -> S
   mask = masks.cache_causal_mask(cache.lengths, 1, target.cache_slots(cache))
   logits, _, cache = target.last_logits(params, state.last[:, None], cache.lengths[:, None], cache, mask,
                                         jnp.zeros_like(cache.lengths))
-  split = jax.vmap(jax.random.split)(state.keys)  # [B, 2]: the row's next key, and this step's
-  new = jax.vmap(lambda k, row: sampling.sample(k, row[None], cfg.sampling)[0])(split[:, 1], logits)
+  keys, new = sampling.split_sample(state.keys, logits, cfg.sampling)
   cache = cache.replace(lengths=cache.lengths + (~state.done).astype(jnp.int32))
-  state = state.replace(cache=cache, keys=split[:, 0], steps=state.steps + 1)
+  state = state.replace(cache=cache, keys=keys, steps=state.steps + 1)
   return vanilla.emit(state, new, max_new_tokens=cfg.max_new_tokens, stop_ids=cfg.stop_ids)
 
 
@@ -119,14 +107,7 @@ def grow(params: Any, state: SlotState, *, target: Target, cfg: SlotConfig, cach
   del params, cfg  # the signature every slot executable shares
   TRACE_COUNT["grow"] += 1
 
-  def pad(x):
-    if x.ndim < 2:
-      return x
-    widths = [(0, 0)] * x.ndim
-    widths[target.slot_axis] = (0, cache_len - x.shape[target.slot_axis])
-    return jnp.pad(x, widths)
-
-  return state.replace(cache=jax.tree.map(pad, state.cache))
+  return state.replace(cache=kv_cache.pad_slots(state.cache, cache_len, target.slot_axis))
 
 
 admit_jit = jax.jit(admit, static_argnames=("target", "cfg"), donate_argnames=("state",))
@@ -149,8 +130,9 @@ class ContinuousBatcher:
   engine.Engine drives it like a Generator (`continuous` tells it to hand over every prompt at once).
 
   With `draft_params` (and vocab, dcfg, tree_cfg, optionally the draft's own embedding) the slots run EAGLE-3
-  draft-verify rounds instead of decode steps (decode/spec_batching.py); `sync_every` then counts rounds, and the
-  stats add `rounds` and `accepted` (tau = accepted / rounds over all requests).
+  draft-verify rounds instead of decode steps (decode/spec_batching.py); `sync_every` then counts rounds, the
+  stats add `rounds` and `accepted` (tau = accepted / rounds over all requests), and each request's own rounds and
+  tau come with it to `on_result`.
   """
 
   continuous = True
@@ -193,7 +175,6 @@ class ContinuousBatcher:
       self._init = lambda S: spec_batching.init_state(  # noqa: E731
           self.target, slots, S, self.cfg, self._params, self._dtype)
     self._traces_at_start = self._traces()
-    self.request_stats: list[dict[str, float]] = []  # per request of the last run: rounds, tau (speculative)
 
   def _traces(self) -> int:
     return sum(TRACE_COUNT.values()) + sum(spec_batching.TRACE_COUNT.values())
@@ -220,12 +201,14 @@ class ContinuousBatcher:
       stats["compile_s"] += time.perf_counter() - t0
     return self._compiled[key](self._params, *args)
 
-  def run(self, prompt_ids: Sequence[Sequence[int]], on_result: Callable[[int, list[int]], None] | None = None
+  def run(self, prompt_ids: Sequence[Sequence[int]],
+          on_result: Callable[[int, list[int], dict[str, float]], None] | None = None
           ) -> tuple[list[list[int]], dict[str, float]]:
     """Token ids per request (stop token kept) and stats: steps, slot_steps, tokens, compile_s, seconds (excluding
     compilation), utilisation (share of slot-steps, or slot-rounds, that served a request), and for speculative
-    decoding rounds and accepted (tokens, bonus included, over those rounds; per request in `self.request_stats`).
-    on_result(index, ids) is called as each request finishes."""
+    decoding rounds and accepted (tokens, bonus included, over those rounds).
+    on_result(index, ids, request_stats) is called as each request finishes; request_stats holds that request's
+    rounds and tau with a draft, nothing without."""
     n = len(prompt_ids)
     for i, p in enumerate(prompt_ids):
       if len(p) < 1:
@@ -244,7 +227,6 @@ class ContinuousBatcher:
       vanilla.validate(*probe, target=self.target, cache_len=self._pool_len(self.bucket_fn(longest)),
                        max_new_tokens=self.max_new_tokens)
     results: list[list[int] | None] = [None] * n
-    self.request_stats = [{} for _ in range(n)]
     stats = {"steps": 0.0, "slot_steps": 0.0, "tokens": 0.0, "step_tokens": 0.0, "compile_s": 0.0,
              "admissions": 0.0, "grows": 0.0} | ({"rounds": 0.0, "accepted": 0.0} if self.speculative else {})
     t_start = time.perf_counter()
@@ -279,21 +261,21 @@ class ContinuousBatcher:
       stats["slot_steps"] += (int(now) - steps) * self.slots
       steps = int(now)
       finished = [s for s in range(self.slots) if owner[s] is not None and done[s]]
-      if finished and self.speculative:
-        rounds, accepted = jax.device_get((state.rounds, state.accepted))
-        for s in finished:
-          stats["rounds"] += float(rounds[s])
-          stats["accepted"] += float(accepted[s])
-          self.request_stats[owner[s]] = {"rounds": float(rounds[s]), "tau": float(accepted[s] / max(rounds[s], 1))}
       if finished:
         rows = jax.device_get(state.tokens)
+        rounds, accepted = jax.device_get((state.rounds, state.accepted)) if self.speculative else (None, None)
         for s in finished:
           i, owner[s] = owner[s], None
           results[i] = [int(t) for t in rows[s, :int(counts[s])]]
           stats["tokens"] += len(results[i])
           stats["step_tokens"] += len(results[i]) - 1  # the first came from the prefill
+          request: dict[str, float] = {}
+          if self.speculative:
+            stats["rounds"] += float(rounds[s])
+            stats["accepted"] += float(accepted[s])
+            request = {"rounds": float(rounds[s]), "tau": float(accepted[s] / max(rounds[s], 1))}
           if on_result is not None:
-            on_result(i, results[i])
+            on_result(i, results[i], request)
     stats["seconds"] = time.perf_counter() - t_start - stats["compile_s"]
     # Share of slots x steps (rounds) that served a request: idle and finished-but-uncollected slots count.
     busy = stats["rounds"] if self.speculative else stats["step_tokens"]

@@ -17,6 +17,7 @@ from eagle3_jax.config import LlamaConfig
 from eagle3_jax.decode import sampling, speculative, vanilla
 from eagle3_jax.decode.tree import TreeConfig
 from eagle3_jax.draft import head as draft
+from eagle3_jax.draft.vocab import DraftVocab
 from eagle3_jax.target import protocol
 
 
@@ -110,7 +111,7 @@ class SpeculativeGenerator:
   over real rows (`rounds`, `accepted`), so the engine's summary tau is accepted / rounds over all requests.
   """
 
-  def __init__(self, params: Any, target: protocol.Target | LlamaConfig, draft_params: Any, vocab: draft.DraftVocab, *,
+  def __init__(self, params: Any, target: protocol.Target | LlamaConfig, draft_params: Any, vocab: DraftVocab, *,
                dcfg: draft.DraftConfig, tree_cfg: TreeConfig, sampling_cfg: sampling.SamplingConfig,
                max_new_tokens: int, stop_ids: Sequence[int] = (), pad_id: int = 0, seed: int = 0,
                embed: Any = None, mesh: Any = None):
@@ -169,12 +170,25 @@ def stop_ids(tokenizer: Any, target: str | None) -> list[int]:
   return sorted(ids)
 
 
-def load_draft(path: str, cfg: LlamaConfig) -> tuple[LlamaConfig, Any]:
-  """(target config with the draft's aux layers, DraftCheckpoint); the taps must be those the draft was trained on."""
+def load_draft(path: str, target: protocol.Target | LlamaConfig) -> tuple[protocol.Target | LlamaConfig, Any]:
+  """(the target, tapping the layers the draft was trained on; DraftCheckpoint).
+
+  A LlamaConfig (the bundled family) comes back with the draft's aux layers. A Target's taps were fixed by whoever
+  built it and it comes back as it is: they must be the draft's `ckpt.aux_layer_ids`, which only their total width
+  can check here (ValueError if the draft reads another aux_size); the file must state its aux layer ids.
+  """
   from eagle3_jax import interop  # deferred: interop pulls in the checkpoint formats
 
   if not (pathlib.Path(path) / "config.json").is_file():
     raise FileNotFoundError(f"--draft {path}: not a draft checkpoint directory (no config.json)")
+  if isinstance(target, protocol.Target):
+    ckpt = interop.read_draft(path)
+    width = ckpt.cfg.num_aux * ckpt.cfg.target_hidden_size
+    if width != target.aux_size:
+      raise ValueError(f"--draft {path} reads {ckpt.cfg.num_aux} aux states of width {ckpt.cfg.target_hidden_size} "
+                       f"({width} in all) but the target's aux_size is {target.aux_size}")
+    return target, ckpt
+  cfg = target
   ckpt = interop.read_draft(path, num_target_layers=cfg.num_layers)
   aux = tuple(int(i) for i in ckpt.aux_layer_ids)
   if aux != cfg.aux_layer_ids:
@@ -183,16 +197,17 @@ def load_draft(path: str, cfg: LlamaConfig) -> tuple[LlamaConfig, Any]:
   return cfg, ckpt
 
 
-
-def make_generator(params: Any, cfg: LlamaConfig, *, draft_ckpt: Any = None, tree_cfg: TreeConfig | None = None,
-                   dtype: Any = None, slots: int | None = None, **common: Any) -> Any:
+def make_generator(params: Any, target: protocol.Target | LlamaConfig, *, draft_ckpt: Any = None,
+                   tree_cfg: TreeConfig | None = None, dtype: Any = None, slots: int | None = None,
+                   **common: Any) -> Any:
   """Vanilla decoding, or speculative decoding with a DraftCheckpoint (cast to the target's dtype) and a tree; with
-  `slots`, a continuous batcher of that many decode slots (decode/batching.py) instead of static batches."""
+  `slots`, a continuous batcher of that many decode slots (decode/batching.py) instead of static batches. The target
+  is any protocol Target, or a LlamaConfig for the bundled family (as `load_draft` returns them)."""
   from eagle3_jax.decode import batching  # deferred: batching imports this module's bucket_length
 
   if draft_ckpt is None:
-    return (VanillaGenerator(params, cfg, **common) if slots is None else
-            batching.ContinuousBatcher(params, cfg, slots=slots, **common))
+    return (VanillaGenerator(params, target, **common) if slots is None else
+            batching.ContinuousBatcher(params, target, slots=slots, **common))
   if tree_cfg is None:
     raise ValueError("speculative decoding needs a tree_cfg")
   dtype = dtype or jax.tree.leaves(params)[0].dtype
@@ -200,9 +215,9 @@ def make_generator(params: Any, cfg: LlamaConfig, *, draft_ckpt: Any = None, tre
   draft = dict(vocab=draft_ckpt.vocab, dcfg=draft_ckpt.cfg, tree_cfg=tree_cfg,
                embed=None if draft_ckpt.embed is None else cast(draft_ckpt.embed))
   if slots is not None:
-    return batching.ContinuousBatcher(params, cfg, slots=slots, draft_params=jax.tree.map(cast, draft_ckpt.params),
+    return batching.ContinuousBatcher(params, target, slots=slots, draft_params=jax.tree.map(cast, draft_ckpt.params),
                                       **draft, **common)
-  return SpeculativeGenerator(params, cfg, jax.tree.map(cast, draft_ckpt.params), **draft, **common)
+  return SpeculativeGenerator(params, target, jax.tree.map(cast, draft_ckpt.params), **draft, **common)
 
 
 @dataclasses.dataclass
@@ -330,8 +345,10 @@ class Engine:
     compiles_before = self.generator.compile_count
     bar = tqdm(total=len(prompt_ids), desc="requests", unit="req", file=sys.stderr, disable=not progress)
     produced = [0]
+    rows: list[dict[str, float]] = [{} for _ in prompt_ids]  # per request: rounds and tau with a draft
 
-    def finished(i: int, ids: list[int]) -> None:
+    def finished(i: int, ids: list[int], request_stats: dict[str, float]) -> None:
+      rows[i] = request_stats
       produced[0] += len(ids)
       bar.update(1)
       bar.set_postfix(tokens=produced[0], refresh=False)
@@ -341,7 +358,6 @@ class Engine:
     compiles = self.generator.compile_count - compiles_before
     if max_compiles is not None and compiles > max_compiles:
       raise RuntimeError(f"continuous batcher compiled {compiles} times (limit {max_compiles}): something retraces")
-    rows = getattr(self.generator, "request_stats", [{}] * len(token_lists))
     results = [Result(index=i, text=self.tokenizer.decode(ids, skip_special_tokens=True), token_ids=ids,
                       prompt_tokens=len(prompt_ids[i]), seconds=st["seconds"], stats=rows[i])
                for i, ids in enumerate(token_lists)]

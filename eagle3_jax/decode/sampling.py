@@ -2,35 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class SamplingConfig:
-  """How the next token is chosen. Static: it enters jit as a hashable constant.
-
-  temperature == 0 means greedy (argmax); top_k == 0 and top_p == 1 disable those filters. Filters apply in
-  transformers' order: temperature, then top-k, then top-p on what top-k kept.
-  """
-
-  temperature: float = 0.0
-  top_p: float = 1.0
-  top_k: int = 0
-
-  def __post_init__(self):
-    if not self.temperature >= 0.0:
-      raise ValueError(f"SamplingConfig.temperature must be >= 0, got {self.temperature!r}")
-    if not 0.0 < self.top_p <= 1.0:
-      raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p!r}")
-    if not isinstance(self.top_k, int) or self.top_k < 0:
-      raise ValueError(f"SamplingConfig.top_k must be an int >= 0, got {self.top_k!r}")
-
-  @property
-  def greedy(self) -> bool:
-    return self.temperature == 0.0
+from eagle3_jax.config import SamplingConfig
 
 
 def _mask_below(logits: jax.Array, threshold: jax.Array) -> jax.Array:
@@ -83,3 +58,17 @@ def sample(key: jax.Array, logits_BV: jax.Array, cfg: SamplingConfig) -> jax.Arr
     if cfg.greedy:
       return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
     return jax.random.categorical(key, process_logits(logits_BV, cfg), axis=-1).astype(jnp.int32)
+
+
+def split_sample(key: jax.Array, logits_BV: jax.Array, cfg: SamplingConfig) -> tuple[jax.Array, jax.Array]:
+  """(next key, one token per row int32[B]) from logits [B, V]: one key for the whole batch (key []), or one per row
+  (key [B]: continuous batching, where a request's tokens must not depend on its slot or its neighbours).
+
+  Either way the key is split once per call and the second half is spent, so a row keyed alone draws what a
+  batch of one under that key would.
+  """
+  if key.ndim == 0:
+    key, sub = jax.random.split(key)
+    return key, sample(sub, logits_BV, cfg)
+  split = jax.vmap(jax.random.split)(key)  # [B, 2]: each row's next key, and this draw's
+  return split[:, 0], jax.vmap(lambda k, row: sample(k, row[None], cfg)[0])(split[:, 1], logits_BV)

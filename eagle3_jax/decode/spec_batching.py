@@ -13,35 +13,20 @@ round's acceptance splits the slot's key, so a request's tokens do not depend on
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
+from eagle3_jax.config import SpecSlotConfig
 from eagle3_jax.decode import speculative
 from eagle3_jax.draft import head as draft
+from eagle3_jax.draft.vocab import DraftVocab
 from eagle3_jax.nn import kv_cache
 from eagle3_jax.target.protocol import Target
 
 TRACE_COUNT = {"admit": 0, "rounds": 0, "grow": 0}
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class SpecSlotConfig:
-  """Static settings of the speculative slot loop (hashable: they enter jit)."""
-
-  dcfg: draft.DraftConfig
-  spec: speculative.SpecConfig
-
-  @property
-  def max_new_tokens(self) -> int:
-    return self.spec.max_new_tokens
-
-  @property
-  def pad_id(self) -> int:
-    return self.spec.pad_id
 
 
 @flax.struct.dataclass
@@ -51,7 +36,7 @@ class SpecParams:
   target: Any
   draft: Any
   embed: jax.Array  # [V, D]
-  vocab: draft.DraftVocab
+  vocab: DraftVocab
 
 
 def pool_cache_len(bucket: int, cfg: SpecSlotConfig) -> int:
@@ -103,17 +88,8 @@ def grow(params: SpecParams, state: speculative.SpecState, *, target: Target, cf
   del params, cfg
   TRACE_COUNT["grow"] += 1
 
-  def pad(axis):
-    def f(x):
-      if x.ndim < 2:
-        return x
-      widths = [(0, 0)] * x.ndim
-      widths[axis] = (0, cache_len - x.shape[axis])
-      return jnp.pad(x, widths)
-    return f
-
-  return state.replace(cache=jax.tree.map(pad(target.slot_axis), state.cache),
-                       draft_cache=jax.tree.map(pad(kv_cache.SLOT_AXIS), state.draft_cache))
+  return state.replace(cache=kv_cache.pad_slots(state.cache, cache_len, target.slot_axis),
+                       draft_cache=kv_cache.pad_slots(state.draft_cache, cache_len, kv_cache.SLOT_AXIS))
 
 
 admit_jit = jax.jit(admit, static_argnames=("target", "cfg"), donate_argnames=("state",))

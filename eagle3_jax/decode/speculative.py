@@ -9,7 +9,6 @@ are target positions whose aux states the draft has not consumed yet (draft row 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any
 
@@ -20,40 +19,15 @@ import numpy as np
 from jax.sharding import Mesh
 
 from eagle3_jax import sharding
+from eagle3_jax.config import SpecConfig
 from eagle3_jax.decode import accept, sampling, tree, vanilla
 from eagle3_jax.draft import head as draft
+from eagle3_jax.draft.vocab import DraftVocab
 from eagle3_jax.nn import kv_cache, masks
 from eagle3_jax.target.protocol import Target
 
 # Incremented on every trace: tests and the engine use it to prove that nothing retraces per round or per call.
 TRACE_COUNT = {"generate": 0, "round": 0}
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class SpecConfig:
-  """Static decoding settings. cache_len = target KV slots (None: just enough for the prompt bucket)."""
-
-  tree: tree.TreeConfig = tree.TreeConfig()
-  sampling: sampling.SamplingConfig = sampling.SamplingConfig()
-  max_new_tokens: int = 128
-  stop_ids: tuple[int, ...] = ()
-  pad_id: int = 0
-  cache_len: int | None = None
-
-  def __post_init__(self):
-    if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-      raise ValueError(f"SpecConfig.max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
-
-  @property
-  def rows(self) -> int:
-    """R: draft rows fed back per round (root + accepted nodes), the static size of the context pass."""
-    return self.tree.max_accept + 1
-
-  def cache_lengths(self, T: int) -> tuple[int, int]:
-    """(target, draft) cache slots for a prompt bucket T: the active-row maximum L = T + M - 2 plus each write."""
-    P, k, M = self.tree.total_tokens, self.tree.top_k, self.max_new_tokens
-    target = self.cache_len if self.cache_len is not None else T + M + P
-    return target, T + M + max(self.rows, (self.tree.depth - 1) * k)
 
 
 @flax.struct.dataclass
@@ -109,16 +83,6 @@ def _emit(state: SpecState, new_BR: jax.Array, n_new_B: jax.Array, spec: SpecCon
   return state.replace(tokens=tokens, counts=counts, done=done)
 
 
-def _split_sample(key: jax.Array, logits_BV: jax.Array, cfg: sampling.SamplingConfig) -> tuple[jax.Array, jax.Array]:
-  """(next key, one token per row): one key for the batch, or one per row (key [B]: continuous batching, where a
-  request's tokens must not depend on its slot or neighbours)."""
-  if key.ndim == 0:
-    key, sub = jax.random.split(key)
-    return key, sampling.sample(sub, logits_BV, cfg)
-  split = jax.vmap(jax.random.split)(key)
-  return split[:, 0], jax.vmap(lambda k, row: sampling.sample(k, row[None], cfg)[0])(split[:, 1], logits_BV)
-
-
 def prefill(target: Target, target_params: Any, draft_params: Any, embed_VD: jax.Array, tokens_BT: jax.Array,
             lengths_B: jax.Array, key: jax.Array, *, dcfg: draft.DraftConfig, spec: SpecConfig,
             mesh: Mesh | None = None, cache_lens: tuple[int, int] | None = None) -> SpecState:
@@ -137,7 +101,7 @@ def prefill(target: Target, target_params: Any, draft_params: Any, embed_VD: jax
     mask = masks.cache_causal_mask(jnp.zeros((B,), jnp.int32), T, S_t)
     take_last = lambda x: jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
     logits, aux, cache = target.last_logits(target_params, tokens_BT, positions, cache, mask, last)
-    key, root = _split_sample(key, logits, spec.sampling)
+    key, root = sampling.split_sample(key, logits, spec.sampling)
     # Draft row p = (fc(aux_p), token p+1): rows p < n-1 only need their K/V (no attention, no MLP).
     hidden_d = draft.fuse(draft_params, aux, cfg=dcfg)
     next_tokens = jnp.concatenate([tokens_BT[:, 1:], jnp.full((B, 1), spec.pad_id, tokens_BT.dtype)], axis=1)
@@ -164,7 +128,7 @@ def prefill(target: Target, target_params: Any, draft_params: Any, embed_VD: jax
   return _constrain(state, target, mesh)
 
 
-def spec_round(target: Target, target_params: Any, draft_params: Any, embed_VD: jax.Array, vocab: draft.DraftVocab,
+def spec_round(target: Target, target_params: Any, draft_params: Any, embed_VD: jax.Array, vocab: DraftVocab,
                state: SpecState, *, dcfg: draft.DraftConfig, spec: SpecConfig,
                mesh: Mesh | None = None) -> SpecState:
   """One draft-verify round for every row: context pass, tree expansion, verify, accept, commit, emit."""
@@ -227,7 +191,7 @@ def spec_round(target: Target, target_params: Any, draft_params: Any, embed_VD: 
   return _constrain(new, target, mesh)
 
 
-def generate_core(target: Target, target_params: Any, draft_params: Any, vocab: draft.DraftVocab,
+def generate_core(target: Target, target_params: Any, draft_params: Any, vocab: DraftVocab,
                   tokens_BT: jax.Array, lengths_B: jax.Array, key: jax.Array, embed_VD: jax.Array | None = None, *,
                   dcfg: draft.DraftConfig, spec: SpecConfig, mesh: Mesh | None = None) -> SpecState:
   """Prefill + lax.while_loop over rounds until every row is done; no host round trip per round. Unvalidated."""
@@ -245,7 +209,7 @@ prefill_jit = jax.jit(prefill, static_argnames=_STATIC)
 round_jit = jax.jit(spec_round, static_argnames=_STATIC, donate_argnames=("state",))
 
 
-def validate(target: Target, target_params: Any, draft_params: Any, vocab: draft.DraftVocab, tokens_BT: Any,
+def validate(target: Target, target_params: Any, draft_params: Any, vocab: DraftVocab, tokens_BT: Any,
              lengths_B: Any, embed_VD: Any = None, *, dcfg: draft.DraftConfig, spec: SpecConfig) -> None:
   """Host-side checks with clear errors (inside jit these would silently read or write the wrong slots)."""
   tokens_BT, lengths_B = vanilla.validate_prompts(tokens_BT, lengths_B, target.vocab_size)
@@ -284,7 +248,7 @@ def validate(target: Target, target_params: Any, draft_params: Any, vocab: draft
     raise ValueError(f"TreeConfig.top_k={spec.tree.top_k} exceeds draft_vocab_size={dcfg.draft_vocab_size}")
 
 
-def generate(target: Target, target_params: Any, draft_params: Any, vocab: draft.DraftVocab, tokens_BT: Any,
+def generate(target: Target, target_params: Any, draft_params: Any, vocab: DraftVocab, tokens_BT: Any,
              lengths_B: Any, key: jax.Array, embed_VD: jax.Array | None = None, *, dcfg: draft.DraftConfig,
              spec: SpecConfig, mesh: Mesh | None = None) -> SpecState:
   """Library entry point: validates, then runs the jitted prefill + round loop. See `outputs` for the results."""

@@ -2,67 +2,17 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from eagle3_jax.config import TreeConfig
 from eagle3_jax.draft import head as draft
+from eagle3_jax.draft.vocab import DraftVocab
 from eagle3_jax.nn import masks
 from eagle3_jax.nn.kv_cache import KVCache
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class TreeConfig:
-  """Static tree shape. `depth` counts draft levels below the root, so one round emits at most depth + 1 tokens.
-
-  The official EAGLE code's `depth` counts expansion steps after the first level: its depth d is our d + 1.
-  Chain (EAGLE-1 style, as in tpu-inference / sglang-jax) is top_k = 1 with total_tokens = depth.
-  """
-
-  top_k: int = 4
-  depth: int = 4
-  total_tokens: int = 16  # P, draft nodes verified per round (the root is extra)
-
-  def __post_init__(self):
-    for name in ("top_k", "depth", "total_tokens"):
-      value = getattr(self, name)
-      if not isinstance(value, int) or value < 1:
-        raise ValueError(f"TreeConfig.{name} must be an int >= 1, got {value!r}")
-    if self.total_tokens > self.num_candidates:
-      raise ValueError(
-          f"TreeConfig.total_tokens={self.total_tokens} exceeds the {self.num_candidates} candidates that top_k="
-          f"{self.top_k}, depth={self.depth} produce (top_k + (depth - 1) * top_k**2): the tree cannot be built")
-
-  @classmethod
-  def chain(cls, depth: int) -> "TreeConfig":
-    return cls(top_k=1, depth=depth, total_tokens=depth)
-
-  @property
-  def shape(self) -> str:
-    """"top_k x depth x total_tokens", e.g. "2x3x6"."""
-    return f"{self.top_k}x{self.depth}x{self.total_tokens}"
-
-  @property
-  def num_candidates(self) -> int:
-    return self.top_k + (self.depth - 1) * self.top_k ** 2
-
-  @property
-  def max_accept(self) -> int:
-    """Deepest node a built tree can hold: draft tokens one round can accept (the bonus comes on top)."""
-    return min(self.depth, self.total_tokens)
-
-  @property
-  def is_chain(self) -> bool:
-    return self.top_k == 1
-
-  def pool_depths(self) -> np.ndarray:
-    """[C] depth (1-based level) of every candidate slot in the pool, level by level."""
-    return np.concatenate([np.ones(self.top_k, np.int32)] +
-                          [np.full(self.top_k ** 2, d, np.int32) for d in range(2, self.depth + 1)])
 
 
 @flax.struct.dataclass
@@ -96,7 +46,7 @@ def build(scores_BC: jax.Array, tokens_BC: jax.Array, pool_parent_BC: jax.Array,
               mask=masks.ancestor_mask(parents, cfg.max_accept))
 
 
-def expand(draft_params: Any, embed_VD: jax.Array, vocab: draft.DraftVocab, last_BD: jax.Array, cache: KVCache, *,
+def expand(draft_params: Any, embed_VD: jax.Array, vocab: DraftVocab, last_BD: jax.Array, cache: KVCache, *,
            dcfg: draft.DraftConfig, cfg: TreeConfig) -> tuple[Tree, KVCache]:
   """EAGLE-2 expansion from the draft hidden of the last committed row (the row whose token is the root).
 

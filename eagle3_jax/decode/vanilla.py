@@ -99,8 +99,7 @@ def prefill(params: Any, tokens_BT: jax.Array, lengths_B: jax.Array, cache: Any,
     mask = masks.cache_causal_mask(cache.lengths, T, target.cache_slots(cache))
     # Only each row's last prompt position needs logits: [B,T,V] would cost T x 49152 x 4 bytes per row.
     logits, _, cache = target.last_logits(params, tokens_BT, positions, cache, mask, lengths_B - 1)
-  key, sub = jax.random.split(key)
-  first = sampling.sample(sub, logits, sampling_cfg)
+  key, first = sampling.split_sample(key, logits, sampling_cfg)
   state = DecodeState(cache=cache.replace(lengths=lengths_B.astype(jnp.int32)), last=first,
                       tokens=jnp.full((B, max_new_tokens), pad_id, jnp.int32),
                       counts=jnp.zeros((B,), jnp.int32), done=jnp.zeros((B,), jnp.bool_), key=key,
@@ -117,8 +116,7 @@ def decode_step(params: Any, state: DecodeState, *, target: Target, sampling_cfg
     mask = masks.cache_causal_mask(cache.lengths, 1, target.cache_slots(cache))
     logits, _, cache = target.last_logits(params, state.last[:, None], positions, cache, mask,
                                           jnp.zeros_like(cache.lengths))
-    key, sub = jax.random.split(state.key)
-    new = sampling.sample(sub, logits, sampling_cfg)
+    key, new = sampling.split_sample(state.key, logits, sampling_cfg)
     # Finished rows keep their length: their (ignored) K/V keeps landing on one slot, so the cache never overflows.
     cache = cache.replace(lengths=cache.lengths + (~state.done).astype(jnp.int32))
     state = state.replace(cache=cache, key=key, steps=state.steps + 1)

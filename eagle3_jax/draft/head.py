@@ -13,94 +13,16 @@ share every other op.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eagle3_jax.config import LlamaConfig, RopeScaling
+from eagle3_jax.config import DraftConfig
 from eagle3_jax.nn import attention, kv_cache, layers, masks
 from eagle3_jax.nn.kv_cache import KVCache, write_rows
 from eagle3_jax.params import ParamSpec, abstract_of, axes_of, init_from_specs
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class DraftConfig:
-  """Shape of an EAGLE-3 draft. Static (hashable) so it can enter jit."""
-
-  hidden_size: int  # D (draft width; equals the target width in every official checkpoint)
-  target_hidden_size: int  # Dt, width of each aux state
-  intermediate_size: int  # F
-  num_heads: int  # N
-  num_kv_heads: int  # K
-  head_dim: int  # H
-  vocab_size: int  # V, target vocabulary (input tokens are embedded with the target's table)
-  draft_vocab_size: int  # Vd
-  rms_norm_eps: float = 1e-5
-  # The official trainer always uses 10000 regardless of the target's theta (reference a.2).
-  rope_theta: float = 10000.0
-  rope_scaling: RopeScaling | None = None  # ModelOpt drafts carry llama3 scaling for long contexts.
-  num_aux: int = 3
-  norm_before_fc: bool = False
-  fc_norm: bool = False
-  norm_before_residual: bool = False
-  norm_output: bool = False
-  qk_norm: bool = False
-  sliding_window: int | None = None  # W: a query sees key positions > its own - W (None: full attention)
-  num_layers: int = 1  # the first takes [embedding, hidden] (2D wide); the rest are plain decoder layers
-
-  def __post_init__(self):
-    if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
-      raise ValueError(f"DraftConfig.sliding_window must be None or an int >= 1, got {self.sliding_window!r}")
-    if not isinstance(self.num_layers, int) or self.num_layers < 1:
-      raise ValueError(f"DraftConfig.num_layers must be an int >= 1, got {self.num_layers!r}")
-    if self.norm_before_fc and self.fc_norm:
-      raise ValueError("DraftConfig: norm_before_fc and fc_norm are mutually exclusive (as in speculators)")
-    if self.num_heads % self.num_kv_heads:
-      raise ValueError(f"DraftConfig.num_heads={self.num_heads} not a multiple of num_kv_heads={self.num_kv_heads}")
-    if self.draft_vocab_size > self.vocab_size:
-      raise ValueError(f"DraftConfig.draft_vocab_size={self.draft_vocab_size} exceeds vocab_size={self.vocab_size}")
-
-  @classmethod
-  def for_target(cls, target: LlamaConfig, draft_vocab_size: int | None = None, **kw) -> "DraftConfig":
-    """The official recipe: a draft as wide as the target, with the target's attention and MLP shapes."""
-    return cls(hidden_size=target.hidden_size, target_hidden_size=target.hidden_size,
-               intermediate_size=target.intermediate_size, num_heads=target.num_heads,
-               num_kv_heads=target.num_kv_heads, head_dim=target.head_dim, vocab_size=target.vocab_size,
-               draft_vocab_size=draft_vocab_size or target.vocab_size, rms_norm_eps=target.rms_norm_eps,
-               num_aux=len(target.aux_layer_ids), **kw)
-
-
-@flax.struct.dataclass
-class DraftVocab:
-  """Draft-vocab buffers: target_id = i + d2t[i] for draft index i; t2d[v] marks target ids in the draft vocab."""
-
-  d2t: jax.Array  # int32[Vd]
-  t2d: jax.Array  # bool[V]
-
-  @classmethod
-  def identity(cls, vocab_size: int) -> "DraftVocab":
-    return cls(d2t=jnp.zeros((vocab_size,), jnp.int32), t2d=jnp.ones((vocab_size,), bool))
-
-  @classmethod
-  def from_ids(cls, ids_Vd: np.ndarray, vocab_size: int) -> "DraftVocab":
-    """From the sorted target ids kept in the draft vocabulary."""
-    ids = np.asarray(ids_Vd, np.int64)
-    if np.any(np.diff(ids) <= 0) or ids.min() < 0 or ids.max() >= vocab_size:
-      raise ValueError("draft vocabulary ids must be strictly ascending target ids in [0, vocab_size)")
-    t2d = np.zeros((vocab_size,), bool)
-    t2d[ids] = True
-    return cls(d2t=jnp.asarray(ids - np.arange(len(ids)), jnp.int32), t2d=jnp.asarray(t2d))
-
-  def to_target(self, draft_ids: jax.Array) -> jax.Array:
-    return draft_ids + self.d2t[draft_ids]
-
-  def target_ids(self) -> jax.Array:
-    """[Vd] target id of every draft index, ascending."""
-    return jnp.arange(self.d2t.shape[0], dtype=jnp.int32) + self.d2t
 
 
 def param_specs(cfg: DraftConfig) -> dict[str, Any]:

@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from eagle3_jax.draft.head import DraftConfig, DraftVocab, param_specs
+from eagle3_jax.draft.head import DraftConfig, param_specs
+from eagle3_jax.draft.vocab import DraftVocab
 from eagle3_jax.interop import files, formats
 
 READ_LAYOUTS = ("eagle", "sglang", "speculators", "modelopt")

@@ -56,6 +56,21 @@ def slots(cache: Any, slot_axis: int = 1) -> int:
   return next(x.shape[slot_axis] for x in jax.tree.leaves(cache) if x.ndim >= 2)
 
 
+def pad_slots(cache: Any, cache_len: int, slot_axis: int = 1) -> Any:
+  """The same cache over cache_len slots: every rank >= 2 leaf padded with empty slots at the end of `slot_axis`.
+
+  Committed slots keep their indices (lengths are unchanged), so a running batch grows without draining.
+  """
+  def pad(x):
+    if x.ndim < 2:
+      return x
+    widths = [(0, 0)] * x.ndim
+    widths[slot_axis] = (0, cache_len - x.shape[slot_axis])
+    return jnp.pad(x, widths)
+
+  return jax.tree.map(pad, cache)
+
+
 def commit(cache: Any, starts_B: jax.Array, path_BR: jax.Array, count_B: jax.Array, num_nodes: int,
            slot_axis: int = 1) -> Any:
   """Moves the accepted tree nodes' K/V from slots starts + path to the contiguous slots starts + 1.. of each row.

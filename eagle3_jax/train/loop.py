@@ -20,8 +20,7 @@ from jax.experimental import multihost_utils
 
 from eagle3_jax import sharding
 from eagle3_jax.config import TrainConfig
-from eagle3_jax.draft import vocab as vocab_lib
-from eagle3_jax.draft.head import DraftVocab
+from eagle3_jax.draft.vocab import DraftVocab
 from eagle3_jax.train import checkpoint, data, setup
 from eagle3_jax.train import step as step_lib
 
@@ -148,7 +147,7 @@ def evaluate(eval_fn, params: Any, target_params: Any, vocab: DraftVocab, cfg: T
           "acc_j": [float(a) for a in out["acc_j"]], "tau": out["tau"]}
 
 
-def export_draft(path: pathlib.Path, params: Any, vm: vocab_lib.VocabMap, statics: step_lib.StepStatics,
+def export_draft(path: pathlib.Path, params: Any, vm: DraftVocab, statics: step_lib.StepStatics,
                  cfg: TrainConfig, tokenizer, target_params: Any = None) -> str:
   """Writes the draft in the official EAGLE-3 layout (safetensors + config.json), from process 0; a Qwen3-style
   (qk_norm), sliding-window or multi-layer draft, which that layout cannot express, in the speculators layout with
@@ -172,8 +171,7 @@ def export_draft(path: pathlib.Path, params: Any, vm: vocab_lib.VocabMap, static
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
       if getattr(tokenizer, name, None) is not None:
         extra[name] = int(getattr(tokenizer, name))
-    ckpt = interop.DraftCheckpoint(cfg=statics.draft_cfg, params=params,
-                                   vocab=DraftVocab(d2t=np.asarray(vm.d2t, np.int64), t2d=np.asarray(vm.t2d)),
+    ckpt = interop.DraftCheckpoint(cfg=statics.draft_cfg, params=params, vocab=vm,
                                    aux_layer_ids=tuple(tcfg.aux_layer_ids), source_layout="jax", extra=extra)
     if speculators:
       interop.write_draft(path, ckpt, layout="speculators", overwrite=True, target_embed=embed)
@@ -209,7 +207,7 @@ def train(cfg: TrainConfig, target: tuple[Any, Any] | None = None) -> dict[str, 
   latest = ckpt.latest_step()
   warm = setup.warm_start(cfg, target_cfg, statics.draft_cfg) if cfg.init_from and latest is None else None
   vm = setup.draft_vocab(cfg, run_dir, tokenizer, target_cfg, warm)
-  vocab = DraftVocab.from_ids(vm.ids, target_cfg.vocab_size)
+  vocab = DraftVocab.from_ids(vm.target_ids(), target_cfg.vocab_size)  # int32 device buffers; counts stay here
   train_it = setup.train_iterator(cfg, tokenizer, target_cfg, target_params)
   shapes = setup.batch_shapes(cfg, target_cfg, online=statics.online)
   steps = step_lib.build_steps(statics, cfg.optim, cfg.num_steps, mesh, cfg.target.dtype, tuple(shapes.items()))

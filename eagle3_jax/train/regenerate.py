@@ -32,50 +32,12 @@ from typing import Any, Callable
 
 import numpy as np
 
+from eagle3_jax.config import RegenConfig
 from eagle3_jax.interop import files
 from eagle3_jax.train import chat, sources
 
 log = logging.getLogger(__name__)
 STATE_FORMAT = "eagle3-jax-regenerate/1"
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class RegenConfig:
-  """What to regenerate and how; every field that changes the output is checked again on resume."""
-
-  source: str = sources.SHAREGPT  # as DataConfig.source: "sharegpt", .json/.jsonl/.parquet paths or globs
-  shuffle_seed: int | None = 0  # the row order; None keeps file order
-  start: int = 0  # slice [start, stop) of that order
-  stop: int | None = None
-  max_turns: int = 0  # assistant turns generated per conversation; 0 = all, 1 = first turn only
-  temperatures: tuple[tuple[float, float], ...] = ((0.0, 1.0),)  # (temperature, share) mix, one draw per row
-  top_p: float = 1.0
-  max_new_tokens: int = 256
-  max_prompt_tokens: int = 1536  # a turn whose rendered prompt is longer is not generated
-  batch_size: int = 16
-  chunk_rows: int = 128  # rows per durable write; a kill loses at most one chunk of work
-  seed: int = 0  # sampling seed and temperature draws
-  # "continuous" (decode slots refilled as answers finish: decode/batching.py) or "static" batches; they sample
-  # with different key schedules, so a sampled file keeps the batching it was started with.
-  batching: str = "continuous"
-
-  def __post_init__(self):
-    if not self.temperatures or any(t < 0 or w <= 0 for t, w in self.temperatures):
-      raise ValueError(f"RegenConfig.temperatures={self.temperatures}: need (temperature >= 0, share > 0) pairs")
-    for name, low in (("max_new_tokens", 1), ("max_prompt_tokens", 1), ("batch_size", 1), ("chunk_rows", 1),
-                      ("start", 0), ("max_turns", 0)):
-      if getattr(self, name) < low:
-        raise ValueError(f"RegenConfig.{name} must be >= {low}, got {getattr(self, name)}")
-    if self.batching not in ("continuous", "static"):
-      raise ValueError(f"RegenConfig.batching={self.batching!r}: expected 'continuous' or 'static'")
-    if self.stop is not None and self.stop <= self.start:
-      raise ValueError(f"RegenConfig: stop={self.stop} must be greater than start={self.start}")
-
-  def draw_temperature(self, index: int) -> float:
-    """The row's temperature: a pure function of (seed, row index), so resumes and slices agree."""
-    temps, shares = zip(*self.temperatures)
-    u = np.random.default_rng([self.seed, index]).random()
-    return float(temps[int(np.searchsorted(np.cumsum(shares) / sum(shares), u, side="right").clip(0, len(temps) - 1))])
 
 
 def parse_temperatures(spec: str) -> tuple[tuple[float, float], ...]:

@@ -91,7 +91,7 @@ def warm_start(cfg: TrainConfig, target_cfg: LlamaConfig, draft_cfg: Any) -> Any
 
 
 def draft_vocab(cfg: TrainConfig, run_dir: pathlib.Path, tokenizer, target_cfg: LlamaConfig,
-                warm: Any = None) -> vocab_lib.VocabMap:
+                warm: Any = None) -> vocab_lib.DraftVocab:
   """The run's draft vocabulary: built from the training split on the first start (or taken from the init_from
   draft), reused (and checked against this dataset and tokenizer, or that draft) on every later one. Process 0
   builds; the others wait and read."""
@@ -107,8 +107,8 @@ def draft_vocab(cfg: TrainConfig, run_dir: pathlib.Path, tokenizer, target_cfg: 
       if warm is None:
         raise ValueError(f"{run_dir} has checkpoints but no draft vocabulary; it cannot be resumed")
       t2d = np.asarray(warm.vocab.t2d, bool)
-      vm = vocab_lib.VocabMap(d2t=np.asarray(warm.vocab.d2t, np.int64), t2d=t2d, counts=np.zeros((V,), np.int64),
-                              provenance=expect)
+      vm = vocab_lib.DraftVocab(d2t=np.asarray(warm.vocab.d2t, np.int64), t2d=t2d, counts=np.zeros((V,), np.int64),
+                                provenance=expect)
       vocab_lib.save_vocab(path, vm)
     elif cfg.init_from:
       vm = vocab_lib.load_vocab(path, expect=expect)

@@ -18,7 +18,8 @@ from jax.sharding import PartitionSpec as P
 from eagle3_jax import sharding
 from eagle3_jax.config import LlamaConfig, OptimConfig, TrainConfig
 from eagle3_jax.draft import head as draft
-from eagle3_jax.draft.head import DraftConfig, DraftVocab
+from eagle3_jax.draft.head import DraftConfig
+from eagle3_jax.draft.vocab import DraftVocab
 from eagle3_jax.params import ParamSpec, init_from_specs
 from eagle3_jax.target import llama, protocol
 from eagle3_jax.train import features, ttt

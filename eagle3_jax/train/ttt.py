@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 
 from eagle3_jax.draft import head as draft
-from eagle3_jax.draft.head import DraftConfig, DraftVocab
+from eagle3_jax.draft.head import DraftConfig
+from eagle3_jax.draft.vocab import DraftVocab
 from eagle3_jax.nn import attention
 from eagle3_jax.target.protocol import Target
 

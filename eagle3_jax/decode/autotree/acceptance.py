@@ -24,6 +24,7 @@ import numpy as np
 
 from eagle3_jax.decode.tree import TreeConfig
 from eagle3_jax.draft import head as draft
+from eagle3_jax.draft.vocab import DraftVocab
 from eagle3_jax.interop import files
 from eagle3_jax.nn import masks
 from eagle3_jax.target import protocol
@@ -118,7 +119,7 @@ def static_tree(rates_DK: np.ndarray, tcfg: TreeConfig) -> set[tuple[int, ...]]:
   return {pool[i][0] for i in keep}
 
 
-def acceptance(target: protocol.Target, target_params: Any, draft_params: Any, vocab: draft.DraftVocab,
+def acceptance(target: protocol.Target, target_params: Any, draft_params: Any, vocab: DraftVocab,
                dcfg: draft.DraftConfig, examples: Sequence[tuple[np.ndarray, np.ndarray]], *, source: str = "",
                depth: int = MAX_DEPTH, max_rank: int = MAX_TOP_K) -> Acceptance:
   """Ranks of the target's tokens under the draft over (tokens, mask) examples whose masked tokens are the

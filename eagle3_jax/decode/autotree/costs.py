@@ -29,6 +29,7 @@ from eagle3_jax.decode import speculative, tree
 from eagle3_jax.decode.autotree.acceptance import FORMAT, MAX_DEPTH, MAX_TOP_K
 from eagle3_jax.decode.tree import TreeConfig
 from eagle3_jax.draft import head as draft
+from eagle3_jax.draft.vocab import DraftVocab
 from eagle3_jax.interop import files
 from eagle3_jax.nn import masks
 from eagle3_jax.target import protocol
@@ -151,7 +152,7 @@ def cost_key(target_cfg: Any, dcfg: draft.DraftConfig, *, batch: int, dtype: Any
           "dtype": str(jnp.dtype(dtype))}
 
 
-def calibrate(target: protocol.Target, target_params: Any, draft_params: Any, vocab: draft.DraftVocab,
+def calibrate(target: protocol.Target, target_params: Any, draft_params: Any, vocab: DraftVocab,
               dcfg: draft.DraftConfig, *, batch: int, target_cfg: Any = None, n: int = 8, verbose: bool = False,
               anchors: Sequence[TreeConfig] = (TreeConfig.chain(1), TreeConfig.chain(4),
                                                TreeConfig(top_k=2, depth=2, total_tokens=4),
@@ -309,7 +310,7 @@ def _round_cost(target, target_params, draft_params, vocab, dcfg, *, batch, cach
 
 
 def cached_costs(target: protocol.Target, target_params: Any, target_cfg: Any, draft_params: Any,
-                 vocab: draft.DraftVocab, dcfg: draft.DraftConfig, *, batch: int,
+                 vocab: DraftVocab, dcfg: draft.DraftConfig, *, batch: int,
                  cache_dir: str | os.PathLike | None = None, verbose: bool = False) -> Costs:
   """The calibration for this machine, target, draft shape, batch size and dtype: read from cache_dir (default
   ~/.cache/eagle3_jax/autotree) when one was made for exactly these, else measured and saved."""
