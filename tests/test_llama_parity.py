@@ -84,6 +84,28 @@ def test_logits_and_aux_match_transformers(case, tmp_path):
   _check(model, cfg, params, _tokens())
 
 
+def test_final_hidden_tap_is_the_residual_before_the_final_norm(tmp_path):
+  """Aux id L (speculators' "final hidden state", always stored by its data generator and passed through the
+  verifier's norm in training) is the residual leaving the last layer: transformers' input to model.norm."""
+  import dataclasses
+
+  model = _hf_model("llama")
+  model.save_pretrained(tmp_path)
+  cfg, params = hf.load_hf(tmp_path)
+  L = cfg.num_layers
+  cfg = dataclasses.replace(cfg, aux_layers=(2, 4, L))
+  captured = []
+  model.model.norm.register_forward_hook(lambda mod, inp, out: captured.append(inp[0].detach().numpy()))
+  ref_logits, ref_hidden = _hf_outputs(model, _tokens())
+  logits, aux = _our_outputs(cfg, params, _tokens())
+  np.testing.assert_allclose(logits, ref_logits, atol=1e-4, rtol=1e-4)
+  ref_aux = np.concatenate([ref_hidden[2], ref_hidden[4], captured[0]], axis=-1)
+  np.testing.assert_allclose(aux, ref_aux, atol=1e-4, rtol=1e-4)
+  assert not np.allclose(captured[0], ref_hidden[L], atol=1e-2)  # transformers' last hidden_states entry is normed
+  with pytest.raises(ValueError, match="outside"):
+    dataclasses.replace(cfg, aux_layers=(2, 4, L + 1))
+
+
 def test_sharded_index_checkpoint(tmp_path):
   model = _hf_model("llama")
   model.save_pretrained(tmp_path, max_shard_size="40KB")

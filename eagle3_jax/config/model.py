@@ -51,9 +51,9 @@ class LlamaConfig:
                        f"num_kv_heads={self.num_kv_heads}")
     if self.head_dim % 2:
       raise ValueError(f"LlamaConfig.head_dim={self.head_dim} must be even for RoPE")
-    for i in self.aux_layer_ids:
-      if not 0 <= i < self.num_layers:
-        raise ValueError(f"LlamaConfig.aux_layers entry {i} is outside [0, {self.num_layers})")
+    for i in self.aux_layer_ids:  # id num_layers: the residual leaving the last layer (speculators' final hidden)
+      if not 0 <= i <= self.num_layers:
+        raise ValueError(f"LlamaConfig.aux_layers entry {i} is outside [0, {self.num_layers}]")
 
   @property
   def aux_layer_ids(self) -> tuple[int, ...]:
