@@ -58,6 +58,7 @@ case $stage in
     for out_snap in "$REGEN:$SNAPSHOT" "$REGEN_C:$SNAPSHOT_C"; do
       out=${out_snap%%:*}; snap=${out_snap#*:}
       [[ -f $out.state.json ]] || continue
+      cmp -s "$out.state.json" "${snap%.jsonl.gz}.state.json" && continue  # unchanged: keep the committed bytes
       bytes=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['bytes'])" "$out.state.json")
       head -c "$bytes" "$out" | gzip -9 > "$snap.tmp" && mv "$snap.tmp" "$snap"
       cp "$out.state.json" "${snap%.jsonl.gz}.state.json"
