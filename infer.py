@@ -118,9 +118,10 @@ def serve(eng: Any, requests: list[dict], *, multi_turn: bool, progress: bool) -
   return results, total
 
 
-def auto_tree(args, requests, params, cfg, ckpt, tokenizer) -> Any:
+def auto_tree(args, requests, params, cfg, ckpt, tokenizer, continuous: bool) -> Any:
   """The autotree choice for these requests: the draft's acceptance (its acceptance.safetensors, else measured on
-  greedy answers to the first requests) against this machine's cached round costs at this batch and cache size."""
+  greedy answers to the first requests) against this machine's cached round costs at this batch and cache size,
+  with the engine's work modelled as it will run (static batches or `continuous` slots)."""
   import jax
   import jax.numpy as jnp
 
@@ -146,7 +147,7 @@ def auto_tree(args, requests, params, cfg, ckpt, tokenizer) -> Any:
   costs = autotree.cached_costs(target, params, cfg, dparams, ckpt.vocab, ckpt.cfg, batch=args.batch_size,
                                 verbose=not args.no_progress)
   best = autotree.choose(costs, acc, batch=args.batch_size, prompt_lengths=[len(x) for x in prompt_ids],
-                         max_new_tokens=args.max_new_tokens)
+                         max_new_tokens=args.max_new_tokens, batching="continuous" if continuous else "static")
   logging.info("autotree: %s", json.dumps(best.as_dict()))
   return best
 
@@ -237,16 +238,16 @@ def main(argv=None) -> dict:
   common = dict(sampling_cfg=sampling_cfg, max_new_tokens=args.max_new_tokens,
                 stop_ids=engine.stop_ids(tokenizer, args.target), pad_id=pad_id, seed=args.seed)
   vanilla = lambda: engine.VanillaGenerator(params, cfg, **common)
+  # auto: continuous at batch > 1, with or without a draft (measured no slower with one: 1.03x static on 48 prompts,
+  # 1.43x on 16, BENCHMARKS.md "Continuous batching with a draft"); --compare keeps both runs in static batches.
+  continuous = args.batching == "continuous" or (args.batching == "auto" and args.batch_size > 1 and not args.compare)
   auto = None
   if speculative:
     cfg, ckpt = engine.load_draft(args.draft, cfg)
     if tree_cfg is None:
-      auto = auto_tree(args, requests, params, cfg, ckpt, tokenizer)
+      auto = auto_tree(args, requests, params, cfg, ckpt, tokenizer, continuous)
       tree_cfg = auto.tree
       speculative = tree_cfg is not None
-  # auto: continuous at batch > 1, with or without a draft (measured no slower with one: 1.03x static on 48 prompts,
-  # 1.43x on 16, BENCHMARKS.md "Continuous batching with a draft"); --compare keeps both runs in static batches.
-  continuous = args.batching == "continuous" or (args.batching == "auto" and args.batch_size > 1 and not args.compare)
   generator = engine.make_generator(params, cfg, draft_ckpt=ckpt if speculative else None, tree_cfg=tree_cfg,
                                     slots=args.batch_size if continuous else None, **common)
   run = lambda gen: serve(engine.Engine(gen, tokenizer, batch_size=args.batch_size, pad_id=pad_id), requests,

@@ -40,15 +40,17 @@ def main(argv=None) -> dict:
   ap.add_argument("--batch-sizes", default="1,4")
   ap.add_argument("--shapes", default=SHAPES, help="comma list of KxDxP or 'none'")
   ap.add_argument("--cache-dir", default="runs/bench/autotree_cache")
+  ap.add_argument("--batching", default="auto", choices=("auto", "static", "continuous"),
+                  help="as infer.py's (auto: continuous at batch > 1); predictions model the same")
   args = ap.parse_args(argv)
   import jax
   import jax.numpy as jnp
 
   import infer
-  from eagle3_jax.decode import autotree, engine
   from eagle3_jax import drafts
-  from eagle3_jax.target import load
+  from eagle3_jax.decode import autotree, engine
   from eagle3_jax.decode.tree import TreeConfig
+  from eagle3_jax.target import load
 
   draft_dir = args.draft or str(drafts.default_draft_path())
   lines = pathlib.Path(args.prompts).read_text().splitlines()[:args.questions]
@@ -74,7 +76,9 @@ def main(argv=None) -> dict:
       costs = autotree.cached_costs(target, params, cfg, dparams, ckpt.vocab, ckpt.cfg, batch=B,
                                     cache_dir=args.cache_dir, verbose=True)
       lens = [len(x) for x in prompt_ids]
-      preds = autotree.predict(costs, acc, batch=B, prompt_lengths=lens, max_new_tokens=args.max_new_tokens)
+      mode = args.batching if args.batching != "auto" else ("continuous" if B > 1 else "static")
+      preds = autotree.predict(costs, acc, batch=B, prompt_lengths=lens, max_new_tokens=args.max_new_tokens,
+                               batching=mode)
       best = preds[0]
       by_shape = {autotree.shape_str(p.tree): p for p in preds}
       todo = list(shapes) + ([best.tree] if best.tree not in shapes else [])
@@ -85,10 +89,11 @@ def main(argv=None) -> dict:
                   "--draft-tokens", str(tcfg.total_tokens)])
         with contextlib.redirect_stdout(io.StringIO()):
           s = infer.main(["--prompts", str(qfile), *flags, "--batch-size", str(B), "--temperature", "0",
-                          "--max-new-tokens", str(args.max_new_tokens), "--no-progress"])
+                          "--max-new-tokens", str(args.max_new_tokens), "--no-progress", "--batching", mode])
         p = by_shape.get(name) or autotree.predict(costs, acc, batch=B, prompt_lengths=lens,
-                                                   max_new_tokens=args.max_new_tokens, shapes=[tcfg])[0]
-        row = {"batch": B, "tree": name, "predicted_tau": round(p.tau, 3), "tau": s["tau"],
+                                                   max_new_tokens=args.max_new_tokens, shapes=[tcfg],
+                                                   batching=mode)[0]
+        row = {"batch": B, "batching": mode, "tree": name, "predicted_tau": round(p.tau, 3), "tau": s["tau"],
                "predicted_tokens_per_s": round(p.tokens_per_s, 2), "tokens_per_s": s["tokens_per_s"],
                "error": round(p.tokens_per_s / s["tokens_per_s"] - 1, 4), "auto": name == autotree.shape_str(best.tree)}
         rows.append(row)

@@ -109,6 +109,30 @@ def test_choice_oracle_picks_the_deepest_and_random_picks_none():
   assert plain.tokens_per_s == pytest.approx(5 * 64 / seconds)
 
 
+def test_continuous_prediction_follows_the_slot_schedule():
+  # Two slots, three requests of 20 rounds each, chunks of 16: admit two (buckets 16, 24), run 16 + 4 (the chunk
+  # ends when both are done), admit the third (bucket 48, the cache grows), run 16 + 4 with one slot idle.
+  c = dataclasses.replace(_fake_costs(), admit={64: 2.0, 512: 9.0})
+  pool = lambda T: 1 << (T + 21 - 1).bit_length()  # noqa: E731
+  got = autotree.continuous_seconds(c, [16, 24, 48], 20, slots=2, kind="chain", pool_len=pool,
+                                    per_round=lambda S: 1.0 + S / 1000, sync_every=16)
+  admits = c.admit_s(16) + c.admit_s(24) + c.admit_s(48)
+  rounds = 20 * (1 + 64 / 1000) + 20 * (1 + 128 / 1000)
+  firsts = 3 * c.first_call["plain"] + 2 * c.first_call["chain"]  # admissions (T, S) x 3, loops at S 64 and 128
+  assert got == pytest.approx(admits + rounds + firsts)
+  # Through predict: plain decoding with one slot per request serves them side by side, so with no prefill cost
+  # to share, continuous batching at batch 4 beats static batches of mixed lengths (one long prompt pads its batch).
+  oracle = autotree.Acceptance(np.ones((50, autotree.MAX_DEPTH), np.int8))
+  lens = [10, 700, 20, 40, 50, 12, 14, 30]
+  static = {autotree.shape_str(p.tree): p for p in autotree.predict(c, oracle, batch=4, prompt_lengths=lens)}
+  cont = {autotree.shape_str(p.tree): p for p in autotree.predict(c, oracle, batch=4, prompt_lengths=lens,
+                                                                   batching="continuous")}
+  assert cont["none"].tokens_per_s > static["none"].tokens_per_s
+  assert set(cont) == set(static)
+  with pytest.raises(ValueError, match="batching"):
+    autotree.predict(c, oracle, batch=4, prompt_lengths=lens, batching="dynamic")
+
+
 def _calibrate_args(tiny_cfg):
   cfg, params, dcfg, dparams, vocab = _models(tiny_cfg)
   return protocol.llama_target(cfg), params, cfg, dparams, vocab, dcfg

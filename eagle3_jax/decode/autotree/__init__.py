@@ -14,10 +14,19 @@ from eagle3_jax.decode.autotree.acceptance import (
     examples_from_rows,
     static_tree,
 )
-from eagle3_jax.decode.autotree.choice import Prediction, candidates, choose, engine_batches, predict, shape_str
+from eagle3_jax.decode.autotree.choice import (
+    Prediction,
+    candidates,
+    choose,
+    continuous_seconds,
+    engine_batches,
+    predict,
+    shape_str,
+)
 from eagle3_jax.decode.autotree.costs import CACHE_LENS, PREFILL_LENS, VERIFY_POINTS, Costs, cached_costs, calibrate
 from eagle3_jax.decode.tree import TreeConfig
 
 __all__ = ["ACCEPTANCE_FILE", "CACHE_LENS", "MAX_DEPTH", "MAX_TOP_K", "PREFILL_LENS", "VERIFY_POINTS", "Acceptance",
            "Costs", "Prediction", "TreeConfig", "acceptance", "cached_costs", "calibrate", "candidates", "choose",
-           "engine_batches", "examples_from_outputs", "examples_from_rows", "predict", "shape_str", "static_tree"]
+           "continuous_seconds", "engine_batches", "examples_from_outputs", "examples_from_rows", "predict",
+           "shape_str", "static_tree"]

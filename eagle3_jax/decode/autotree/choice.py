@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+import math
+from typing import Callable, Sequence
 
+from eagle3_jax.config.decode import SpecConfig
 from eagle3_jax.decode.autotree.acceptance import MAX_DEPTH, MAX_TOP_K, Acceptance, batch_rounds
 from eagle3_jax.decode.autotree.costs import Costs
 from eagle3_jax.decode.tree import TreeConfig
@@ -46,27 +48,69 @@ def engine_batches(prompt_lengths: Sequence[int], batch: int) -> list[int]:
   return [bucket_length(max(order[i:i + batch])) for i in range(0, len(order), batch)]
 
 
+def continuous_seconds(costs: Costs, buckets: Sequence[int], rounds: float, *, slots: int, kind: str,
+                       pool_len: Callable[[int], int], per_round: Callable[[int], float],
+                       sync_every: int = 16) -> float:
+  """Seconds of a continuous batcher (decode/batching.py) serving requests of these prompt buckets, each needing
+  `rounds` steps or rounds after its prefill: admissions shortest first, each prefilled alone (one row,
+  costs.admit_s), the slot loop in chunks of `sync_every` rounds over all slots (a chunk ends early only when every
+  slot is done), finished slots refilled between chunks, the cache grown to pool_len of the longest admitted
+  bucket; plus the first run of each distinct executable (admission per (bucket, cache), loop per cache)."""
+  queue = sorted(buckets, reverse=True)  # pop() gives the shortest, as the batcher admits
+  S = pool_len(queue[-1])
+  left: list[float | None] = [None] * slots
+  seconds, executables = 0.0, set()
+  while queue or any(r is not None for r in left):
+    for slot in range(slots):
+      if left[slot] is None and queue:
+        T = queue.pop()
+        S = max(S, pool_len(T))
+        seconds += costs.admit_s(T)
+        executables.add(("admit", T, S))
+        left[slot] = float(rounds)
+    n = min(sync_every, max(r for r in left if r is not None))
+    seconds += math.ceil(n) * per_round(S)
+    executables.add(("steps", S))
+    left = [None if r is None or r <= n else r - n for r in left]
+  # An admission's first run is a prefill executable's, the loop's a decode executable's of this kind.
+  firsts = sum(costs.first_call["plain"] if e[0] == "admit" else costs.first_call[kind] for e in executables)
+  return seconds + firsts
+
+
 def predict(costs: Costs, acc: Acceptance, *, batch: int, prompt_lengths: Sequence[int] | None = None,
-            max_new_tokens: int = 128, shapes: Sequence[TreeConfig] | None = None) -> list[Prediction]:
+            max_new_tokens: int = 128, shapes: Sequence[TreeConfig] | None = None,
+            batching: str = "static", sync_every: int = 16) -> list[Prediction]:
   """Predicted tokens/s of plain decoding and of every shape, best first.
 
-  With prompt_lengths, the engine's work is modelled: its batches (length-sorted, bucketed), each prefilled at its
-  bucket and decoded with a cache of bucket + max_new_tokens slots until its slowest row has max_new_tokens (EOS
-  is not predicted; acceptance.batch_rounds), plus the first-call cost of each new executable (one per distinct
-  bucket). Without, decoding alone at CACHE_LENS[0].
+  With prompt_lengths, the engine's work is modelled as `batching` runs it. static: its batches (length-sorted,
+  bucketed), each prefilled at its bucket and decoded with a cache of bucket + max_new_tokens slots until its
+  slowest row has max_new_tokens (EOS is not predicted; acceptance.batch_rounds), plus the first-call cost of each
+  new executable (one per distinct bucket). continuous: `continuous_seconds` with `batch` slots. Without
+  prompt_lengths, decoding alone at CACHE_LENS[0].
   """
+  if batching not in ("static", "continuous"):
+    raise ValueError(f"batching must be 'static' or 'continuous', got {batching!r}")
+  from eagle3_jax.decode import batching as slot_batching  # deferred: decode modules import autotree lazily too
+  from eagle3_jax.decode.engine import bucket_length
+
   shapes = candidates(max_depth=min(MAX_DEPTH, acc.ranks.shape[1])) if shapes is None else shapes
   M = max_new_tokens
   buckets = engine_batches(prompt_lengths, batch) if prompt_lengths is not None else None
   n_rows = len(prompt_lengths) if prompt_lengths is not None else batch
+  own = [bucket_length(int(n)) for n in prompt_lengths] if prompt_lengths is not None else None
 
-  def rate(tau, rounds, per_step, once):  # per_step(cache_len) -> seconds of one step or round
+  def rate(tau, rounds, per_step, once, kind, pool_len, row_rounds):  # per_step(cache_len) -> seconds
     if buckets is None:
       return batch * tau / per_step(None)
+    if batching == "continuous":
+      return n_rows * M / continuous_seconds(costs, own, row_rounds, slots=batch, kind=kind, pool_len=pool_len,
+                                             per_round=per_step, sync_every=sync_every)
     seconds = sum(costs.prefill_s(T) + rounds * per_step(T + M) for T in buckets)
     return n_rows * M / (seconds + once * len(set(buckets)))
 
-  out = [Prediction(None, 1.0, costs.step, rate(1.0, M - 1, costs.step_s, costs.first_call["plain"]))]
+  plain_pool = lambda T: slot_batching.pool_cache_len(T, M)  # noqa: E731
+  out = [Prediction(None, 1.0, costs.step, rate(1.0, M - 1, costs.step_s, costs.first_call["plain"], "plain",
+                                                plain_pool, M - 1))]
   for tcfg in shapes:
     accepted = acc.accepted(tcfg)
     tau = 1.0 + float(accepted.mean())
@@ -74,14 +118,21 @@ def predict(costs: Costs, acc: Acceptance, *, batch: int, prompt_lengths: Sequen
     # A round holds a target forward and more, so it never costs less than a plain step, nor its first call less
     # than plain decoding's: measured below that is calibration noise (a busy machine), and must not let a draft
     # that accepts nothing look faster than plain decoding. Ties keep plain decoding (a stable sort, plain first).
-    once = max(costs.first_call["chain" if tcfg.is_chain else "tree"], costs.first_call["plain"])
+    kind = "chain" if tcfg.is_chain else "tree"
+    once = max(costs.first_call[kind], costs.first_call["plain"])
     per_round = lambda L, tcfg=tcfg: max(costs.round_s(tcfg, L), costs.step_s(L))  # noqa: E731
-    out.append(Prediction(tcfg, tau, per_round(None), rate(tau, rounds, per_round, once)))
+    spec = SpecConfig(tree=tcfg, max_new_tokens=M)
+    spec_pool = lambda T, spec=spec: 1 << (max(spec.cache_lengths(T)) - 1).bit_length()  # noqa: E731
+    row_rounds = batch_rounds(accepted, batch=1, tokens=M - 1) if buckets is not None and batching == "continuous" \
+        else rounds
+    out.append(Prediction(tcfg, tau, per_round(None), rate(tau, rounds, per_round, once, kind, spec_pool,
+                                                           row_rounds)))
   return sorted(out, key=lambda p: -p.tokens_per_s)
 
 
 def choose(costs: Costs, acc: Acceptance, *, batch: int, prompt_lengths: Sequence[int] | None = None,
-           max_new_tokens: int = 128, shapes: Sequence[TreeConfig] | None = None) -> Prediction:
+           max_new_tokens: int = 128, shapes: Sequence[TreeConfig] | None = None, batching: str = "static",
+           sync_every: int = 16) -> Prediction:
   """The shape predicted fastest (tree None: plain decoding is)."""
   return predict(costs, acc, batch=batch, prompt_lengths=prompt_lengths, max_new_tokens=max_new_tokens,
-                 shapes=shapes)[0]
+                 shapes=shapes, batching=batching, sync_every=sync_every)[0]

@@ -38,7 +38,8 @@ VERIFY_POINTS = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32)  # tree nodes P timed; 
 EXPAND_DEPTHS = (1, 4)  # expansion is timed at two depths per top_k; other depths are linear between them
 CACHE_LENS = (256, 1024)  # the step is timed at both: attention reads every slot, so cost grows with the cache
 PREFILL_LENS = (64, 512)  # prompt tokens per row of the two timed prefills; other lengths are linear
-VERSION = 2  # of the timing method; cached calibrations of another version are redone (2: output head kept)
+VERSION = 3  # of the timing method; cached calibrations of another version are redone (2: output head kept;
+# 3: one-row prefill for continuous batching's admissions)
 
 
 
@@ -49,7 +50,8 @@ class Costs:
   (top_k, depth); `extra`: what real chain / tree rounds cost beyond those parts (accept, commit, emit, the
   loop, and what the parts timed alone miss), by depth, from real rounds of two chains and two trees. `slot`:
   seconds a step gains per extra cache slot. `prefill`: prompt length -> seconds of the target's prefill of a
-  batch. `first_call`: one-time seconds of a new executable's first run, per kind ("plain", "chain", "tree")."""
+  batch. `admit`: the same for one row (a continuous batcher prefills each admission alone). `first_call`: one-time
+  seconds of a new executable's first run, per kind ("plain", "chain", "tree")."""
 
   step: float
   slot: float
@@ -61,6 +63,7 @@ class Costs:
   extra: dict[str, dict[int, float]] = dataclasses.field(
       default_factory=lambda: {"chain": {1: 0.0}, "tree": {1: 0.0}})  # kind -> depth -> seconds
   meta: dict = dataclasses.field(default_factory=dict)
+  admit: dict[int, float] = dataclasses.field(default_factory=dict)  # prompt length -> seconds, one row
 
   @staticmethod
   def _line(table: dict[int, float], x: float) -> float:
@@ -83,6 +86,9 @@ class Costs:
   def prefill_s(self, prompt_len: int) -> float:
     return max(self._line(self.prefill, prompt_len), 0.0)
 
+  def admit_s(self, prompt_len: int) -> float:
+    return max(self._line(self.admit or self.prefill, prompt_len), 0.0)
+
   def verify_s(self, P: int) -> float:
     return self._line(self.verify, P)
 
@@ -104,7 +110,7 @@ class Costs:
     return {"step": self.step, "slot": self.slot, "first_call": dict(self.first_call),
             "prefill": ints(self.prefill), "verify": ints(self.verify),
             "context": ints(self.context), "expand": {str(k): ints(e) for k, e in self.expand.items()},
-            "extra": {k: ints(e) for k, e in self.extra.items()}, "meta": self.meta}
+            "extra": {k: ints(e) for k, e in self.extra.items()}, "meta": self.meta, "admit": ints(self.admit)}
 
   @classmethod
   def from_json(cls, obj: dict) -> "Costs":
@@ -112,7 +118,8 @@ class Costs:
     return cls(step=obj["step"], slot=obj["slot"], first_call=dict(obj["first_call"]),
                prefill=ints(obj["prefill"]), verify=ints(obj["verify"]),
                context=ints(obj["context"]), expand={int(k): ints(e) for k, e in obj["expand"].items()},
-               extra={k: ints(e) for k, e in obj["extra"].items()}, meta=obj.get("meta", {}))
+               extra={k: ints(e) for k, e in obj["extra"].items()}, meta=obj.get("meta", {}),
+               admit=ints(obj.get("admit", {})))
 
 
 def _time_loop(fn, params: Any, state: Any, n: int, repeats: int = 3, first: list | None = None) -> float:
@@ -168,7 +175,7 @@ def calibrate(target: protocol.Target, target_params: Any, draft_params: Any, vo
   t0 = time.perf_counter()
   log = (lambda *a: print("autotree:", *a, file=sys.stderr, flush=True)) if verbose else (lambda *a: None)
 
-  def target_pass(T, S=S, start=None, n=n, repeats=3, last_only=False):
+  def target_pass(T, S=S, start=None, n=n, repeats=3, last_only=False, B=B):
     start = jnp.full((B,), S // 2, jnp.int32) if start is None else start
     positions = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
     tmask = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T))
@@ -200,11 +207,15 @@ def calibrate(target: protocol.Target, target_params: Any, draft_params: Any, vo
   zeros = jnp.zeros((B,), jnp.int32)  # a prompt is written from slot 0
   prefill = {T: target_pass(T, S=max(CACHE_LENS[1], T), start=zeros, n=1, repeats=2, last_only=True)
              for T in PREFILL_LENS}
+  admit = prefill if B == 1 else {
+      T: target_pass(T, S=max(CACHE_LENS[1], T), start=zeros[:1], n=1, repeats=2, last_only=True, B=1)
+      for T in PREFILL_LENS}
   verify, floor = {}, step
   for P in VERIFY_POINTS:  # more tokens through the same weights never cost less: a running max smooths noise
     verify[P] = floor = max(floor, target_pass(P + 1))
   log(f"target step {step * 1e3:.1f} ms (+{slot * 1e6:.2f} us a cache slot), prefill",
-      {T: round(v * 1e3, 1) for T, v in prefill.items()}, "verify", {P: round(v * 1e3, 1) for P, v in verify.items()})
+      {T: round(v * 1e3, 1) for T, v in prefill.items()}, "one row", {T: round(v * 1e3, 1) for T, v in admit.items()},
+      "verify", {P: round(v * 1e3, 1) for P, v in verify.items()})
 
   L = jnp.full((B,), S // 2, jnp.int32)
   dcache = draft.init_cache(dcfg, B, S, dtype).replace(lengths=L)
@@ -239,7 +250,7 @@ def calibrate(target: protocol.Target, target_params: Any, draft_params: Any, vo
   log("context", {R: round(v * 1e3, 2) for R, v in context.items()}, "expand",
       {k: {d: round(v * 1e3, 2) for d, v in e.items()} for k, e in expand.items()})
   parts = Costs(step=step, slot=slot, first_call=first_call, prefill=prefill, verify=verify, context=context,
-                expand=expand)
+                expand=expand, admit=admit)
   extra: dict[str, dict[int, float]] = {}
   meta: dict[str, Any] = {"anchors": []}
   for anchor in anchors:
