@@ -114,12 +114,17 @@ def test_continuous_prediction_follows_the_slot_schedule():
   # ends when both are done), admit the third (bucket 48, the cache grows), run 16 + 4 with one slot idle.
   c = dataclasses.replace(_fake_costs(), admit={64: 2.0, 512: 9.0})
   pool = lambda T: 1 << (T + 21 - 1).bit_length()  # noqa: E731
-  got = autotree.continuous_seconds(c, [16, 24, 48], 20, slots=2, kind="chain", pool_len=pool,
+  got = autotree.continuous_seconds(c, [16, 24, 48], 20, slots=2, pool_len=pool,
                                     per_round=lambda S: 1.0 + S / 1000, sync_every=16)
   admits = c.admit_s(16) + c.admit_s(24) + c.admit_s(48)
   rounds = 20 * (1 + 64 / 1000) + 20 * (1 + 128 / 1000)
-  firsts = 3 * c.first_call["plain"] + 2 * c.first_call["chain"]  # admissions (T, S) x 3, loops at S 64 and 128
-  assert got == pytest.approx(admits + rounds + firsts)
+  assert got == pytest.approx(admits + rounds)
+  # Per-request rounds, in admission order (shortest prompt first): the chunk ends when both first requests are
+  # done (6 rounds), then the third alone runs 16 + 14: its spread, not the mean, sets the tail.
+  spread = autotree.continuous_seconds(c, [48, 16, 24], [5, 6, 30], slots=2, pool_len=pool,
+                                       per_round=lambda S: 1.0, sync_every=16)
+  assert spread == pytest.approx(admits + 6 + 16 + 14)
+
   # Through predict: plain decoding with one slot per request serves them side by side, so with no prefill cost
   # to share, continuous batching at batch 4 beats static batches of mixed lengths (one long prompt pads its batch).
   oracle = autotree.Acceptance(np.ones((50, autotree.MAX_DEPTH), np.int8))
@@ -131,6 +136,17 @@ def test_continuous_prediction_follows_the_slot_schedule():
   assert set(cont) == set(static)
   with pytest.raises(ValueError, match="batching"):
     autotree.predict(c, oracle, batch=4, prompt_lengths=lens, batching="dynamic")
+
+
+def test_request_rounds_walk_the_measured_positions():
+  from eagle3_jax.decode.autotree.acceptance import request_rounds
+
+  assert (request_rounds(np.zeros(40, np.int32), requests=5, tokens=63) == 63).all()  # nothing accepted
+  assert (request_rounds(np.full(40, 3, np.int32), requests=5, tokens=63) == 16).all()  # 4 tokens a round
+  # Half the text easy (3 accepted), half hard (0): requests starting in different halves differ.
+  acc = np.r_[np.full(500, 3), np.zeros(500)].astype(np.int32)
+  r = request_rounds(acc, requests=64, tokens=63, seed=1)
+  assert r.min() == 16 and r.max() == 63
 
 
 def _calibrate_args(tiny_cfg):

@@ -104,6 +104,27 @@ def batch_rounds(accepted: np.ndarray, *, batch: int, tokens: int, trials: int =
   return float(rounds.max(axis=-1).mean())
 
 
+def request_rounds(accepted: np.ndarray, *, requests: int, tokens: int, seed: int = 0) -> np.ndarray:
+  """[requests] rounds each of `requests` answers needs for `tokens` tokens, each walking the measured positions
+  from a random start as decoding does (a round that accepts a nodes moves a + 1 positions on): neighbouring
+  positions come from the same text, so a hard answer stays hard and the spread across requests is kept, which
+  sets when the last slot of a continuous batch finishes."""
+  rng = np.random.default_rng(seed)
+  N = len(accepted)
+  pos = rng.integers(0, N, size=requests)
+  gained = np.zeros(requests, np.int64)
+  rounds = np.zeros(requests, np.int64)
+  for _ in range(tokens):  # every round gives >= 1 token: `tokens` rounds always suffice
+    live = gained < tokens
+    if not live.any():
+      break
+    step = 1 + accepted[pos]
+    gained += np.where(live, step, 0)
+    rounds += live
+    pos = (pos + step) % N
+  return rounds
+
+
 def static_tree(rates_DK: np.ndarray, tcfg: TreeConfig) -> set[tuple[int, ...]]:
   """The rank paths EAGLE-2's expansion keeps when every node's score is its path's expected acceptance:
   level 1 the top_k ranks, each further level the top_k children of the top_k best nodes of the level above,
