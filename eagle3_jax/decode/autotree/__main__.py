@@ -38,6 +38,8 @@ def main(argv: Any = None) -> None:
   p.add_argument("--batch-size", type=int, default=1)
   p.add_argument("--max-new-tokens", type=int, default=128)
   p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens of every modelled request")
+  p.add_argument("--batching", default="auto", choices=("auto", "static", "continuous"),
+                 help="the engine's batching to model (auto: as infer.py, continuous at --batch-size > 1)")
   p.add_argument("--top", type=int, default=12)
   args = ap.parse_args(argv)
 
@@ -62,7 +64,8 @@ def main(argv: Any = None) -> None:
   acc = Acceptance.load(pathlib.Path(path) / ACCEPTANCE_FILE)
   costs = cached_costs(target, params, cfg, dparams, ckpt.vocab, ckpt.cfg, batch=args.batch_size, verbose=True)
   for pred in predict(costs, acc, batch=args.batch_size, prompt_lengths=[args.prompt_len] * args.batch_size,
-                      max_new_tokens=args.max_new_tokens)[:args.top]:
+                      max_new_tokens=args.max_new_tokens, batching=args.batching if args.batching != "auto" else
+                      ("continuous" if args.batch_size > 1 else "static"))[:args.top]:
     print(json.dumps(pred.as_dict()))
 
 
