@@ -38,8 +38,8 @@ VERIFY_POINTS = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32)  # tree nodes P timed; 
 EXPAND_DEPTHS = (1, 4)  # expansion is timed at two depths per top_k; other depths are linear between them
 CACHE_LENS = (256, 1024)  # the step is timed at both: attention reads every slot, so cost grows with the cache
 PREFILL_LENS = (64, 512)  # prompt tokens per row of the two timed prefills; other lengths are linear
-VERSION = 3  # of the timing method; cached calibrations of another version are redone (2: output head kept;
-# 3: one-row prefill for continuous batching's admissions)
+VERSION = 4  # of the timing method; cached calibrations of another version are redone (2: output head kept;
+# 3: one-row prefill for continuous batching's admissions; 4: anchors as ratios to steps timed beside them)
 
 
 
@@ -102,8 +102,10 @@ class Costs:
     # Held flat past the anchors: extrapolating a noisy difference of two timings invites absurd shapes.
     table = self.extra["chain" if tcfg.is_chain else "tree"]
     extra = self._line(table, min(max(tcfg.depth, min(table)), max(table)))
+    # A verify pass is a target forward of more tokens than a step's, so it never costs less than the step (the two
+    # are timed minutes apart, and the step is the median of several timings).
     return (self.context_s(tcfg.max_accept + 1) + self.expand_s(tcfg.top_k, tcfg.depth)
-            + self.verify_s(tcfg.total_tokens) + extra + self._at(cache_len))
+            + max(self.verify_s(tcfg.total_tokens), self.step) + extra + self._at(cache_len))
 
   def to_json(self) -> dict:
     ints = lambda d: {str(k): v for k, v in d.items()}  # noqa: E731
@@ -122,23 +124,32 @@ class Costs:
                admit=ints(obj.get("admit", {})))
 
 
-def _time_loop(fn, params: Any, state: Any, n: int, repeats: int = 3, first: list | None = None) -> float:
+def _time_loop(fn, params: Any, state: Any, n: int, repeats: int = 3, first: list | None = None,
+               keep: list | None = None) -> float:
   """Seconds per iteration of a jitted fori_loop(n) of `fn(params, carry) -> carry`: compiled, run once, then the
   best of `repeats` timed runs, so dispatch and compilation stay out. Weights are arguments, not constants.
   `first`, if given, receives what the first run of the compiled loop cost beyond a later one: XLA:CPU does
-  one-time work there (0.75 s for a SmolLM2 decode executable on 2 cores), which an engine pays once per shape."""
+  one-time work there (0.75 s for a SmolLM2 decode executable on 2 cores), which an engine pays once per shape.
+  `keep`, if given, receives a function that times the compiled loop again (same method, no recompilation)."""
   loop = jax.jit(lambda p, s: jax.lax.fori_loop(0, n, lambda i, c: fn(p, c), s)).lower(params, state).compile()
   t0 = time.perf_counter()
   jax.block_until_ready(loop(params, state))
   t_first = time.perf_counter() - t0
-  best = float("inf")
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(loop(params, state))
-    best = min(best, time.perf_counter() - t0)
+
+  def best_of() -> float:
+    best = float("inf")
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      jax.block_until_ready(loop(params, state))
+      best = min(best, time.perf_counter() - t0)
+    return best / n
+
+  seconds = best_of()
   if first is not None:
-    first.append(max(t_first - best, 0.0))
-  return best / n
+    first.append(max(t_first - seconds * n, 0.0))
+  if keep is not None:
+    keep.append(best_of)
+  return seconds
 
 
 def machine_key() -> dict:
@@ -175,7 +186,7 @@ def calibrate(target: protocol.Target, target_params: Any, draft_params: Any, vo
   t0 = time.perf_counter()
   log = (lambda *a: print("autotree:", *a, file=sys.stderr, flush=True)) if verbose else (lambda *a: None)
 
-  def target_pass(T, S=S, start=None, n=n, repeats=3, last_only=False, B=B):
+  def target_pass(T, S=S, start=None, n=n, repeats=3, last_only=False, B=B, keep=None):
     start = jnp.full((B,), S // 2, jnp.int32) if start is None else start
     positions = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
     tmask = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T))
@@ -195,14 +206,15 @@ def calibrate(target: protocol.Target, target_params: Any, draft_params: Any, vo
       return cache, nxt.astype(jnp.int32)
 
     cache = target.init_cache(B, S, dtype).replace(lengths=start)
-    return _time_loop(fn, target_params, (cache, jnp.ones((B, T), jnp.int32)), n, repeats)
+    return _time_loop(fn, target_params, (cache, jnp.ones((B, T), jnp.int32)), n, repeats, keep=keep)
 
   first_call: dict[str, float] = {}
-  step = target_pass(1)
+  retime: list = []  # the step loop, kept compiled to be timed again beside every anchor
+  step = target_pass(1, keep=retime if target_cfg is None else None)
   slot = (target_pass(1, S=CACHE_LENS[1]) - step) / (CACHE_LENS[1] - CACHE_LENS[0])
   if target_cfg is not None:
     plain = []
-    step = _decode_step_cost(target_params, target_cfg, batch=B, cache_len=S, n=n, first=plain)
+    step = _decode_step_cost(target_params, target_cfg, batch=B, cache_len=S, n=n, first=plain, keep=retime)
     first_call["plain"] = plain[0]
   zeros = jnp.zeros((B,), jnp.int32)  # a prompt is written from slot 0
   prefill = {T: target_pass(T, S=max(CACHE_LENS[1], T), start=zeros, n=1, repeats=2, last_only=True)
@@ -253,12 +265,26 @@ def calibrate(target: protocol.Target, target_params: Any, draft_params: Any, vo
                 expand=expand, admit=admit)
   extra: dict[str, dict[int, float]] = {}
   meta: dict[str, Any] = {"anchors": []}
+  # This shared machine's speed drifts 10-30% within minutes (BENCHMARKS.md "Batch 4 with continuous batching
+  # modelled"), and the choice hangs on how a round compares with a plain step. So each anchor round is timed
+  # between two timings of the step and kept as its ratio to them, scaled by the median of every step timing.
+  rounds, steps = [], [step]
   for anchor in anchors:
-    kind = "chain" if anchor.is_chain else "tree"
     once = []
+    before = retime[0]()
     real = _round_cost(target, target_params, draft_params, vocab, dcfg, batch=B, cache_len=S, tcfg=anchor, n=n,
                        first=once)
-    first_call[kind] = max(first_call.get(kind, 0.0), once[0])
+    after = retime[0]()
+    steps += [before, after]
+    rounds.append((anchor, real / (0.5 * (before + after)), once[0]))
+  step = float(np.median(steps))
+  parts = dataclasses.replace(parts, step=step)
+  meta["steps"] = steps
+  log(f"step timed {len(steps)} times: {[round(x * 1e3, 1) for x in steps]} ms, median {step * 1e3:.1f} ms")
+  for anchor, ratio, first_run in rounds:
+    kind = "chain" if anchor.is_chain else "tree"
+    real = ratio * step
+    first_call[kind] = max(first_call.get(kind, 0.0), first_run)
     bare = dataclasses.replace(parts, extra={kind: {1: 0.0}}).round_s(anchor)
     extra.setdefault(kind, {})[anchor.depth] = max(0.0, real - bare)
     meta["anchors"].append({"shape": anchor.shape, "round": real, "parts": bare})
@@ -292,7 +318,7 @@ def _engine_first_call(params, cfg, draft_params, vocab, dcfg, *, batch, tcfg) -
   return max(runs[0] - min(runs[1:]), 0.0)
 
 
-def _decode_step_cost(params, cfg, *, batch, cache_len, n, first):
+def _decode_step_cost(params, cfg, *, batch, cache_len, n, first, keep=None):
   """Seconds per vanilla.decode_step (greedy), the vanilla engine's loop body."""
   from eagle3_jax.decode import sampling, vanilla
   from eagle3_jax.target import llama
@@ -302,7 +328,7 @@ def _decode_step_cost(params, cfg, *, batch, cache_len, n, first):
   state = jax.jit(functools.partial(vanilla.prefill, **kw))(
       params, jnp.ones((batch, T), jnp.int32), jnp.full((batch,), T, jnp.int32),
       llama.init_cache(cfg, batch, cache_len, jax.tree.leaves(params)[0].dtype), jax.random.key(0))
-  return _time_loop(lambda p, s: vanilla.decode_step(p, s, **kw), params, state, n, first=first)
+  return _time_loop(lambda p, s: vanilla.decode_step(p, s, **kw), params, state, n, first=first, keep=keep)
 
 
 def _round_cost(target, target_params, draft_params, vocab, dcfg, *, batch, cache_len, tcfg, n, first=None):
