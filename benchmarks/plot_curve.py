@@ -1,6 +1,7 @@
 """Learning curve of a draft-training run: eval acc_j and simulated tau against tokens trained (PNG).
 
     python benchmarks/plot_curve.py runs/smollm2_135m [more run dirs, plotted in order as one curve] --out curve.png
+    python benchmarks/plot_curve.py runs/cmp_canonical runs/cmp_eagle31 --separate --out cmp.png  # one curve each
 """
 
 from __future__ import annotations
@@ -34,12 +35,16 @@ def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("run_dirs", nargs="+")
   ap.add_argument("--out", required=True)
+  ap.add_argument("--separate", action="store_true",
+                  help="each run its own curve (acc_0 and tau), e.g. variants trained side by side")
   args = ap.parse_args(argv)
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
+  if args.separate:
+    return plot_separate(args.run_dirs, args.out, plt)
   rows = eval_rows(args.run_dirs)
   if not rows:
     raise SystemExit("no eval rows in " + ", ".join(args.run_dirs))
@@ -57,6 +62,28 @@ def main(argv=None) -> None:
   fig.tight_layout()
   fig.savefig(args.out, dpi=110)
   print(f"wrote {args.out} ({len(rows)} eval points)")
+
+
+def plot_separate(run_dirs: list[str], out: str, plt) -> None:
+  """acc_0 (solid) and acc_2 (dashed), and simulated tau, per run against tokens trained."""
+  fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+  for d in run_dirs:
+    rows = eval_rows([d])
+    if not rows:
+      raise SystemExit(f"no eval rows in {d}")
+    x = [r["tokens_trained"] / 1e6 for r in rows]
+    name = pathlib.Path(d).name
+    line, = a.plot(x, [r["acc_j"][0] for r in rows], marker="o", label=f"{name} acc_0")
+    a.plot(x, [r["acc_j"][2] for r in rows], marker="s", ls="--", color=line.get_color(), label=f"{name} acc_2")
+    b.plot(x, [r["tau"] for r in rows], marker="o", color=line.get_color(), label=name)
+  a.set(xlabel="tokens trained (M)", ylabel="held-out accuracy", title="eval acc_0 and acc_2")
+  b.set(xlabel="tokens trained (M)", ylabel="tau (chain, simulated)", title="simulated tau")
+  for ax in (a, b):
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(out, dpi=110)
+  print(f"wrote {out} ({len(run_dirs)} runs)")
 
 
 if __name__ == "__main__":
