@@ -29,6 +29,11 @@ Why each choice (measured on the 2-core CPU this project is developed on, 2026-1
   filled with the lowest unseen ids); held-out coverage is 0.893 at 8192 and 0.948 at 16384, but the extra 5% are
   tokens the draft could hardly guess. What 8192 saves is certain: the head (576·Vd, most of the draft's FLOPs)
   costs half as much per training token and per tree level at inference (~3.5% of a target step instead of ~7%).
+- Head: canonical EAGLE-3 (draft.fc_norm and draft.norm_output False), because the shipped draft carries ~3 M tokens
+  of canonical training and its 1x1x1 serving tree needs acc_0 only. EAGLE 3.1 (both True) learned faster on the
+  same data, steps and seed (BENCHMARKS.md "Canonical EAGLE-3 against EAGLE 3.1": simulated tau 1.400 against 1.342
+  after 0.29 M tokens from random weights, acc_0 +0.019, acc_4 0.252 against 0.142), so a run from random weights
+  should pass draft.fc_norm=true draft.norm_output=true.
 - R curriculum "0:1,...": one TTT step trains acc_0 as fast per token as seven and costs a third as much (pilot,
   shared/reference/cpu-pilot.md: acc_0 0.34 after 8 minutes at R = 1 against 0.30 after 32 at R = 7); deeper steps
   follow once the draft predicts the next token. R stops at 5: on this CPU the fastest trees are chains of depth
