@@ -36,7 +36,7 @@ def main(argv=None) -> None:
   ap.add_argument("run_dirs", nargs="+")
   ap.add_argument("--out", required=True)
   ap.add_argument("--separate", action="store_true",
-                  help="each run its own curve (acc_0 and tau), e.g. variants trained side by side")
+                  help="each run its own curves (acc_0, acc_2, tau), e.g. variants trained side by side")
   args = ap.parse_args(argv)
   import matplotlib
 
