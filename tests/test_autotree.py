@@ -109,6 +109,22 @@ def test_choice_oracle_picks_the_deepest_and_random_picks_none():
   assert plain.tokens_per_s == pytest.approx(5 * 64 / seconds)
 
 
+
+def test_choice_needs_a_gain_beyond_the_margin():
+  # acc_0 = 0.3 on fixed costs (a 20 s step): the 1x1x1 chain is predicted 6% faster than plain decoding.
+  ranks = np.zeros((100, autotree.MAX_DEPTH), np.int8)
+  ranks[:30, 0] = 1
+  acc = autotree.Acceptance(ranks)
+  costs = _fake_costs(step=20.0)
+  preds = {autotree.shape_str(p.tree): p for p in autotree.predict(costs, acc, batch=1)}
+  gain = max(p.tokens_per_s for p in preds.values()) / preds["none"].tokens_per_s - 1
+  assert 0.01 < gain < autotree.MARGIN, gain
+  assert autotree.choose(costs, acc, batch=1).tree is None  # within the model's error: plain decoding
+  assert autotree.choose(costs, acc, batch=1, margin=0.0).tree is not None  # the raw ranking picks the draft
+  assert autotree.choose(costs, acc, batch=1, margin=gain / 2).tree is not None
+  with pytest.raises(ValueError, match="margin"):
+    autotree.choose(costs, acc, batch=1, margin=-0.1)
+
 def test_continuous_prediction_follows_the_slot_schedule():
   # Two slots, three requests of 20 rounds each, chunks of 16: admit two (buckets 16, 24), run 16 + 4 (the chunk
   # ends when both are done), admit the third (bucket 48, the cache grows), run 16 + 4 with one slot idle.

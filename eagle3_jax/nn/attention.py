@@ -13,6 +13,9 @@ from eagle3_jax.nn import masks
 # Finite rather than -inf: a fully masked row (padding) must give zeros-ish, never NaN. Both functions below use it,
 # so they agree bit for bit on masked entries.
 MASKED = -1e30
+# Query rows per KV head (G*T) up to which scores are laid out keys-first: every decode step, tree verify (17 tokens
+# x 3 heads = 51) and draft pass; prefill chunks have more.
+FEW_QUERIES = 64
 
 
 def attention(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array, mask_BTS: jax.Array) -> jax.Array:
@@ -27,12 +30,21 @@ def attention(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array, mask_BTS:
   K = k_BKSH.shape[1]
   G = N // K
   q_BKQH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
+  mask_BQS = jnp.tile(mask_BTS, (1, G, 1))  # query index q = g*T + t
   with jax.named_scope("attention"):
-    scores = jnp.einsum("BKQH,BKSH->BKQS", q_BKQH, k_BKSH).astype(jnp.float32) / math.sqrt(H)
-    mask_BQS = jnp.tile(mask_BTS, (1, G, 1))  # query index q = g*T + t
-    scores = jnp.where(mask_BQS[:, None], scores, MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BKSH.dtype)
-    out = jnp.einsum("BKQS,BKSH->BKQH", probs, v_BKSH)
+    if G * T <= FEW_QUERIES:
+      # Decode, verify and draft passes: scores as [S, Q] (keys as the long side of each product). On 2 CPU cores,
+      # 30 SmolLM2 layers (BENCHMARKS.md "Attention for few queries"): B 16, S 512 63 ms against 87 the other way
+      # round, B 32, S 1024 191 against 341, B 1 within noise; prefill (Q in the hundreds) is faster as below.
+      scores = jnp.einsum("BKSH,BKQH->BKSQ", k_BKSH, q_BKQH).astype(jnp.float32) / math.sqrt(H)
+      scores = jnp.where(jnp.swapaxes(mask_BQS, 1, 2)[:, None], scores, MASKED)
+      probs = jax.nn.softmax(scores, axis=-2).astype(v_BKSH.dtype)
+      out = jnp.einsum("BKSQ,BKSH->BKQH", probs, v_BKSH)
+    else:
+      scores = jnp.einsum("BKQH,BKSH->BKQS", q_BKQH, k_BKSH).astype(jnp.float32) / math.sqrt(H)
+      scores = jnp.where(mask_BQS[:, None], scores, MASKED)
+      probs = jax.nn.softmax(scores, axis=-1).astype(v_BKSH.dtype)
+      out = jnp.einsum("BKQS,BKSH->BKQH", probs, v_BKSH)
   return out.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 

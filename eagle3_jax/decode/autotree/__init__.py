@@ -15,6 +15,7 @@ from eagle3_jax.decode.autotree.acceptance import (
     static_tree,
 )
 from eagle3_jax.decode.autotree.choice import (
+    MARGIN,
     Prediction,
     candidates,
     choose,
@@ -26,7 +27,7 @@ from eagle3_jax.decode.autotree.choice import (
 from eagle3_jax.decode.autotree.costs import CACHE_LENS, PREFILL_LENS, VERIFY_POINTS, Costs, cached_costs, calibrate
 from eagle3_jax.decode.tree import TreeConfig
 
-__all__ = ["ACCEPTANCE_FILE", "CACHE_LENS", "MAX_DEPTH", "MAX_TOP_K", "PREFILL_LENS", "VERIFY_POINTS", "Acceptance",
+__all__ = ["ACCEPTANCE_FILE", "CACHE_LENS", "MARGIN", "MAX_DEPTH", "MAX_TOP_K", "PREFILL_LENS", "VERIFY_POINTS", "Acceptance",
            "Costs", "Prediction", "TreeConfig", "acceptance", "cached_costs", "calibrate", "candidates", "choose",
            "continuous_seconds", "engine_batches", "examples_from_outputs", "examples_from_rows", "predict",
            "shape_str", "static_tree"]

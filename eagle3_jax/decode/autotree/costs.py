@@ -214,7 +214,7 @@ def calibrate(target: protocol.Target, target_params: Any, draft_params: Any, vo
   slot = (target_pass(1, S=CACHE_LENS[1]) - step) / (CACHE_LENS[1] - CACHE_LENS[0])
   if target_cfg is not None:
     plain = []
-    step = _decode_step_cost(target_params, target_cfg, batch=B, cache_len=S, n=n, first=plain, keep=retime)
+    step = decode_step_cost(target_params, target_cfg, batch=B, cache_len=S, n=n, first=plain, keep=retime)
     first_call["plain"] = plain[0]
   zeros = jnp.zeros((B,), jnp.int32)  # a prompt is written from slot 0
   prefill = {T: target_pass(T, S=max(CACHE_LENS[1], T), start=zeros, n=1, repeats=2, last_only=True)
@@ -318,8 +318,9 @@ def _engine_first_call(params, cfg, draft_params, vocab, dcfg, *, batch, tcfg) -
   return max(runs[0] - min(runs[1:]), 0.0)
 
 
-def _decode_step_cost(params, cfg, *, batch, cache_len, n, first, keep=None):
-  """Seconds per vanilla.decode_step (greedy), the vanilla engine's loop body."""
+def decode_step_cost(params, cfg, *, batch, cache_len, n, first, keep=None):
+  """Seconds per vanilla.decode_step (greedy), the vanilla engine's loop body; `keep` receives a function that
+  times it again (benchmarks re-time the step to follow this machine's drifting speed)."""
   from eagle3_jax.decode import sampling, vanilla
   from eagle3_jax.target import llama
 
