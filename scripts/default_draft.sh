@@ -87,6 +87,10 @@ case $stage in
         head -c "$bytes" "$out" >> $RUN/data.jsonl.tmp
         cp "$out.state.json" "$RUN/$(basename "$out").state.json"  # how it was made, for the draft card
       done
+      # Rows regenerated in accelerator leases (scripts/gpu_burst.sh): committed whole, greedy then T = 1.
+      for snap in data/smollm2_regen_gpu_t0.jsonl.gz data/smollm2_regen_gpu_t1.jsonl.gz; do
+        [[ -f $snap ]] && gunzip -c "$snap" >> $RUN/data.jsonl.tmp
+      done
       mv $RUN/data.jsonl.tmp $RUN/data.jsonl
     fi
     # One held-out set for every run, so that warm starts never evaluate on rows an earlier run trained on: the
@@ -98,10 +102,11 @@ sys.path.insert(0, ".")
 from eagle3_jax.config import load_config
 from eagle3_jax.train.data import eval_indices
 run = pathlib.Path(sys.argv[1])
-lines = (run / "data.jsonl").read_text().splitlines(keepends=True)
+# Split at b"\n" only: str.splitlines would also cut rows at the U+2028 some answers hold.
+lines = [line + b"\n" for line in (run / "data.jsonl").read_bytes().split(b"\n") if line]
 held = set(eval_indices(586, load_config("configs/smollm2_135m.py").data).tolist())
-(run / "train.jsonl").write_text("".join(l for i, l in enumerate(lines) if i not in held))
-(run / "eval.jsonl").write_text("".join(lines[i] for i in sorted(held)))
+(run / "train.jsonl").write_bytes(b"".join(l for i, l in enumerate(lines) if i not in held))
+(run / "eval.jsonl").write_bytes(b"".join(lines[i] for i in sorted(held)))
 print(f"{run}: {len(lines) - len(held)} training rows, {len(held)} held out", file=sys.stderr)
 PY
     fi

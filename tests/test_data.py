@@ -175,6 +175,23 @@ def test_malformed_rows_are_counted_and_skipped(tmp_path):
                               "misplaced_system": 1}
 
 
+def test_json_sources_are_read_without_the_datasets_package(tmp_path, monkeypatch):
+  """An image without `datasets` (an accelerator lease) still reads JSON-lines sources, record by record, to the
+  same rows; parquet, which needs it, is refused by name."""
+  rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+          for i in range(5)]
+  path = tmp_path / "rows.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  sources.load_rows.cache_clear()
+  monkeypatch.setitem(__import__("sys").modules, "datasets", None)  # `import datasets` raises ImportError
+  got = sources.load_rows(str(path))
+  assert [got[i] for i in range(len(got))] == rows
+  (tmp_path / "rows.parquet").write_bytes(b"PAR1")
+  with pytest.raises(ValueError, match="parquet needs the `datasets` package"):
+    sources.load_rows(str(tmp_path / "rows.parquet"))
+  sources.load_rows.cache_clear()
+
+
 def test_all_malformed_source_raises_naming_it(tmp_path):
   source = str(FIXTURES / "all_malformed.jsonl")
   tok = make_tokenizer("smollm2")

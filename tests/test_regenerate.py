@@ -148,3 +148,34 @@ def test_cli_first_turn_only_output_trains(tiny_target, tmp_path, capsys):
   metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
   ce = [m["ce_j"][0] for m in metrics if m["split"] == "train"]
   assert np.mean(ce[-5:]) < np.mean(ce[:5]), ce
+
+
+def test_prompt_bucket_gives_the_same_answers_from_one_shape(tiny_target, tmp_path):
+  """--prompt-bucket pads every prompt of static batches to one length (one compiled shape, for an accelerator):
+  the greedy answers are those of the engine's length buckets; a bucket shorter than the prompt limit, or
+  continuous batching, is refused."""
+  path, _, _ = tiny_target
+  src = _source(tmp_path)
+  cfg = regenerate.RegenConfig(source=src, **CFG | {"temperatures": ((0.0, 1.0),), "batching": "static"})
+  make, tok = _factory(path)
+  regenerate.regenerate(cfg, tmp_path / "buckets.jsonl", make_generator=make, tokenizer=tok, progress=False)
+  shapes = []
+  make_one, _ = _factory(path)
+
+  def recording(temperature):
+    gen = make_one(temperature)
+    inner = gen.generate
+    gen.generate = lambda batch: shapes.append(batch.tokens.shape) or inner(batch)
+    return gen
+
+  regenerate.regenerate(cfg, tmp_path / "one.jsonl", make_generator=recording, tokenizer=tok, progress=False,
+                        prompt_bucket=64)
+  assert (tmp_path / "one.jsonl").read_text() == (tmp_path / "buckets.jsonl").read_text()
+  assert set(shapes) == {(CFG["batch_size"], 64)}
+  with pytest.raises(ValueError, match="prompt-bucket"):
+    regenerate.regenerate(cfg, tmp_path / "short.jsonl", make_generator=make, tokenizer=tok, progress=False,
+                          prompt_bucket=32)
+  continuous = regenerate.RegenConfig(source=src, **CFG | {"batching": "continuous"})
+  with pytest.raises(ValueError, match="prompt-bucket"):
+    regenerate.regenerate(continuous, tmp_path / "cont.jsonl", make_generator=make, tokenizer=tok, progress=False,
+                          prompt_bucket=64)

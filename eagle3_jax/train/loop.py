@@ -229,8 +229,14 @@ def train(cfg: TrainConfig, target: tuple[Any, Any] | None = None) -> dict[str, 
   recorder = _Recorder(cfg, run_dir, step, step_lib.lr_schedule(cfg.optim, cfg.num_steps))
   saved_at, stopped, pending, last_eval, export_dir = latest, False, None, None, None
   end = min(cfg.num_steps, cfg.stop_after or cfg.num_steps)
+  deadline = time.monotonic() + cfg.time_limit_s if cfg.time_limit_s else None
+  timed_out = False
   try:
     while step < end and not stopped:
+      if deadline is not None and not timed_out and time.monotonic() > deadline:
+        log.info("time limit of %.0f s reached at step %d: stopping", cfg.time_limit_s, step)
+        timed_out = True  # raised through the stop flag, so every host stops at the same step
+        _STOP.set()
       batch = step_lib.global_batch(mesh, next(train_it))
       flags = step_lib.stop_flags(mesh, cfg.data.batch_size, _STOP.is_set())
       R = cfg.ttt.steps_at(step)
@@ -258,7 +264,7 @@ def train(cfg: TrainConfig, target: tuple[Any, Any] | None = None) -> dict[str, 
     if saved_at != step:
       ckpt.save(step, state, train_it)
       log.info("checkpoint of step %d started", step)
-    if not stopped and step >= cfg.num_steps:
+    if timed_out or (not stopped and step >= cfg.num_steps):
       if has_eval and (last_eval is None or cfg.eval_every == 0 or step % cfg.eval_every):
         last_eval = evaluate(steps.eval, state.params, target_params, vocab, cfg, tokenizer, mesh)
         recorder.scalars("eval", last_eval, step)
@@ -276,6 +282,7 @@ def train(cfg: TrainConfig, target: tuple[Any, Any] | None = None) -> dict[str, 
   return {"step": step, "loss": last.get("loss"), "acc_0": (last.get("acc_j") or [None])[0],
           "acc_j": last.get("acc_j"), "tokens_per_s": last.get("tokens_per_s"),
           "checkpoint_dir": str(ckpt.directory), "export_dir": export_dir, "run_dir": str(run_dir),
-          "stopped_by_signal": bool(stopped), "resumed_from": latest, "eval": last_eval,
+          "stopped_by_signal": bool(stopped) and not timed_out, "timed_out": timed_out, "resumed_from": latest,
+          "eval": last_eval,
           "draft_vocab_coverage": vm.provenance.get("coverage"),
           "data": stats.as_dict() if stats is not None else None}

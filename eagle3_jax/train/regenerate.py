@@ -114,12 +114,17 @@ class _State:
 
 
 def regenerate(cfg: RegenConfig, output: str | os.PathLike, *, make_generator: Callable[[float], Any], tokenizer: Any,
-               pad_id: int = 0, progress: bool = True) -> dict[str, Any]:
+               pad_id: int = 0, progress: bool = True, prompt_bucket: int | None = None) -> dict[str, Any]:
   """Runs (or resumes) a regeneration into `output`; returns the summary (also kept in the state file).
 
   make_generator(temperature) builds an engine Generator (vanilla or speculative) for that temperature; it is
-  called once per temperature of the mix and reseeded per chunk and turn.
+  called once per temperature of the mix and reseeded per chunk and turn. prompt_bucket pads every prompt to that
+  length instead of the engine's length buckets: one compiled shape, for an accelerator, where a compilation costs
+  more than the padding does.
   """
+  if prompt_bucket is not None and (prompt_bucket < cfg.max_prompt_tokens or cfg.batching != "static"):
+    raise ValueError(f"--prompt-bucket {prompt_bucket} needs --batching static and at least --max-prompt-tokens "
+                     f"({cfg.max_prompt_tokens})")
   from tqdm import tqdm
 
   from eagle3_jax.decode import engine
@@ -156,8 +161,9 @@ def regenerate(cfg: RegenConfig, output: str | os.PathLike, *, make_generator: C
           request = {"messages": c.messages + [{"role": "user", "content": c.users[turn]}]}
           if c.temperature not in engines:
             generators[c.temperature] = make_generator(c.temperature)
+            buckets = {} if prompt_bucket is None else {"bucket_fn": lambda n: prompt_bucket}
             engines[c.temperature] = engine.Engine(generators[c.temperature], tokenizer,
-                                                   batch_size=cfg.batch_size, pad_id=pad_id)
+                                                   batch_size=cfg.batch_size, pad_id=pad_id, **buckets)
           n_prompt = len(engines[c.temperature].encode([request])[0])
           if n_prompt > cfg.max_prompt_tokens:
             c.alive = False
@@ -233,6 +239,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--draft-depth", type=int, default=3)
   ap.add_argument("--draft-tokens", type=int, default=3)
   ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  ap.add_argument("--prompt-bucket", type=int, default=None,
+                  help="static batching: pad every prompt to this many tokens (>= --max-prompt-tokens), one compiled shape")
   ap.add_argument("--no-progress", action="store_true")
   ap.add_argument("--compile-cache", default="auto", help="XLA compilation cache dir ('auto', 'none' or a path)")
   return ap.parse_args(argv)
@@ -276,7 +284,7 @@ def main(argv=None) -> dict[str, Any]:
                                  slots=cfg.batch_size if cfg.batching == "continuous" else None)
 
   result = regenerate(cfg, args.output, make_generator=make_generator, tokenizer=tokenizer, pad_id=pad_id,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, prompt_bucket=args.prompt_bucket)
   print(json.dumps(result), flush=True)
   return result
 

@@ -167,9 +167,14 @@ def load_rows(spec: str, *, max_rows: int | None = None, cache_dir: str | None =
     if os.path.basename(path) == _SHAREGPT_FILE:
       parts.append(_JsonRecords(path, left))  # known to be cut off: `datasets` cannot parse it
       continue
-    import datasets  # deferred: slow to import and not needed for the packaged ShareGPT file
-
     kind = "parquet" if path.endswith(".parquet") else "json"
+    try:
+      import datasets  # deferred: slow to import and not needed for the packaged ShareGPT file
+    except ImportError:  # an image without it (an accelerator lease): JSON is read record by record anyway
+      if kind != "json":
+        raise ValueError(f"data source {path!r}: reading parquet needs the `datasets` package") from None
+      parts.append(_JsonRecords(path, left))
+      continue
     try:
       ds = datasets.load_dataset(kind, data_files=[path], split="train", cache_dir=cache_dir)
       part = ds.select(range(min(len(ds), left))) if left is not None else ds
