@@ -2,6 +2,7 @@
 
     python benchmarks/plot_curve.py runs/smollm2_135m [more run dirs, plotted in order as one curve] --out curve.png
     python benchmarks/plot_curve.py runs/cmp_canonical runs/cmp_eagle31 --separate --out cmp.png  # one curve each
+    python benchmarks/plot_curve.py runs/gpu/train runs/gpu/train2 --train --out gpu.png  # + training-batch acc_j
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import pathlib
 import re
 
 
-def eval_rows(run_dirs: list[str]) -> list[dict]:
+def eval_rows(run_dirs: list[str], split: str = "eval") -> list[dict]:
   """Eval rows of the run dirs in order; a later dir continues the tokens of the one before (init_from phases).
   When a run was warm-started from `<previous run>/export_step_N`, the previous run counts only up to step N."""
   runs = [pathlib.Path(d) for d in run_dirs]
@@ -25,7 +26,7 @@ def eval_rows(run_dirs: list[str]) -> list[dict]:
       if init.parent.resolve() == d.resolve() and re.fullmatch(r"export_step_\d+", init.name):
         stop = int(init.name.rsplit("_", 1)[1])
     these = [r for r in these if r["step"] <= stop]
-    rows += [r | {"tokens_trained": r.get("tokens_trained", 0.0) + offset} for r in these if r["split"] == "eval"]
+    rows += [r | {"tokens_trained": r.get("tokens_trained", 0.0) + offset} for r in these if r["split"] == split]
     train = [r for r in these if r["split"] == "train" and "tokens_trained" in r]
     offset += train[-1]["tokens_trained"] if train else 0.0
   return rows
@@ -37,6 +38,8 @@ def main(argv=None) -> None:
   ap.add_argument("--out", required=True)
   ap.add_argument("--separate", action="store_true",
                   help="each run its own curves (acc_0, acc_2, tau), e.g. variants trained side by side")
+  ap.add_argument("--train", action="store_true",
+                  help="also the training batches' acc_j (thin lines, mean of 10 logged steps): runs with few evals")
   args = ap.parse_args(argv)
   import matplotlib
 
@@ -53,7 +56,16 @@ def main(argv=None) -> None:
   for j in range(max(len(r["acc_j"]) for r in rows)):
     pts = [(xi, r["acc_j"][j]) for xi, r in zip(x, rows) if len(r["acc_j"]) > j]
     a.plot(*zip(*pts), marker="o", label=f"acc_{j}")
-  a.set(xlabel="tokens trained (M)", ylabel="held-out accuracy", title="eval acc_j")
+  if args.train:
+    train = eval_rows(args.run_dirs, split="train")
+    for j in range(max((len(r["acc_j"]) for r in train), default=0)):
+      pts = [(r["tokens_trained"] / 1e6, r["acc_j"][j]) for r in train if len(r["acc_j"]) > j]
+      xs, ys = zip(*pts)
+      k = 10
+      smooth = [sum(ys[max(0, i - k + 1):i + 1]) / len(ys[max(0, i - k + 1):i + 1]) for i in range(len(ys))]
+      a.plot(xs, smooth, lw=0.8, alpha=0.6, color=f"C{j}", label=f"train acc_{j}")
+  a.set(xlabel="tokens trained (M)", ylabel="accuracy", title="held-out acc_j (points)" +
+        (", training batches (lines)" if args.train else ""))
   a.legend(fontsize=8)
   a.grid(alpha=0.3)
   b.plot(x, [r["tau"] for r in rows], marker="o", color="k")

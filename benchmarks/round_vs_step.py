@@ -1,7 +1,7 @@
 """A plain decode step and two real rounds (1x1x1, 2x3x6) timed side by side, four interleaved passes: how a round
 compares with a step when both are measured within the same seconds (this machine drifts within minutes).
 
-    python benchmarks/round_vs_step.py [BATCH]
+    python benchmarks/round_vs_step.py [BATCH [DRAFT_DIR]]
 """
 import sys, time
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
@@ -11,7 +11,7 @@ from eagle3_jax.decode.autotree import costs as C
 from eagle3_jax.decode.tree import TreeConfig
 from eagle3_jax.target import load, protocol
 cfg, params = load.load_target(None, dtype=jnp.float32)
-cfg, ckpt = engine.load_draft("eagle3_jax/drafts/smollm2_135m_instruct", cfg)
+cfg, ckpt = engine.load_draft(sys.argv[2] if len(sys.argv) > 2 else "eagle3_jax/drafts/smollm2_135m_instruct", cfg)
 target = protocol.llama_target(cfg)
 dp = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), ckpt.params)
 B, S = int(sys.argv[1]) if len(sys.argv) > 1 else 1, 256

@@ -12,9 +12,10 @@ from test_infer import infer
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     drafts.default_draft_path() is None, reason="no draft shipped yet (issue 9: training in progress)")]
 
-# Measured on the built-in prompts at 48 new tokens with the shipped draft (run 3) and its serving tree (1x1x1):
-# tau 1.38 (run 2: 1.31; BENCHMARKS.md, "Default draft"); the floor leaves a margin for float rounding elsewhere.
-TAU_FLOOR = 1.25
+# Measured on the built-in prompts at 48 new tokens with the shipped draft (the GPU burst's, 2026-12-04) and its
+# serving tree (1x1x1): tau 1.51 (CPU run 3: 1.38; BENCHMARKS.md, "GPU burst"); the floor leaves a margin for float
+# rounding elsewhere.
+TAU_FLOOR = 1.40
 
 
 def test_shipped_draft_is_found_and_readable():

@@ -34,8 +34,17 @@ def ship(src: str, dst: str | pathlib.Path, *, card: str, tree: dict[str, int], 
   """Writes the draft at `src` (any readable layout) to `dst` as float16, without embed_tokens (the target's
   embedding serves), with its card and serving tree."""
   from eagle3_jax import interop
+  from eagle3_jax.target import load
 
   ckpt = interop.read_draft(src)
+  # A run on the embedded GGUF copied elsewhere (an accelerator lease) records that file's path: name the verifier
+  # by its hub id, as peers resolve it.
+  try:
+    embedded = load.default_target_path().name
+  except FileNotFoundError:
+    embedded = None
+  if embedded and pathlib.Path(str(ckpt.extra.get("verifier", ""))).name == embedded:
+    ckpt.extra["verifier"] = load.DEFAULT_TARGET_HUB_ID
   interop.write_draft(dst, ckpt, layout="eagle", dtype="float16", include_embed=False, overwrite=overwrite)
   dst = pathlib.Path(dst)
   (dst / "README.md").write_text(card)
@@ -86,10 +95,10 @@ def card(run_dir: str | pathlib.Path, *, measured: str = "") -> str:
         f"{cfg['ttt']['steps']}, curriculum `{cfg['ttt']['schedule'] or 'none'}`; AdamW lr {cfg['optim']['lr']} "
         f"({cfg['optim']['decay']}, warmup {cfg['optim']['warmup_steps']}), {cfg['features']} features"
         + (f" ({cfg['feature_dtype']})" if cfg["features"] == "offline" else "")
-        + f", {cfg['compute_dtype']} compute"
-        + (f", head {'EAGLE 3.1 (fc_norm, norm_output)' if cfg['draft'].get('fc_norm') else 'canonical EAGLE-3'}")
+        + f", {cfg.get('compute_dtype', 'float32')} compute, head "
+        + ("EAGLE 3.1 (fc_norm, norm_output)" if cfg.get("draft", {}).get("fc_norm") else "canonical EAGLE-3")
         + (f"; stopped by its {cfg['time_limit_s']:.0f} s time limit" if cfg.get("time_limit_s")
-           and train and train[-1]["step"] < cfg["num_steps"] else "") + "."]
+           and train and train[-1]["step"] < cfg.get("num_steps", 0) else "") + "."]
   vm = vocab.load_vocab(chain[0] / "draft_vocab.safetensors")
   prov = vm.provenance
   acc = ", ".join(f"{a:.3f}" for a in final.get("acc_j", []))
