@@ -87,8 +87,8 @@ case $stage in
         head -c "$bytes" "$out" >> $RUN/data.jsonl.tmp
         cp "$out.state.json" "$RUN/$(basename "$out").state.json"  # how it was made, for the draft card
       done
-      # Rows regenerated in accelerator leases (scripts/gpu_burst.sh): committed whole, greedy then T = 1.
-      for snap in data/smollm2_regen_gpu_t0.jsonl.gz data/smollm2_regen_gpu_t1.jsonl.gz; do
+      # Rows regenerated in accelerator leases (scripts/gpu_burst.sh), committed whole as data/smollm2_regen_gpu_*.
+      for snap in data/smollm2_regen_gpu_*.jsonl.gz; do
         [[ -f $snap ]] && gunzip -c "$snap" >> $RUN/data.jsonl.tmp
       done
       mv $RUN/data.jsonl.tmp $RUN/data.jsonl

@@ -5,6 +5,9 @@
 # training positions, first turns only). The device keeps the first load in /tmp between the two calls.
 #
 #   scripts/gpu_pack.sh [START [STOP]]     # shuffled ShareGPT positions, default: where the CPU regeneration stopped
+#
+# Rows whose conversation an earlier lease answered (data/smollm2_regen_gpu_*.jsonl.gz, by ShareGPT id) are skipped;
+# commit a lease's new rows under that name (gzip of runs/gpu/regen_durable.jsonl and its state file).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 START=${1:-$(python3 -c "import json; s=json.load(open('data/smollm2_regen_c.state.json')); print(s['config']['start'] + s['position'])")}
@@ -26,7 +29,7 @@ tail -c +$((cut + 1)) "$G" > .dev/w2/gguf.part2
 sha256sum "$G" | cut -d' ' -f1 > .dev/w2/gguf.sha256
 basename "$G" > .dev/w2/gguf.name
 python3 - "$START" "$STOP" "$G" <<'PY'
-import gzip, json, sys
+import glob, gzip, json, sys
 from eagle3_jax.config import RegenConfig
 from eagle3_jax.target import load
 from eagle3_jax.train import regenerate, sources
@@ -34,10 +37,16 @@ start, stop = int(sys.argv[1]), int(sys.argv[2])
 tok = load.load_tokenizer(sys.argv[3])
 rows = sources.load_rows(sources.SHAREGPT)
 order = regenerate.row_order(len(rows), RegenConfig(source=sources.SHAREGPT, start=start, stop=stop))
+# Conversations an earlier lease answered (committed as data/smollm2_regen_gpu_*) are not carried again.
+done = set()
+for snap in glob.glob("data/smollm2_regen_gpu_*.jsonl.gz"):
+  done |= {json.loads(line).get("id") for line in gzip.open(snap, "rt")}
 kept = 0
 with gzip.open(".dev/w2/prompts.jsonl.gz", "wt") as f:
   for i in order:
     row = dict(rows[int(i)])
+    if row.get("id") is not None and row.get("id") in done:
+      continue
     turns = row.get("conversations")
     if isinstance(turns, list) and turns and all(isinstance(t, dict) for t in turns):
       # Conversations may open with an assistant turn, which regeneration drops: the first user turn is the prompt.
