@@ -203,11 +203,12 @@ def test_random_draft_measured_end_to_end_chooses_plain_decoding(tiny_cfg, tmp_p
   assert acc.tau(TreeConfig.chain(1)) < 1.2  # a random draft almost never guesses
   assert autotree.choose(costs, acc, batch=1).tree is None
   oracle = autotree.Acceptance(np.ones_like(acc.ranks))
-  # With everything accepted a deep shape that holds the whole accepted path pays on these measured costs; exactly how deep is the timing's call (a
-  # depth-8 round must cost < 9/8 of a depth-7 one, and single ~1 ms timings on a 2-core VM jitter by more), so the
-  # exact-depth property is tested on fixed costs above.
+  # With everything accepted a deep shape that holds the whole accepted path pays on these measured costs; exactly how
+  # deep is the machine's call (a depth-8 round must cost < 9/8 of a depth-7 one: the Intel VM chose 6-8, the AMD VM
+  # of 2026-12-04 chose 5, and single ~1 ms timings on a 2-core VM jitter by more), so the exact-depth property is
+  # tested on fixed costs above.
   best = autotree.choose(costs, oracle, batch=1)
-  assert best.tree.depth >= autotree.MAX_DEPTH - 2 and best.tau == best.tree.depth + 1, best
+  assert best.tree.depth >= autotree.MAX_DEPTH // 2 and best.tau == best.tree.depth + 1, best
 
 
 def test_batch_rounds_wait_for_the_slowest_row():
