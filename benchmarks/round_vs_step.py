@@ -11,7 +11,8 @@ from eagle3_jax.decode.autotree import costs as C
 from eagle3_jax.decode.tree import TreeConfig
 from eagle3_jax.target import load, protocol
 cfg, params = load.load_target(None, dtype=jnp.float32)
-cfg, ckpt = engine.load_draft(sys.argv[2] if len(sys.argv) > 2 else "eagle3_jax/drafts/smollm2_135m_instruct", cfg)
+DRAFT = sys.argv[2] if len(sys.argv) > 2 else "eagle3_jax/drafts/smollm2_135m_instruct"
+cfg, ckpt = engine.load_draft(DRAFT, cfg)
 target = protocol.llama_target(cfg)
 dp = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), ckpt.params)
 B, S = int(sys.argv[1]) if len(sys.argv) > 1 else 1, 256

@@ -240,7 +240,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--draft-tokens", type=int, default=3)
   ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   ap.add_argument("--prompt-bucket", type=int, default=None,
-                  help="static batching: pad every prompt to this many tokens (>= --max-prompt-tokens), one compiled shape")
+                  help="static batching: pad every prompt to this many tokens (>= --max-prompt-tokens), "
+                       "one compiled shape")
   ap.add_argument("--no-progress", action="store_true")
   ap.add_argument("--compile-cache", default="auto", help="XLA compilation cache dir ('auto', 'none' or a path)")
   return ap.parse_args(argv)
