@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from eagle3_jax.config import SlotConfig
-from eagle3_jax.decode import sampling, spec_batching, speculative, vanilla
+from eagle3_jax.decode import sampling, spec_batching, speculative, vanilla, xla_cpu
 from eagle3_jax.nn import kv_cache, masks
 from eagle3_jax.target import protocol
 from eagle3_jax.target.protocol import Target
@@ -98,6 +98,7 @@ def step(params: Any, state: SlotState, *, target: Target, cfg: SlotConfig) -> S
 def run_steps(params: Any, state: SlotState, n: jax.Array, *, target: Target, cfg: SlotConfig) -> SlotState:
   """Up to n steps, fewer if every slot is done first; no host round trip inside."""
   TRACE_COUNT["steps"] += 1
+  params = xla_cpu.decode_params(target, params)
   body = lambda c: (c[0] + 1, step(params, c[1], target=target, cfg=cfg))  # noqa: E731
   return jax.lax.while_loop(lambda c: (c[0] < n) & ~jnp.all(c[1].done), body, (jnp.zeros((), jnp.int32), state))[1]
 
@@ -196,8 +197,10 @@ class ContinuousBatcher:
     key = (kind, S, T)
     if key not in self._compiled:
       t0 = time.perf_counter()
+      # Admissions are prefills: only the decode loops take the few-row settings (decode/xla_cpu.py).
+      options = xla_cpu.compiler_options() if kind == "steps" else None
       self._compiled[key] = self._fns[kind].lower(self._params, *args, target=self.target, cfg=self.cfg,
-                                                  **static).compile()
+                                                  **static).compile(options)
       stats["compile_s"] += time.perf_counter() - t0
     return self._compiled[key](self._params, *args)
 

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from eagle3_jax.config import LlamaConfig
-from eagle3_jax.decode import sampling, speculative, vanilla
+from eagle3_jax.decode import sampling, speculative, vanilla, xla_cpu
 from eagle3_jax.decode.tree import TreeConfig
 from eagle3_jax.draft import head as draft
 from eagle3_jax.draft.vocab import DraftVocab
@@ -96,7 +96,8 @@ class VanillaGenerator:
       t0 = time.perf_counter()
       self._caches[B, T] = self.target.init_cache(B, S, self._dtype)
       self._compiled[B, T] = vanilla.generate_jit.lower(
-          self.params, batch.tokens, batch.lengths, self._caches[B, T], self._key, **self._static).compile()
+          self.params, batch.tokens, batch.lengths, self._caches[B, T], self._key,
+          **self._static).compile(xla_cpu.compiler_options())
       stats["compile_s"] = time.perf_counter() - t0
     state = self._compiled[B, T](self.params, batch.tokens, batch.lengths, self._caches[B, T], self._key)
     self._caches[B, T], self._key = state.cache, state.key
@@ -144,7 +145,8 @@ class SpeculativeGenerator:
     if (B, T) not in self._compiled:
       t0 = time.perf_counter()
       self._compiled[B, T] = speculative.generate_jit.lower(
-          self.target, *args, self._key, self.embed, dcfg=self.dcfg, spec=self.spec, mesh=self.mesh).compile()
+          self.target, *args, self._key, self.embed, dcfg=self.dcfg, spec=self.spec,
+          mesh=self.mesh).compile(xla_cpu.compiler_options())
       stats["compile_s"] = time.perf_counter() - t0
     state = self._compiled[B, T](*args, self._key, self.embed)
     self._key = state.key

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from eagle3_jax.config import SpecSlotConfig
-from eagle3_jax.decode import speculative
+from eagle3_jax.decode import speculative, xla_cpu
 from eagle3_jax.draft import head as draft
 from eagle3_jax.draft.vocab import DraftVocab
 from eagle3_jax.nn import kv_cache
@@ -77,6 +77,7 @@ def run_rounds(params: SpecParams, state: speculative.SpecState, n: jax.Array, *
                cfg: SpecSlotConfig) -> speculative.SpecState:
   """Up to n draft-verify rounds over every slot, fewer if all are done first; no host round trip inside."""
   TRACE_COUNT["rounds"] += 1
+  params = params.replace(target=xla_cpu.decode_params(target, params.target))
   body = lambda c: (c[0] + 1, speculative.spec_round(  # noqa: E731
       target, params.target, params.draft, params.embed, params.vocab, c[1], dcfg=cfg.dcfg, spec=cfg.spec))
   return jax.lax.while_loop(lambda c: (c[0] < n) & ~jnp.all(c[1].done), body, (jnp.zeros((), jnp.int32), state))[1]

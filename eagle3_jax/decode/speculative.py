@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 
 from eagle3_jax import sharding
 from eagle3_jax.config import SpecConfig
-from eagle3_jax.decode import accept, sampling, tree, vanilla
+from eagle3_jax.decode import accept, sampling, tree, vanilla, xla_cpu
 from eagle3_jax.draft import head as draft
 from eagle3_jax.draft.vocab import DraftVocab
 from eagle3_jax.nn import kv_cache, masks
@@ -197,6 +197,7 @@ def generate_core(target: Target, target_params: Any, draft_params: Any, vocab: 
   """Prefill + lax.while_loop over rounds until every row is done; no host round trip per round. Unvalidated."""
   TRACE_COUNT["generate"] += 1
   embed_VD = target.embed(target_params) if embed_VD is None else embed_VD
+  target_params = xla_cpu.decode_params(target, target_params)
   kw = dict(dcfg=dcfg, spec=spec, mesh=mesh)
   state = prefill(target, target_params, draft_params, embed_VD, tokens_BT, lengths_B, key, **kw)
   body = functools.partial(spec_round, target, target_params, draft_params, embed_VD, vocab, **kw)

@@ -138,11 +138,21 @@ def embed_table(params: Any) -> jax.Array:
 
 
 def lm_head(params: Any, hidden: jax.Array, *, cfg: LlamaConfig) -> jax.Array:
-  """Logits in fp32 from final-normed hidden states (tied embeddings when the config says so)."""
+  """Logits in fp32 from final-normed hidden states: from params["lm_head"] [D, V] when present (untied, or a tied
+  head in its decode layout), else from the tied embedding [V, D]."""
   # Tied: contract against [V,D] directly; an explicit .T may be materialised (a 113 MB copy per step for SmolLM2).
-  if cfg.tie_word_embeddings:
+  if "lm_head" not in params:
     return jnp.einsum("...D,VD->...V", hidden, params["embed"], preferred_element_type=jnp.float32)
   return jnp.einsum("...D,DV->...V", hidden, params["lm_head"], preferred_element_type=jnp.float32)
+
+
+def decode_layout(params: Any, *, cfg: LlamaConfig) -> Any:
+  """params plus a [D, V] copy of a tied head (113 MB for SmolLM2 in fp32), for decode executables on XLA:CPU,
+  whose few-row products stream weights only over their major axis (decode/xla_cpu.py). Called once per
+  executable call; the barrier keeps XLA from folding the transpose back into the head's product."""
+  if "lm_head" in params:
+    return params
+  return {**params, "lm_head": jax.lax.optimization_barrier(params["embed"].T)}
 
 
 def head_columns(params: Any, hidden: jax.Array, start: Any, size: int, *, cfg: LlamaConfig) -> jax.Array:

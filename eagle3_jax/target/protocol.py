@@ -11,6 +11,9 @@
     a prefill computes logits only at each row's last prompt token instead of all [B, T, V], and training reads
     the target's final hidden states. head_columns(params, hidden, start, size) and head_take(params, hidden, ids)
     (logits of a column range / of chosen ids) are optional too: they let the teacher skip the full [.., V] logits.
+  decode_layout(params) -> params is optional: the same weights in the layout decode executables read best (the
+    Llama target adds a [D, V] copy of a tied head); decoding calls it once per executable call, before its loop,
+    where decode/xla_cpu.py says so (XLA:CPU).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class Target:
   lm_head: Callable | None = None
   head_columns: Callable | None = None
   head_take: Callable | None = None
+  decode_layout: Callable | None = None
   cache_axes: Any = None  # logical axes of the cache pytree; None lets XLA choose under a mesh
   slot_axis: int = 1  # axis of the S cache slots in every rank >= 2 cache leaf
 
@@ -110,5 +114,6 @@ def llama_target(cfg: LlamaConfig) -> Target:
                 forward_hidden=functools.partial(llama.forward_hidden, cfg=cfg),
                 lm_head=functools.partial(llama.lm_head, cfg=cfg),
                 head_columns=functools.partial(llama.head_columns, cfg=cfg),
-                head_take=functools.partial(llama.head_take, cfg=cfg), cache_axes=llama.cache_axes(cfg),
+                head_take=functools.partial(llama.head_take, cfg=cfg),
+                decode_layout=functools.partial(llama.decode_layout, cfg=cfg), cache_axes=llama.cache_axes(cfg),
                 slot_axis=kv_cache.SLOT_AXIS)

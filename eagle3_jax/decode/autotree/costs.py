@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eagle3_jax.decode import speculative, tree
+from eagle3_jax.decode import speculative, tree, xla_cpu
 from eagle3_jax.decode.autotree.acceptance import FORMAT, MAX_DEPTH, MAX_TOP_K
 from eagle3_jax.decode.tree import TreeConfig
 from eagle3_jax.draft import head as draft
@@ -38,8 +38,9 @@ VERIFY_POINTS = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32)  # tree nodes P timed; 
 EXPAND_DEPTHS = (1, 4)  # expansion is timed at two depths per top_k; other depths are linear between them
 CACHE_LENS = (256, 1024)  # the step is timed at both: attention reads every slot, so cost grows with the cache
 PREFILL_LENS = (64, 512)  # prompt tokens per row of the two timed prefills; other lengths are linear
-VERSION = 4  # of the timing method; cached calibrations of another version are redone (2: output head kept;
-# 3: one-row prefill for continuous batching's admissions; 4: anchors as ratios to steps timed beside them)
+VERSION = 5  # of the timing method; cached calibrations of another version are redone (2: output head kept;
+# 3: one-row prefill for continuous batching's admissions; 4: anchors as ratios to steps timed beside them;
+# 5: loops compiled and laid out as the engine's decode executables, decode/xla_cpu.py)
 
 
 
@@ -125,13 +126,21 @@ class Costs:
 
 
 def _time_loop(fn, params: Any, state: Any, n: int, repeats: int = 3, first: list | None = None,
-               keep: list | None = None) -> float:
+               keep: list | None = None, prepare=None, decode: bool = True) -> float:
   """Seconds per iteration of a jitted fori_loop(n) of `fn(params, carry) -> carry`: compiled, run once, then the
   best of `repeats` timed runs, so dispatch and compilation stay out. Weights are arguments, not constants.
   `first`, if given, receives what the first run of the compiled loop cost beyond a later one: XLA:CPU does
   one-time work there (0.75 s for a SmolLM2 decode executable on 2 cores), which an engine pays once per shape.
-  `keep`, if given, receives a function that times the compiled loop again (same method, no recompilation)."""
-  loop = jax.jit(lambda p, s: jax.lax.fori_loop(0, n, lambda i, c: fn(p, c), s)).lower(params, state).compile()
+  `keep`, if given, receives a function that times the compiled loop again (same method, no recompilation).
+  Loops are compiled and laid out as the engine's decode executables are (decode/xla_cpu.py): `prepare` maps the
+  params to their decode layout once, before the loop; decode=False keeps XLA's defaults (an admission's prefill)."""
+  prepare = prepare or (lambda p: p)
+
+  def body(p, s):
+    p = prepare(p)
+    return jax.lax.fori_loop(0, n, lambda i, c: fn(p, c), s)
+
+  loop = jax.jit(body).lower(params, state).compile(xla_cpu.compiler_options() if decode else None)
   t0 = time.perf_counter()
   jax.block_until_ready(loop(params, state))
   t_first = time.perf_counter() - t0
@@ -167,7 +176,7 @@ def machine_key() -> dict:
 def cost_key(target_cfg: Any, dcfg: draft.DraftConfig, *, batch: int, dtype: Any) -> dict:
   return {"format": FORMAT, "version": VERSION, "machine": machine_key(), "target": repr(target_cfg),
           "draft": repr(dcfg), "batch": int(batch), "cache_lens": CACHE_LENS, "prefill_lens": PREFILL_LENS,
-          "dtype": str(jnp.dtype(dtype))}
+          "dtype": str(jnp.dtype(dtype)), "decode_dots": "xla" if xla_cpu.active() else "default"}
 
 
 def calibrate(target: protocol.Target, target_params: Any, draft_params: Any, vocab: DraftVocab,
@@ -186,7 +195,7 @@ def calibrate(target: protocol.Target, target_params: Any, draft_params: Any, vo
   t0 = time.perf_counter()
   log = (lambda *a: print("autotree:", *a, file=sys.stderr, flush=True)) if verbose else (lambda *a: None)
 
-  def target_pass(T, S=S, start=None, n=n, repeats=3, last_only=False, B=B, keep=None):
+  def target_pass(T, S=S, start=None, n=n, repeats=3, last_only=False, B=B, keep=None, decode=True):
     start = jnp.full((B,), S // 2, jnp.int32) if start is None else start
     positions = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
     tmask = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T))
@@ -206,7 +215,8 @@ def calibrate(target: protocol.Target, target_params: Any, draft_params: Any, vo
       return cache, nxt.astype(jnp.int32)
 
     cache = target.init_cache(B, S, dtype).replace(lengths=start)
-    return _time_loop(fn, target_params, (cache, jnp.ones((B, T), jnp.int32)), n, repeats, keep=keep)
+    return _time_loop(fn, target_params, (cache, jnp.ones((B, T), jnp.int32)), n, repeats, keep=keep,
+                      prepare=lambda p: xla_cpu.decode_params(target, p) if decode else p, decode=decode)
 
   first_call: dict[str, float] = {}
   retime: list = []  # the step loop, kept compiled to be timed again beside every anchor
@@ -220,7 +230,7 @@ def calibrate(target: protocol.Target, target_params: Any, draft_params: Any, vo
   prefill = {T: target_pass(T, S=max(CACHE_LENS[1], T), start=zeros, n=1, repeats=2, last_only=True)
              for T in PREFILL_LENS}
   admit = prefill if B == 1 else {
-      T: target_pass(T, S=max(CACHE_LENS[1], T), start=zeros[:1], n=1, repeats=2, last_only=True, B=1)
+      T: target_pass(T, S=max(CACHE_LENS[1], T), start=zeros[:1], n=1, repeats=2, last_only=True, B=1, decode=False)
       for T in PREFILL_LENS}
   verify, floor = {}, step
   for P in VERIFY_POINTS:  # more tokens through the same weights never cost less: a running max smooths noise
@@ -329,7 +339,8 @@ def decode_step_cost(params, cfg, *, batch, cache_len, n, first, keep=None):
   state = jax.jit(functools.partial(vanilla.prefill, **kw))(
       params, jnp.ones((batch, T), jnp.int32), jnp.full((batch,), T, jnp.int32),
       llama.init_cache(cfg, batch, cache_len, jax.tree.leaves(params)[0].dtype), jax.random.key(0))
-  return _time_loop(lambda p, s: vanilla.decode_step(p, s, **kw), params, state, n, first=first, keep=keep)
+  return _time_loop(lambda p, s: vanilla.decode_step(p, s, **kw), params, state, n, first=first, keep=keep,
+                    prepare=lambda p: xla_cpu.decode_params(kw["target"], p))
 
 
 def _round_cost(target, target_params, draft_params, vocab, dcfg, *, batch, cache_len, tcfg, n, first=None):
@@ -344,7 +355,8 @@ def _round_cost(target, target_params, draft_params, vocab, dcfg, *, batch, cach
                                   dcfg=dcfg, spec=spec)
   fn = lambda p, s: speculative.spec_round(target, p[0], p[1], p[2], p[3], s, dcfg=dcfg, spec=spec)  # noqa: E731
   return _time_loop(fn, (target_params, draft_params, embed, vocab), state,
-                    min(n, max(1, (M - 1) // (tcfg.depth + 1) // 4)), first=first)
+                    min(n, max(1, (M - 1) // (tcfg.depth + 1) // 4)), first=first,
+                    prepare=lambda p: (xla_cpu.decode_params(target, p[0]),) + tuple(p[1:]))
 
 
 def cached_costs(target: protocol.Target, target_params: Any, target_cfg: Any, draft_params: Any,

@@ -1,0 +1,49 @@
+"""How decode executables are compiled on XLA:CPU: few-row products without YNNPACK, the head read as [D, V].
+
+A decode step or a verify pass multiplies a few rows (B x T tokens: T = 2..5 for the chains and small trees that pay
+on a CPU) by every weight matrix, so it should cost what reading the weights once costs. XLA:CPU hands such
+products to YNNPACK by default, whose GEMM costs up to twice the one-row product over the same weights (SmolLM2 on 2
+cores: a verify pass of T = 4 tokens 1.9x a decode step). With YNNPACK fusions off they go to XLA's own kernels,
+which stream [D, F] weights for 2..5 rows at about the one-row cost (T = 4: 1.2x a step; at batch 4 every T,
+decoding included, is faster too) — but only when the contraction runs over the weights' major axis: the tied
+head ([V, D], contracted over D) becomes ten times slower there. BENCHMARKS.md "Few-row products on XLA:CPU".
+
+So on a CPU backend the executables that decode (vanilla loops, speculative generation, slot loops, the autotree
+calibration's timed loops) compile with `compiler_options()` and read their parameters through
+`decode_params`, which gives the target's head a [D, V] copy made once per call, outside the decode loop.
+Prefill-only executables (the slot batchers' admissions) keep XLA's defaults: a 200-token prefill is ~15% faster
+with YNNPACK. On other backends both are no-ops. `EAGLE3_JAX_DECODE_DOTS=ynn` keeps XLA's defaults everywhere
+(for side-by-side measurements).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+
+ENV = "EAGLE3_JAX_DECODE_DOTS"
+_FEW_ROW_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}  # no YNNPACK fusions: dots go to XLA's kernels
+
+
+def active() -> bool:
+  """True when decode executables use the few-row settings: a CPU backend, not switched off by $EAGLE3_JAX_DECODE_DOTS.
+  Read at trace and at compile time, so one process traces and compiles consistently."""
+  mode = os.environ.get(ENV, "xla")
+  if mode not in ("xla", "ynn"):
+    raise ValueError(f"${ENV} must be 'xla' (few-row products in XLA's kernels on CPU, the default) or 'ynn' "
+                     f"(XLA:CPU's defaults), got {mode!r}")
+  return mode == "xla" and jax.default_backend() == "cpu"
+
+
+def compiler_options() -> dict[str, str] | None:
+  """compiler_options for `Lowered.compile` of a decode executable (None: the backend's defaults)."""
+  return dict(_FEW_ROW_OPTIONS) if active() else None
+
+
+def decode_params(target: Any, params: Any) -> Any:
+  """The target's parameters in its decode layout (`Target.decode_layout`), when active; traced inside the
+  executable, once, before its loop."""
+  layout = getattr(target, "decode_layout", None)
+  return layout(params) if layout is not None and active() else params

@@ -1,0 +1,73 @@
+"""Decode executables on XLA:CPU (decode/xla_cpu.py): the [D, V] head layout gives the same logits, both settings
+give the same tokens, the setting reaches the compiled executable, and a bad setting is a clear error."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from eagle3_jax.decode import engine, sampling, xla_cpu
+from eagle3_jax.target import llama, protocol
+
+
+@pytest.fixture
+def tied(tiny_cfg):
+  cfg = dataclasses.replace(tiny_cfg, num_layers=2, max_position_embeddings=64, tie_word_embeddings=True)
+  params = llama.init_params(cfg, jax.random.key(0))
+  assert "lm_head" not in params
+  return cfg, jax.tree.map(lambda x: x * 20.0 if x.ndim > 1 else x, params)
+
+
+def test_decode_layout_adds_a_transposed_head_with_the_same_logits(tied):
+  cfg, params = tied
+  laid = jax.jit(lambda p: llama.decode_layout(p, cfg=cfg))(params)
+  np.testing.assert_array_equal(laid["lm_head"], np.asarray(params["embed"]).T)
+  hidden = jax.random.normal(jax.random.key(1), (2, 3, cfg.hidden_size))
+  np.testing.assert_allclose(llama.lm_head(laid, hidden, cfg=cfg), llama.lm_head(params, hidden, cfg=cfg),
+                             rtol=1e-5, atol=1e-5)
+  untied = dict(params, lm_head=params["embed"].T)
+  assert llama.decode_layout(untied, cfg=cfg) is untied  # an untied head is already [D, V]
+
+
+def _run(cfg, params, monkeypatch, mode, *, slots=None):
+  monkeypatch.setenv(xla_cpu.ENV, mode)
+  gen = engine.make_generator(params, cfg, sampling_cfg=sampling.SamplingConfig(), max_new_tokens=8, slots=slots)
+  rng = np.random.default_rng(0)
+  tokens = np.zeros((2, 16), np.int32)
+  lengths = np.array([5, 11], np.int32)
+  for b, n in enumerate(lengths):
+    tokens[b, :n] = rng.integers(0, cfg.vocab_size, n)
+  if slots is None:
+    out = gen.generate(engine.Batch(tokens=tokens, lengths=lengths, n_real=2))
+    return [list(out.tokens[b, :out.counts[b]]) for b in range(2)], gen
+  ids, _ = gen.run([list(tokens[b, :n]) for b, n in enumerate(lengths)])
+  return ids, gen
+
+
+@pytest.mark.parametrize("slots", [None, 2])
+def test_both_settings_decode_the_same_tokens(tied, monkeypatch, slots):
+  cfg, params = tied
+  few_rows, _ = _run(cfg, params, monkeypatch, "xla", slots=slots)
+  default, _ = _run(cfg, params, monkeypatch, "ynn", slots=slots)
+  assert few_rows == default
+
+
+def test_the_setting_reaches_the_compiled_executable(tied, monkeypatch):
+  cfg, params = tied
+  assert jax.default_backend() == "cpu"
+  monkeypatch.setenv(xla_cpu.ENV, "xla")
+  assert xla_cpu.compiler_options() == {"xla_cpu_experimental_ynn_fusion_type": ""}
+  assert "lm_head" in jax.eval_shape(lambda p: xla_cpu.decode_params(protocol.llama_target(cfg), p), params)
+  _, gen = _run(cfg, params, monkeypatch, "xla")
+  assert "ynn_fusion" not in next(iter(gen._compiled.values())).as_text()
+  _, gen = _run(cfg, params, monkeypatch, "ynn")
+  assert "ynn_fusion" in next(iter(gen._compiled.values())).as_text()  # XLA:CPU's default, so the check can fail
+  assert xla_cpu.compiler_options() is None
+  assert xla_cpu.decode_params(protocol.llama_target(cfg), params) is params
+
+
+def test_a_bad_setting_names_the_variable(monkeypatch):
+  monkeypatch.setenv(xla_cpu.ENV, "fast")
+  with pytest.raises(ValueError, match="EAGLE3_JAX_DECODE_DOTS"):
+    xla_cpu.compiler_options()
