@@ -13,9 +13,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     drafts.default_draft_path() is None, reason="no draft shipped yet (issue 9: training in progress)")]
 
 # Measured on the built-in prompts at 48 new tokens with the shipped draft (the GPU burst's, 2026-12-04) and its
-# serving tree (1x1x1): tau 1.51 (CPU run 3: 1.38; BENCHMARKS.md, "GPU burst"); the floor leaves a margin for float
-# rounding elsewhere.
-TAU_FLOOR = 1.40
+# serving tree (1x3x3 since decode/xla_cpu.py made deeper chains pay on CPU): tau 1.73 (1x1x1: 1.51; BENCHMARKS.md
+# "Few-row products on XLA:CPU"); the floor leaves a margin for float rounding elsewhere.
+TAU_FLOOR = 1.60
 
 
 def test_shipped_draft_is_found_and_readable():
