@@ -84,8 +84,8 @@ def main(argv=None):
   print("| settings | " + " | ".join(f"T={T} ms (x)" for T in tokens) + " |")
   print("|---|" + "---|" * len(tokens))
   for mode in modes:
-    cells = [f"{min(times[mode, T]) * 1e3:.1f} [{np.median(times[mode, T]) * 1e3:.1f}] ({min(times[mode, T]) / base:.2f})"
-             for T in tokens]
+    best = {T: min(times[mode, T]) for T in tokens}
+    cells = [f"{best[T] * 1e3:.1f} [{np.median(times[mode, T]) * 1e3:.1f}] ({best[T] / base:.2f})" for T in tokens]
     print(f"| {mode} | " + " | ".join(cells) + " |", flush=True)
 
 

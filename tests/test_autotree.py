@@ -2,6 +2,7 @@
 the choice with oracle and random drafts, the calibration cache, and `infer.py --tree auto` end to end."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -218,3 +219,15 @@ def test_batch_rounds_wait_for_the_slowest_row():
   mixed = np.array([0, 0, 1, 3, 0, 2])
   one, four = batch_rounds(mixed, batch=1, tokens=63), batch_rounds(mixed, batch=4, tokens=63)
   assert 63 / (1 + mixed.mean()) - 1 < one < four < 63
+
+
+def test_acceptance_rows_may_hold_line_separators(tmp_path):
+  # Regenerated answers contain U+2028; rows end at "\n" only (str.splitlines cut such a row in two).
+  from test_data import make_tokenizer
+
+  rows = tmp_path / "rows.jsonl"
+  row = {"messages": [{"role": "user", "content": "a\u2028b"}, {"role": "assistant", "content": "one\u2028two three"}]}
+  rows.write_text(json.dumps(row, ensure_ascii=False) + "\n" + json.dumps(dict(row, temperature=1.0)) + "\n",
+                  encoding="utf-8")
+  examples = autotree.examples_from_rows(rows, make_tokenizer("llama3"))
+  assert len(examples) == 1 and examples[0][1].any()  # the greedy row only, with its answer tokens

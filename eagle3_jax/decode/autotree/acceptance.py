@@ -190,7 +190,8 @@ def examples_from_rows(path: str | os.PathLike, tokenizer: Any, *, max_length: i
 
   encoder = chat.ChatEncoder(tokenizer, max_length=max_length, overflow="drop")
   out = []
-  for n, line in enumerate(pathlib.Path(path).read_text(encoding="utf-8").splitlines(), 1):
+  # Rows end at "\n" only: str.splitlines would also cut at U+2028 and friends, which answers contain.
+  for n, line in enumerate(pathlib.Path(path).read_text(encoding="utf-8").split("\n"), 1):
     if not line.strip():
       continue
     row = json.loads(line)
