@@ -54,7 +54,7 @@ def measure(tokens: list[int], batch: int, cache_len: int, n: int, modes: list[s
       carry = (target.init_cache(batch, cache_len, jnp.float32).replace(lengths=start),
                jnp.ones((batch, T), jnp.int32))
       # Weights are arguments: as closed-over constants XLA would fold (pre-transpose) them at compile time.
-      compiled = jax.jit(loop).lower(params, carry).compile(xla_cpu.compiler_options())
+      compiled = jax.jit(loop).lower(params, carry).compile(xla_cpu.compiler_options(batch * T))
       jax.block_until_ready(compiled(params, carry))
       loops[mode, T] = (compiled, carry)
   times: dict[tuple[str, int], list[float]] = {}

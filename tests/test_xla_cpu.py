@@ -58,6 +58,7 @@ def test_the_setting_reaches_the_compiled_executable(tied, monkeypatch):
   assert jax.default_backend() == "cpu"
   monkeypatch.setenv(xla_cpu.ENV, "xla")
   assert xla_cpu.compiler_options() == {"xla_cpu_experimental_ynn_fusion_type": ""}
+  assert xla_cpu.compiler_options(rows=1) is None  # plain decoding at batch 1 keeps XLA's defaults
   assert "lm_head" in jax.eval_shape(lambda p: xla_cpu.decode_params(protocol.llama_target(cfg), p), params)
   _, gen = _run(cfg, params, monkeypatch, "xla")
   assert "ynn_fusion" not in next(iter(gen._compiled.values())).as_text()

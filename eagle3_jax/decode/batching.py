@@ -198,7 +198,7 @@ class ContinuousBatcher:
     if key not in self._compiled:
       t0 = time.perf_counter()
       # Admissions are prefills: only the decode loops take the few-row settings (decode/xla_cpu.py).
-      options = xla_cpu.compiler_options() if kind == "steps" else None
+      options = xla_cpu.compiler_options(rows=self.slots * (2 if self.speculative else 1)) if kind == "steps" else None
       self._compiled[key] = self._fns[kind].lower(self._params, *args, target=self.target, cfg=self.cfg,
                                                   **static).compile(options)
       stats["compile_s"] += time.perf_counter() - t0

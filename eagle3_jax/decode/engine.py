@@ -97,7 +97,7 @@ class VanillaGenerator:
       self._caches[B, T] = self.target.init_cache(B, S, self._dtype)
       self._compiled[B, T] = vanilla.generate_jit.lower(
           self.params, batch.tokens, batch.lengths, self._caches[B, T], self._key,
-          **self._static).compile(xla_cpu.compiler_options())
+          **self._static).compile(xla_cpu.compiler_options(rows=B))
       stats["compile_s"] = time.perf_counter() - t0
     state = self._compiled[B, T](self.params, batch.tokens, batch.lengths, self._caches[B, T], self._key)
     self._caches[B, T], self._key = state.cache, state.key

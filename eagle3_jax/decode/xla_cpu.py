@@ -8,8 +8,9 @@ which stream [D, F] weights for 2..5 rows at about the one-row cost (T = 4: 1.2x
 decoding included, is faster too) — but only when the contraction runs over the weights' major axis: the tied
 head ([V, D], contracted over D) becomes ten times slower there. BENCHMARKS.md "Few-row products on XLA:CPU".
 
-So on a CPU backend the executables that decode (vanilla loops, speculative generation, slot loops, the autotree
-calibration's timed loops) compile with `compiler_options()` and read their parameters through
+So on a CPU backend the executables that decode more than one row a step (vanilla loops at batch > 1, speculative
+generation, slot loops, the autotree calibration's timed loops) compile with `compiler_options()`; all of them read
+their parameters through
 `decode_params`, which gives the target's head a [D, V] copy made once per call, outside the decode loop.
 Prefill-only executables (the slot batchers' admissions) keep XLA's defaults: a 200-token prefill is ~15% faster
 with YNNPACK. On other backends both are no-ops. `EAGLE3_JAX_DECODE_DOTS=ynn` keeps XLA's defaults everywhere
@@ -37,9 +38,12 @@ def active() -> bool:
   return mode == "xla" and jax.default_backend() == "cpu"
 
 
-def compiler_options() -> dict[str, str] | None:
-  """compiler_options for `Lowered.compile` of a decode executable (None: the backend's defaults)."""
-  return dict(_FEW_ROW_OPTIONS) if active() else None
+def compiler_options(rows: int = 2) -> dict[str, str] | None:
+  """compiler_options for `Lowered.compile` of a decode executable whose loop multiplies `rows` rows (batch x tokens
+  a step) by each weight matrix; None: the backend's defaults. One row (plain decoding at batch 1) keeps the
+  defaults: a one-row product streams its weights either way, and the rest of the step measured 6-20% faster with
+  YNNPACK's fusions (BENCHMARKS.md "Few-row products on XLA:CPU")."""
+  return dict(_FEW_ROW_OPTIONS) if active() and rows > 1 else None
 
 
 def decode_params(target: Any, params: Any) -> Any:

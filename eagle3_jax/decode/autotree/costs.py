@@ -126,21 +126,22 @@ class Costs:
 
 
 def _time_loop(fn, params: Any, state: Any, n: int, repeats: int = 3, first: list | None = None,
-               keep: list | None = None, prepare=None, decode: bool = True) -> float:
+               keep: list | None = None, prepare=None, decode: bool = True, rows: int = 2) -> float:
   """Seconds per iteration of a jitted fori_loop(n) of `fn(params, carry) -> carry`: compiled, run once, then the
   best of `repeats` timed runs, so dispatch and compilation stay out. Weights are arguments, not constants.
   `first`, if given, receives what the first run of the compiled loop cost beyond a later one: XLA:CPU does
   one-time work there (0.75 s for a SmolLM2 decode executable on 2 cores), which an engine pays once per shape.
   `keep`, if given, receives a function that times the compiled loop again (same method, no recompilation).
   Loops are compiled and laid out as the engine's decode executables are (decode/xla_cpu.py): `prepare` maps the
-  params to their decode layout once, before the loop; decode=False keeps XLA's defaults (an admission's prefill)."""
+  params to their decode layout once, before the loop; `rows` (batch x tokens a step) picks the compiler options;
+  decode=False keeps XLA's defaults (an admission's prefill)."""
   prepare = prepare or (lambda p: p)
 
   def body(p, s):
     p = prepare(p)
     return jax.lax.fori_loop(0, n, lambda i, c: fn(p, c), s)
 
-  loop = jax.jit(body).lower(params, state).compile(xla_cpu.compiler_options() if decode else None)
+  loop = jax.jit(body).lower(params, state).compile(xla_cpu.compiler_options(rows) if decode else None)
   t0 = time.perf_counter()
   jax.block_until_ready(loop(params, state))
   t_first = time.perf_counter() - t0
@@ -216,7 +217,7 @@ def calibrate(target: protocol.Target, target_params: Any, draft_params: Any, vo
 
     cache = target.init_cache(B, S, dtype).replace(lengths=start)
     return _time_loop(fn, target_params, (cache, jnp.ones((B, T), jnp.int32)), n, repeats, keep=keep,
-                      prepare=lambda p: xla_cpu.decode_params(target, p) if decode else p, decode=decode)
+                      prepare=lambda p: xla_cpu.decode_params(target, p) if decode else p, decode=decode, rows=B * T)
 
   first_call: dict[str, float] = {}
   retime: list = []  # the step loop, kept compiled to be timed again beside every anchor
@@ -340,7 +341,7 @@ def decode_step_cost(params, cfg, *, batch, cache_len, n, first, keep=None):
       params, jnp.ones((batch, T), jnp.int32), jnp.full((batch,), T, jnp.int32),
       llama.init_cache(cfg, batch, cache_len, jax.tree.leaves(params)[0].dtype), jax.random.key(0))
   return _time_loop(lambda p, s: vanilla.decode_step(p, s, **kw), params, state, n, first=first, keep=keep,
-                    prepare=lambda p: xla_cpu.decode_params(kw["target"], p))
+                    prepare=lambda p: xla_cpu.decode_params(kw["target"], p), rows=batch)
 
 
 def _round_cost(target, target_params, draft_params, vocab, dcfg, *, batch, cache_len, tcfg, n, first=None):
