@@ -13,6 +13,7 @@ from eagle3_jax.decode.autotree.acceptance import (
     examples_from_outputs,
     examples_from_rows,
     static_tree,
+    walk_tau,
 )
 from eagle3_jax.decode.autotree.choice import (
     MARGIN,
@@ -30,4 +31,4 @@ from eagle3_jax.decode.tree import TreeConfig
 __all__ = ["ACCEPTANCE_FILE", "CACHE_LENS", "MARGIN", "MAX_DEPTH", "MAX_TOP_K", "PREFILL_LENS", "VERIFY_POINTS", "Acceptance",
            "Costs", "Prediction", "TreeConfig", "acceptance", "cached_costs", "calibrate", "candidates", "choose",
            "continuous_seconds", "engine_batches", "examples_from_outputs", "examples_from_rows", "predict",
-           "shape_str", "static_tree"]
+           "shape_str", "static_tree", "walk_tau"]

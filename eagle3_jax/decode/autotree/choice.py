@@ -9,7 +9,14 @@ from typing import Callable, Sequence
 import numpy as np
 
 from eagle3_jax.config.decode import SpecConfig
-from eagle3_jax.decode.autotree.acceptance import MAX_DEPTH, MAX_TOP_K, Acceptance, batch_rounds, request_rounds
+from eagle3_jax.decode.autotree.acceptance import (
+    MAX_DEPTH,
+    MAX_TOP_K,
+    Acceptance,
+    batch_rounds,
+    request_rounds,
+    walk_tau,
+)
 from eagle3_jax.decode.autotree.costs import Costs
 from eagle3_jax.decode.tree import TreeConfig
 
@@ -125,7 +132,7 @@ def predict(costs: Costs, acc: Acceptance, *, batch: int, prompt_lengths: Sequen
                                                 M - 1))]
   for tcfg in shapes:
     accepted = acc.accepted(tcfg)
-    tau = 1.0 + float(accepted.mean())
+    tau = walk_tau(accepted, acc.lengths)
     rounds = batch_rounds(accepted, batch=batch, tokens=M - 1)  # the first token comes with the prefill
     # A round holds a target forward and more, so it never costs less than a plain step, nor its first call less
     # than plain decoding's: measured below that is calibration noise (a busy machine), and must not let a draft
