@@ -1,9 +1,10 @@
 """What T tokens through the target cost relative to one (the verify pass of a T-1 node tree against a decode step),
 output head included, timed inside jitted loops, under the decode settings of decode/xla_cpu.py ("xla": few-row
-products in XLA's kernels, head as [D, V]) and XLA:CPU's defaults ("ynn"), both compiled in one process and timed
-interleaved, so the two columns share the machine's minute-to-minute speed.
+products in XLA's kernels, the head in column blocks for 2-16 rows, else as [D, V]), "xla-dv" (the same with the
+head always as one [D, V] copy) and XLA:CPU's defaults ("ynn"), all compiled in one process and timed interleaved,
+so the columns share the machine's minute-to-minute speed.
 
-    python benchmarks/verify_cost.py --tokens 1,2,3,4,5,9,17 [--batch 4] [--modes xla,ynn]
+    python benchmarks/verify_cost.py --tokens 1,2,3,4,5,9,17 [--batch 4] [--modes xla,xla-dv,ynn]
 
 Memory floor: a batch-1 step reads every weight once (SmolLM2 fp32: 540 MB); compute floor: 2 * params FLOPs per
 token. A memory-bound kernel keeps T = 2..8 close to T = 1.
@@ -35,7 +36,7 @@ def measure(tokens: list[int], batch: int, cache_len: int, n: int, modes: list[s
   target = protocol.llama_target(cfg)
   loops = {}
   for mode in modes:
-    os.environ[xla_cpu.ENV] = mode  # read while tracing and compiling each loop below
+    os.environ[xla_cpu.ENV] = "xla" if mode == "xla-dv" else mode  # read while tracing and compiling below
     for T in tokens:
       start = jnp.full((batch,), cache_len // 2, jnp.int32)
       positions = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
@@ -47,8 +48,8 @@ def measure(tokens: list[int], batch: int, cache_len: int, n: int, modes: list[s
         logits, _, cache = target.forward(p, toks, positions, cache, mask)
         return cache, jnp.argmax(logits, axis=-1).astype(jnp.int32)  # keeps the head alive
 
-      def loop(p, c, body=body):
-        p = xla_cpu.decode_params(target, p)  # once, before the loop, as the engine's executables do
+      def loop(p, c, body=body, rows=1 if mode == "xla-dv" else batch * T):
+        p = xla_cpu.decode_params(target, p, rows=rows)  # once, before the loop, as the engine's executables do
         return jax.lax.fori_loop(0, n, lambda i, c: body(p, c), c)
 
       carry = (target.init_cache(batch, cache_len, jnp.float32).replace(lengths=start),

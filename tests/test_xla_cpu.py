@@ -30,26 +30,44 @@ def test_decode_layout_adds_a_transposed_head_with_the_same_logits(tied):
   assert llama.decode_layout(untied, cfg=cfg) is untied  # an untied head is already [D, V]
 
 
-def _run(cfg, params, monkeypatch, mode, *, slots=None):
+@pytest.mark.parametrize("untie", [False, True])
+def test_decode_layout_for_8_to_16_rows_puts_the_head_in_column_blocks(tied, untie):
+  cfg, params = tied
+  if untie:
+    params = dict(params, lm_head=params["embed"].T * 0.5)
+  V = cfg.vocab_size
+  assert V % llama.HEAD_CHUNK != 0  # the tiny vocabulary exercises the padded last block
+  laid = jax.jit(lambda p: llama.decode_layout(p, cfg=cfg, rows=8))(params)
+  C = -(-V // llama.HEAD_CHUNK)
+  assert laid["lm_head_chunks"].shape == (C, cfg.hidden_size, llama.HEAD_CHUNK)
+  hidden = jax.random.normal(jax.random.key(1), (4, 2, cfg.hidden_size))
+  got = llama.lm_head(laid, hidden, cfg=cfg)
+  assert got.shape == (4, 2, V)
+  np.testing.assert_allclose(got, llama.lm_head(params, hidden, cfg=cfg), rtol=1e-5, atol=1e-4)
+  for rows in (1, 4, 17):  # outside 8..16 the whole [D, V] copy (or an untied head as it is)
+    assert "lm_head_chunks" not in jax.eval_shape(lambda p, r=rows: llama.decode_layout(p, cfg=cfg, rows=r), params)
+
+
+def _run(cfg, params, monkeypatch, mode, *, slots=None, rows=2):
   monkeypatch.setenv(xla_cpu.ENV, mode)
   gen = engine.make_generator(params, cfg, sampling_cfg=sampling.SamplingConfig(), max_new_tokens=8, slots=slots)
   rng = np.random.default_rng(0)
-  tokens = np.zeros((2, 16), np.int32)
-  lengths = np.array([5, 11], np.int32)
+  lengths = np.array([5, 11] * (rows // 2), np.int32)
+  tokens = np.zeros((len(lengths), 16), np.int32)
   for b, n in enumerate(lengths):
     tokens[b, :n] = rng.integers(0, cfg.vocab_size, n)
   if slots is None:
-    out = gen.generate(engine.Batch(tokens=tokens, lengths=lengths, n_real=2))
-    return [list(out.tokens[b, :out.counts[b]]) for b in range(2)], gen
+    out = gen.generate(engine.Batch(tokens=tokens, lengths=lengths, n_real=len(lengths)))
+    return [list(out.tokens[b, :out.counts[b]]) for b in range(len(lengths))], gen
   ids, _ = gen.run([list(tokens[b, :n]) for b, n in enumerate(lengths)])
   return ids, gen
 
 
-@pytest.mark.parametrize("slots", [None, 2])
-def test_both_settings_decode_the_same_tokens(tied, monkeypatch, slots):
+@pytest.mark.parametrize("slots,rows", [(None, 2), (2, 2), (None, 8)])  # 8 rows: the head in column blocks
+def test_both_settings_decode_the_same_tokens(tied, monkeypatch, slots, rows):
   cfg, params = tied
-  few_rows, _ = _run(cfg, params, monkeypatch, "xla", slots=slots)
-  default, _ = _run(cfg, params, monkeypatch, "ynn", slots=slots)
+  few_rows, _ = _run(cfg, params, monkeypatch, "xla", slots=slots, rows=rows)
+  default, _ = _run(cfg, params, monkeypatch, "ynn", slots=slots, rows=rows)
   assert few_rows == default
 
 
@@ -59,13 +77,13 @@ def test_the_setting_reaches_the_compiled_executable(tied, monkeypatch):
   monkeypatch.setenv(xla_cpu.ENV, "xla")
   assert xla_cpu.compiler_options() == {"xla_cpu_experimental_ynn_fusion_type": ""}
   assert xla_cpu.compiler_options(rows=1) is None  # plain decoding at batch 1 keeps XLA's defaults
-  assert "lm_head" in jax.eval_shape(lambda p: xla_cpu.decode_params(protocol.llama_target(cfg), p), params)
+  assert "lm_head" in jax.eval_shape(lambda p: xla_cpu.decode_params(protocol.llama_target(cfg), p, rows=2), params)
   _, gen = _run(cfg, params, monkeypatch, "xla")
   assert "ynn_fusion" not in next(iter(gen._compiled.values())).as_text()
   _, gen = _run(cfg, params, monkeypatch, "ynn")
   assert "ynn_fusion" in next(iter(gen._compiled.values())).as_text()  # XLA:CPU's default, so the check can fail
   assert xla_cpu.compiler_options() is None
-  assert xla_cpu.decode_params(protocol.llama_target(cfg), params) is params
+  assert xla_cpu.decode_params(protocol.llama_target(cfg), params, rows=8) is params
 
 
 def test_a_bad_setting_names_the_variable(monkeypatch):

@@ -98,7 +98,7 @@ def step(params: Any, state: SlotState, *, target: Target, cfg: SlotConfig) -> S
 def run_steps(params: Any, state: SlotState, n: jax.Array, *, target: Target, cfg: SlotConfig) -> SlotState:
   """Up to n steps, fewer if every slot is done first; no host round trip inside."""
   TRACE_COUNT["steps"] += 1
-  params = xla_cpu.decode_params(target, params)
+  params = xla_cpu.decode_params(target, params, rows=state.done.shape[0])
   body = lambda c: (c[0] + 1, step(params, c[1], target=target, cfg=cfg))  # noqa: E731
   return jax.lax.while_loop(lambda c: (c[0] < n) & ~jnp.all(c[1].done), body, (jnp.zeros((), jnp.int32), state))[1]
 

@@ -77,7 +77,8 @@ def run_rounds(params: SpecParams, state: speculative.SpecState, n: jax.Array, *
                cfg: SpecSlotConfig) -> speculative.SpecState:
   """Up to n draft-verify rounds over every slot, fewer if all are done first; no host round trip inside."""
   TRACE_COUNT["rounds"] += 1
-  params = params.replace(target=xla_cpu.decode_params(target, params.target))
+  params = params.replace(target=xla_cpu.decode_params(
+      target, params.target, rows=state.done.shape[0] * (cfg.spec.tree.total_tokens + 1)))
   body = lambda c: (c[0] + 1, speculative.spec_round(  # noqa: E731
       target, params.target, params.draft, params.embed, params.vocab, c[1], dcfg=cfg.dcfg, spec=cfg.spec))
   return jax.lax.while_loop(lambda c: (c[0] < n) & ~jnp.all(c[1].done), body, (jnp.zeros((), jnp.int32), state))[1]

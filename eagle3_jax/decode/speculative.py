@@ -197,7 +197,8 @@ def generate_core(target: Target, target_params: Any, draft_params: Any, vocab: 
   """Prefill + lax.while_loop over rounds until every row is done; no host round trip per round. Unvalidated."""
   TRACE_COUNT["generate"] += 1
   embed_VD = target.embed(target_params) if embed_VD is None else embed_VD
-  target_params = xla_cpu.decode_params(target, target_params)
+  target_params = xla_cpu.decode_params(target, target_params,
+                                         rows=tokens_BT.shape[0] * (spec.tree.total_tokens + 1))
   kw = dict(dcfg=dcfg, spec=spec, mesh=mesh)
   state = prefill(target, target_params, draft_params, embed_VD, tokens_BT, lengths_B, key, **kw)
   body = functools.partial(spec_round, target, target_params, draft_params, embed_VD, vocab, **kw)

@@ -139,7 +139,7 @@ def generate(params: Any, tokens_BT: jax.Array, lengths_B: jax.Array, cache: Any
   Unjitted; use `generate_jit` (cache donated) after `validate`, or the engine, which does both.
   """
   TRACE_COUNT["generate"] += 1
-  params = xla_cpu.decode_params(target, params)
+  params = xla_cpu.decode_params(target, params, rows=tokens_BT.shape[0])
   kw = dict(target=target, sampling_cfg=sampling_cfg, max_new_tokens=max_new_tokens, stop_ids=stop_ids)
   state = prefill(params, tokens_BT, lengths_B, cache, key, pad_id=pad_id, **kw)
   return decode_loop(params, state, **kw)

@@ -11,7 +11,8 @@ head ([V, D], contracted over D) becomes ten times slower there. BENCHMARKS.md "
 So on a CPU backend the executables that decode more than one row a step (vanilla loops at batch > 1, speculative
 generation, slot loops, the autotree calibration's timed loops) compile with `compiler_options()`; all of them read
 their parameters through
-`decode_params`, which gives the target's head a [D, V] copy made once per call, outside the decode loop.
+`decode_params`, which gives the target's head a [D, V] copy made once per call, outside the decode loop (for 8-16
+rows a step the Llama target lays it out in 768-column blocks instead: `llama.decode_layout`).
 Prefill-only executables (the slot batchers' admissions) keep XLA's defaults: a 200-token prefill is ~15% faster
 with YNNPACK. On other backends both are no-ops. `EAGLE3_JAX_DECODE_DOTS=ynn` keeps XLA's defaults everywhere
 (for side-by-side measurements).
@@ -46,8 +47,8 @@ def compiler_options(rows: int = 2) -> dict[str, str] | None:
   return dict(_FEW_ROW_OPTIONS) if active() and rows > 1 else None
 
 
-def decode_params(target: Any, params: Any) -> Any:
-  """The target's parameters in its decode layout (`Target.decode_layout`), when active; traced inside the
-  executable, once, before its loop."""
+def decode_params(target: Any, params: Any, *, rows: int) -> Any:
+  """The target's parameters in its decode layout for `rows` rows a step (`Target.decode_layout`), when active;
+  traced inside the executable, once, before its loop."""
   layout = getattr(target, "decode_layout", None)
-  return layout(params) if layout is not None and active() else params
+  return layout(params, rows=rows) if layout is not None and active() else params

@@ -138,18 +138,45 @@ def embed_table(params: Any) -> jax.Array:
 
 
 def lm_head(params: Any, hidden: jax.Array, *, cfg: LlamaConfig) -> jax.Array:
-  """Logits in fp32 from final-normed hidden states: from params["lm_head"] [D, V] when present (untied, or a tied
-  head in its decode layout), else from the tied embedding [V, D]."""
+  """Logits in fp32 from final-normed hidden states: from params["lm_head_chunks"] or params["lm_head"] [D, V] when
+  present (a head in its decode layout, or untied), else from the tied embedding [V, D]."""
+  if "lm_head_chunks" in params:
+    return _chunked_head(hidden, params["lm_head_chunks"], cfg.vocab_size)
   # Tied: contract against [V,D] directly; an explicit .T may be materialised (a 113 MB copy per step for SmolLM2).
   if "lm_head" not in params:
     return jnp.einsum("...D,VD->...V", hidden, params["embed"], preferred_element_type=jnp.float32)
   return jnp.einsum("...D,DV->...V", hidden, params["lm_head"], preferred_element_type=jnp.float32)
 
 
-def decode_layout(params: Any, *, cfg: LlamaConfig) -> Any:
-  """params plus a [D, V] copy of a tied head (113 MB for SmolLM2 in fp32), for decode executables on XLA:CPU,
-  whose few-row products stream weights only over their major axis (decode/xla_cpu.py). Called once per
-  executable call; the barrier keeps XLA from folding the transpose back into the head's product."""
+# The head as [C, D, HEAD_CHUNK] column blocks, one product per block in a loop, for CHUNKED_ROWS rows a step.
+# XLA:CPU's own kernel (decode/xla_cpu.py) multiplies 2-16 rows by SmolLM2's whole [576, 49152] head at 2.5-6x its
+# read cost; alone, 768-column blocks (1.8 MB each) cost 11-24 ms against 17-43 ms. Inside a whole target pass the
+# gain shows only from about 8 rows (9 rows: 101 against 113 ms, 16: 160 against 167; 2-5 rows: equal) and one row
+# or 32 rows are slower in blocks (BENCHMARKS.md "The head in column blocks"), so only 8-16 rows use them.
+HEAD_CHUNK = 768
+CHUNKED_ROWS = range(8, 17)
+
+
+def _chunked_head(hidden: jax.Array, w_CDK: jax.Array, V: int) -> jax.Array:
+  lead, D = hidden.shape[:-1], hidden.shape[-1]
+  h_ND = hidden.reshape(-1, D)
+  y_CNK = jax.lax.map(lambda w_DK: jnp.dot(h_ND, w_DK, preferred_element_type=jnp.float32), w_CDK)
+  return jnp.moveaxis(y_CNK, 0, 1).reshape(*lead, -1)[..., :V]
+
+
+def decode_layout(params: Any, *, cfg: LlamaConfig, rows: int = 1) -> Any:
+  """params with the head laid out for decode executables on XLA:CPU that multiply `rows` rows a step, whose
+  few-row products stream weights only over their major axis (decode/xla_cpu.py): a [D, V] copy of a tied head
+  (113 MB for SmolLM2 in fp32), or for CHUNKED_ROWS rows the head in [C, D, HEAD_CHUNK] column blocks (the last
+  zero-padded, then cut off the logits). Called once per executable call, before its loop; the barrier keeps XLA
+  from folding the copy back into the head's product."""
+  if rows in CHUNKED_ROWS:
+    w_DV = params["lm_head"] if "lm_head" in params else params["embed"].T
+    D, V = w_DV.shape
+    C = -(-V // HEAD_CHUNK)
+    w_DV = jnp.pad(w_DV, ((0, 0), (0, C * HEAD_CHUNK - V)))
+    chunks = jnp.moveaxis(w_DV.reshape(D, C, HEAD_CHUNK), 1, 0)
+    return {**params, "lm_head_chunks": jax.lax.optimization_barrier(chunks)}
   if "lm_head" in params:
     return params
   return {**params, "lm_head": jax.lax.optimization_barrier(params["embed"].T)}

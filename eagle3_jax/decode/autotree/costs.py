@@ -217,7 +217,8 @@ def calibrate(target: protocol.Target, target_params: Any, draft_params: Any, vo
 
     cache = target.init_cache(B, S, dtype).replace(lengths=start)
     return _time_loop(fn, target_params, (cache, jnp.ones((B, T), jnp.int32)), n, repeats, keep=keep,
-                      prepare=lambda p: xla_cpu.decode_params(target, p) if decode else p, decode=decode, rows=B * T)
+                      prepare=lambda p: xla_cpu.decode_params(target, p, rows=B * T) if decode else p, decode=decode,
+                      rows=B * T)
 
   first_call: dict[str, float] = {}
   retime: list = []  # the step loop, kept compiled to be timed again beside every anchor
@@ -341,7 +342,7 @@ def decode_step_cost(params, cfg, *, batch, cache_len, n, first, keep=None):
       params, jnp.ones((batch, T), jnp.int32), jnp.full((batch,), T, jnp.int32),
       llama.init_cache(cfg, batch, cache_len, jax.tree.leaves(params)[0].dtype), jax.random.key(0))
   return _time_loop(lambda p, s: vanilla.decode_step(p, s, **kw), params, state, n, first=first, keep=keep,
-                    prepare=lambda p: xla_cpu.decode_params(kw["target"], p), rows=batch)
+                    prepare=lambda p: xla_cpu.decode_params(kw["target"], p, rows=batch), rows=batch)
 
 
 def _round_cost(target, target_params, draft_params, vocab, dcfg, *, batch, cache_len, tcfg, n, first=None):
@@ -357,7 +358,8 @@ def _round_cost(target, target_params, draft_params, vocab, dcfg, *, batch, cach
   fn = lambda p, s: speculative.spec_round(target, p[0], p[1], p[2], p[3], s, dcfg=dcfg, spec=spec)  # noqa: E731
   return _time_loop(fn, (target_params, draft_params, embed, vocab), state,
                     min(n, max(1, (M - 1) // (tcfg.depth + 1) // 4)), first=first,
-                    prepare=lambda p: (xla_cpu.decode_params(target, p[0]),) + tuple(p[1:]))
+                    prepare=lambda p: (xla_cpu.decode_params(target, p[0], rows=batch * (tcfg.total_tokens + 1)),)
+                    + tuple(p[1:]))
 
 
 def cached_costs(target: protocol.Target, target_params: Any, target_cfg: Any, draft_params: Any,
