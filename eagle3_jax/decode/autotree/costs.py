@@ -38,9 +38,10 @@ VERIFY_POINTS = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32)  # tree nodes P timed; 
 EXPAND_DEPTHS = (1, 4)  # expansion is timed at two depths per top_k; other depths are linear between them
 CACHE_LENS = (256, 1024)  # the step is timed at both: attention reads every slot, so cost grows with the cache
 PREFILL_LENS = (64, 512)  # prompt tokens per row of the two timed prefills; other lengths are linear
-VERSION = 5  # of the timing method; cached calibrations of another version are redone (2: output head kept;
+VERSION = 6  # of the timing method; cached calibrations of another version are redone (2: output head kept;
 # 3: one-row prefill for continuous batching's admissions; 4: anchors as ratios to steps timed beside them;
-# 5: loops compiled and laid out as the engine's decode executables, decode/xla_cpu.py)
+# 5: loops compiled and laid out as the engine's decode executables, decode/xla_cpu.py; 6: the head in column
+# blocks for 8-16 rows a step, llama.decode_layout)
 
 
 
