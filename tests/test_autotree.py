@@ -228,6 +228,31 @@ def test_random_draft_measured_end_to_end_chooses_plain_decoding(tiny_cfg, tmp_p
   assert best.tree.depth >= autotree.MAX_DEPTH // 2 and best.tau == best.tree.depth + 1, best
 
 
+def test_calibration_keeps_each_anchors_median_ratio(tiny_cfg, monkeypatch):
+  # One slow phase during one anchor's timing once set every batch-4 chain's extra cost; the median of the
+  # interleaved repeats must discard it. Real rounds are stood in for (a slow phase on demand), the rest is timed.
+  target, params, cfg, dparams, vocab, dcfg = _calibrate_args(tiny_cfg)
+  rounds = {"1x1x1": [9.0, 1.0, 1.0], "2x2x4": [2.0, 2.0, 6.0]}  # seconds, in timing order
+
+  def fake_round(*a, tcfg, first=None, keep=None, **k):
+    times = iter(rounds[tcfg.shape])
+    first.append(0.0)
+    keep.append(lambda: next(times))
+    return next(times)
+
+  monkeypatch.setattr(autotree_costs, "_round_cost", fake_round)
+  anchors = (TreeConfig.chain(1), TreeConfig(top_k=2, depth=2, total_tokens=4))
+  costs = autotree_costs.calibrate(target, params, dparams, vocab, dcfg, batch=1, target_cfg=cfg, n=2,
+                                   anchors=anchors)
+  steps = costs.meta["steps"]
+  assert len(steps) == 1 + 2 * autotree_costs.ANCHOR_REPEATS * len(anchors)
+  for got, slow in zip(costs.meta["anchors"], (0, 2)):
+    assert len(got["ratios"]) == autotree_costs.ANCHOR_REPEATS
+    typical = [r for i, r in enumerate(got["ratios"]) if i != slow]
+    assert got["round"] == pytest.approx(float(np.median(got["ratios"])) * costs.step)
+    assert min(typical) <= got["round"] / costs.step <= max(typical)  # the slow timing is not what counts
+
+
 def test_batch_rounds_wait_for_the_slowest_row():
   from eagle3_jax.decode.autotree.acceptance import batch_rounds
 

@@ -116,7 +116,7 @@ def predict(costs: Costs, acc: Acceptance, *, batch: int, prompt_lengths: Sequen
   n_rows = len(prompt_lengths) if prompt_lengths is not None else batch
   own = [bucket_length(int(n)) for n in prompt_lengths] if prompt_lengths is not None else None
 
-  def rate(tau, rounds, per_step, once, pool_len, row_rounds):  # per_step(cache_len) -> seconds
+  def rate(tau, rounds, per_step, once, pool_len, row_rounds, prefill_s=costs.prefill_s):  # per_step(L) -> seconds
     if buckets is None:
       return batch * tau / per_step(None)
     if batching == "continuous":
@@ -124,12 +124,15 @@ def predict(costs: Costs, acc: Acceptance, *, batch: int, prompt_lengths: Sequen
       seconds = np.mean([continuous_seconds(costs, own, r, slots=batch, pool_len=pool_len, per_round=per_step,
                                             sync_every=sync_every) for r in draws])
       return n_rows * M / float(seconds)
-    seconds = sum(costs.prefill_s(T) + rounds * per_step(T + M) for T in buckets)
+    seconds = sum(prefill_s(T) + rounds * per_step(T + M) for T in buckets)
     return n_rows * M / (seconds + once * len(set(buckets)))
 
   plain_pool = lambda T: slot_batching.pool_cache_len(T, M)  # noqa: E731
+  # Plain decoding at batch 1 compiles with XLA's defaults (xla_cpu.compiler_options), its prefill too: priced as
+  # the one-row admission is.
+  plain_prefill = costs.admit_s if batch == 1 and costs.admit else costs.prefill_s
   out = [Prediction(None, 1.0, costs.step, rate(1.0, M - 1, costs.step_s, costs.first_call["plain"], plain_pool,
-                                                M - 1))]
+                                                M - 1, plain_prefill))]
   for tcfg in shapes:
     accepted = acc.accepted(tcfg)
     tau = walk_tau(accepted, acc.lengths)
