@@ -147,7 +147,8 @@ def auto_tree(args, requests, params, cfg, ckpt, tokenizer, continuous: bool) ->
   costs = autotree.cached_costs(target, params, cfg, dparams, ckpt.vocab, ckpt.cfg, batch=args.batch_size,
                                 verbose=not args.no_progress)
   best = autotree.choose(costs, acc, batch=args.batch_size, prompt_lengths=[len(x) for x in prompt_ids],
-                         max_new_tokens=args.max_new_tokens, batching="continuous" if continuous else "static")
+                         max_new_tokens=args.max_new_tokens, batching="continuous" if continuous else "static",
+                         admit_order=args.admit_order)
   logging.info("autotree: %s", json.dumps(best.as_dict()))
   return best
 
@@ -179,6 +180,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                   help="continuous: --batch-size decode slots refilled as requests finish (plain or speculative); "
                        "static: length-sorted batches. auto (default): continuous at --batch-size > 1 without "
                        "--compare, else static")
+  ap.add_argument("--admit-order", default="shortest", choices=("shortest", "longest"),
+                  help="continuous batching: admit the shortest prompts first (the cache only grows) or the longest "
+                       "(their prefills run while every slot is busy; the cache shrinks as they finish)")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   ap.add_argument("--output", default=None, help="write one JSON per request here instead of texts to stdout")
@@ -249,7 +253,8 @@ def main(argv=None) -> dict:
       tree_cfg = auto.tree
       speculative = tree_cfg is not None
   generator = engine.make_generator(params, cfg, draft_ckpt=ckpt if speculative else None, tree_cfg=tree_cfg,
-                                    slots=args.batch_size if continuous else None, **common)
+                                    slots=args.batch_size if continuous else None, admit_order=args.admit_order,
+                                    **common)
   run = lambda gen: serve(engine.Engine(gen, tokenizer, batch_size=args.batch_size, pad_id=pad_id), requests,
                          multi_turn=args.multi_turn, progress=not args.no_progress)
   results, summary = run(generator)

@@ -158,6 +158,11 @@ def test_continuous_prediction_follows_the_slot_schedule():
                                        per_round=lambda S: 1.0, sync_every=16)
   assert spread == pytest.approx(admits + 6 + 16 + 14)
 
+  # Longest first: admit 48 and 24 (cache 128), run 16 + 4, admit 16 with the cache cut to 64: 20 more rounds.
+  longest = autotree.continuous_seconds(c, [16, 24, 48], 20, slots=2, pool_len=pool,
+                                        per_round=lambda S: 1.0 + S / 1000, sync_every=16, admit_order="longest")
+  assert longest == pytest.approx(admits + 20 * (1 + 128 / 1000) + 20 * (1 + 64 / 1000))
+
   # Through predict: plain decoding with one slot per request serves them side by side, so with no prefill cost
   # to share, continuous batching at batch 4 beats static batches of mixed lengths (one long prompt pads its batch).
   oracle = autotree.Acceptance(np.ones((50, autotree.MAX_DEPTH), np.int8))

@@ -74,6 +74,24 @@ def test_growing_mid_answer_keeps_running_rows_exact(params, cfg):
   assert out == [_reference(params, cfg, p, M) for p in prompts]
 
 
+def test_longest_first_shrinks_the_cache_under_running_rows(params, cfg):
+  """Longest prompt first: the cache starts at 64 slots and is cut to 32 once the long request is done, while
+  shorter requests are mid-answer; every request still decodes as alone, and the short/long order is unchanged."""
+  long = _prompts(1, seed=5, low=17, high=22)  # cache 64
+  short = _prompts(6, seed=4, low=2, high=6)  # cache 32
+  prompts = short[:3] + long + short[3:]
+  alone = [_reference(params, cfg, p, M) for p in prompts]
+  stop = alone[3][1]  # the long request stops after two tokens ...
+  first_stop = [next((j for j, t in enumerate(a) if t == stop), M) for a in alone]
+  assert all(first_stop[i] > 4 for i in (0, 1, 2, 4, 5, 6)), first_stop  # ... while the short ones run on
+  b = _batcher(params, cfg, slots=3, sync_every=2, admit_order="longest", stop_ids=(stop,))
+  out, stats = b.run(prompts)
+  assert stats["shrinks"] == 1 and stats["grows"] == 0
+  assert out == [_cut(a, {stop}) for a in alone]
+  again, _ = _batcher(params, cfg, slots=3, sync_every=2, stop_ids=(stop,)).run(prompts)  # shortest first
+  assert again == out
+
+
 def test_bad_input_raises(params, cfg):
   with pytest.raises(ValueError, match="empty prompt"):
     _batcher(params, cfg).run([[1, 2], []])
@@ -83,3 +101,5 @@ def test_bad_input_raises(params, cfg):
     _batcher(params, cfg, slots=0)
   with pytest.raises(ValueError, match="admit_group"):
     _batcher(params, cfg, admit_group=0)
+  with pytest.raises(ValueError, match="admit_order"):
+    _batcher(params, cfg, admit_order="random")

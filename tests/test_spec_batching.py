@@ -67,6 +67,20 @@ def test_cache_grows_mid_answer_and_nothing_recompiles_over_hundreds_of_admissio
   assert again == out and b.compile_count == first
 
 
+def test_longest_first_shrinks_both_caches_under_running_rows(copying):
+  bcfg, tparams, pair = copying
+  tree = TreeConfig(top_k=2, depth=2, total_tokens=4)
+  long = _prompts(1, seed=5, low=17, high=22, V=V)
+  short = _prompts(6, seed=8, low=2, high=6, V=V)  # a seed whose short answers avoid the stop token (checked below)
+  prompts = short[:3] + long + short[3:]
+  alone = [_reference(tparams, bcfg, p, M) for p in prompts]
+  stop = alone[3][1]  # the long request stops early, the short ones run on (checked: the test means nothing else)
+  first_stop = [next((j for j, t in enumerate(a) if t == stop), M) for a in alone]
+  assert all(first_stop[i] > 4 for i in (0, 1, 2, 4, 5, 6)), first_stop
+  out, stats = _batcher(tparams, bcfg, pair, tree, slots=3, admit_order="longest", stop_ids=(stop,)).run(prompts)
+  assert stats["shrinks"] >= 1 and out == [_cut(a, {stop}) for a in alone]
+
+
 def test_sampled_requests_keep_their_own_key(copying):
   bcfg, tparams, pair = copying
   hot = sampling.SamplingConfig(temperature=1.0)

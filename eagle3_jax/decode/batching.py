@@ -7,9 +7,12 @@ collects the rows that finished and admits waiting requests into their slots. Ad
 prompt bucket with the slot as data, so nothing recompiles per admission.
 
 Attention reads every cache slot whatever the mask (static shapes), so the cache length S is what each step
-costs beyond the weights. Requests are admitted shortest first with S the power of two that the longest running
-one needs; when the next request needs more, the running state grows (its cache is padded with empty slots, once
-per power of two) rather than draining, so slots stay busy across the change.
+costs beyond the weights. S is the power of two that the longest running request needs. When the next request needs more, the running state
+grows (its cache is padded with empty slots) rather than draining; when the longest running ones are done and
+nothing queued needs as much, it shrinks (cut to the first S slots). Either way slots stay busy across the change,
+and there is one resize executable per pair of sizes. Requests are admitted in prompt-length order
+(`admit_order`): shortest first only ever grows S; longest first starts big, prefills the long prompts while every
+slot is busy, and shrinks S as the long requests finish, so the tail of a run steps over a small cache.
 
 Each request carries its own PRNG key (fold_in(seed, request index)), split once per step, so its tokens do not
 depend on the slot it lands in or on what runs beside it: greedy or sampled, a request decodes as it would alone.
@@ -32,7 +35,8 @@ from eagle3_jax.target import protocol
 from eagle3_jax.target.protocol import Target
 
 # Incremented on every trace: tests prove that admissions and step chunks compile once per shape.
-TRACE_COUNT = {"admit": 0, "steps": 0, "grow": 0}
+TRACE_COUNT = {"admit": 0, "steps": 0, "resize": 0}
+ADMIT_ORDERS = ("shortest", "longest")  # prompt-length order of admissions
 
 
 @flax.struct.dataclass
@@ -103,16 +107,17 @@ def run_steps(params: Any, state: SlotState, n: jax.Array, *, target: Target, cf
   return jax.lax.while_loop(lambda c: (c[0] < n) & ~jnp.all(c[1].done), body, (jnp.zeros((), jnp.int32), state))[1]
 
 
-def grow(params: Any, state: SlotState, *, target: Target, cfg: SlotConfig, cache_len: int) -> SlotState:
-  """The same slots over a cache of cache_len slots: every rank >= 2 leaf padded with empty slots at the end."""
+def resize(params: Any, state: SlotState, *, target: Target, cfg: SlotConfig, cache_len: int) -> SlotState:
+  """The same slots over a cache of cache_len slots: every rank >= 2 leaf padded with empty slots at the end, or cut
+  (exact for every running row: the host cuts no shorter than what its longest running request needs)."""
   del params, cfg  # the signature every slot executable shares
-  TRACE_COUNT["grow"] += 1
+  TRACE_COUNT["resize"] += 1
 
-  return state.replace(cache=kv_cache.pad_slots(state.cache, cache_len, target.slot_axis))
+  return state.replace(cache=kv_cache.resize_slots(state.cache, cache_len, target.slot_axis))
 
 
 admit_jit = jax.jit(admit, static_argnames=("target", "cfg"), donate_argnames=("state",))
-grow_jit = jax.jit(grow, static_argnames=("target", "cfg", "cache_len"))  # new shapes: nothing to donate to
+resize_jit = jax.jit(resize, static_argnames=("target", "cfg", "cache_len"))  # new shapes: nothing to donate to
 run_steps_jit = jax.jit(run_steps, static_argnames=("target", "cfg"), donate_argnames=("state",))
 
 
@@ -127,7 +132,8 @@ class ContinuousBatcher:
   `sync_every` steps run between host visits: fewer visits cost less dispatch, more let finished slots idle.
   `admit_group` requests at most are prefilled together (padded to a power of two): one weight read for several
   short prompts, but more executables, and on XLA:CPU each pays a one-time cost on its first run (~0.5 s for
-  SmolLM2); 1 measured fastest on 2 CPU cores (BENCHMARKS.md "Continuous batching").
+  SmolLM2); 1 measured fastest on 2 CPU cores (BENCHMARKS.md "Continuous batching"). `admit_order` "shortest" or
+  "longest" prompts first (module docstring).
   engine.Engine drives it like a Generator (`continuous` tells it to hand over every prompt at once).
 
   With `draft_params` (and vocab, dcfg, tree_cfg, optionally the draft's own embedding) the slots run EAGLE-3
@@ -141,15 +147,18 @@ class ContinuousBatcher:
   def __init__(self, params: Any, target: Any, *, slots: int, sampling_cfg: sampling.SamplingConfig,
                max_new_tokens: int, stop_ids: Sequence[int] = (), pad_id: int = 0, seed: int = 0,
                sync_every: int = 16, admit_group: int = 1, bucket_fn: Callable[[int], int] | None = None,
+               admit_order: str = "shortest",
                draft_params: Any = None, vocab: Any = None, dcfg: Any = None, tree_cfg: Any = None,
                embed: Any = None):
     if min(slots, sync_every, max_new_tokens, admit_group) < 1:
       raise ValueError(f"slots, sync_every, max_new_tokens and admit_group must be >= 1, got {slots}, {sync_every}, "
                        f"{max_new_tokens}, {admit_group}")
+    if admit_order not in ADMIT_ORDERS:
+      raise ValueError(f"admit_order must be one of {ADMIT_ORDERS}, got {admit_order!r}")
     from eagle3_jax.decode.engine import bucket_length  # the engine's buckets, so both pad alike
 
     self.params, self.slots, self.sync_every, self.seed = params, slots, sync_every, seed
-    self.admit_group = admit_group
+    self.admit_group, self.admit_order = admit_group, admit_order
     self.target = protocol.as_target(target)
     self.max_new_tokens = max_new_tokens
     stop_ids = tuple(sorted(set(int(i) for i in stop_ids)))
@@ -160,7 +169,7 @@ class ContinuousBatcher:
     if not self.speculative:
       self.cfg: Any = SlotConfig(sampling=sampling_cfg, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
                                  pad_id=int(pad_id))
-      self._params, self._fns = params, {"admit": admit_jit, "steps": run_steps_jit, "grow": grow_jit}
+      self._params, self._fns = params, {"admit": admit_jit, "steps": run_steps_jit, "resize": resize_jit}
       self._pool_len = lambda T: pool_cache_len(T, max_new_tokens)  # noqa: E731
       self._init = lambda S: init_state(self.target, slots, S, self.cfg, self._dtype)  # noqa: E731
     else:
@@ -171,7 +180,7 @@ class ContinuousBatcher:
       self._params = spec_batching.SpecParams(target=params, draft=draft_params, vocab=vocab,
                                               embed=self.target.embed(params) if embed is None else embed)
       self._fns = {"admit": spec_batching.admit_jit, "steps": spec_batching.run_rounds_jit,
-                   "grow": spec_batching.grow_jit}
+                   "resize": spec_batching.resize_jit}
       self._pool_len = lambda T: spec_batching.pool_cache_len(T, self.cfg)  # noqa: E731
       self._init = lambda S: spec_batching.init_state(  # noqa: E731
           self.target, slots, S, self.cfg, self._params, self._dtype)
@@ -216,11 +225,12 @@ class ContinuousBatcher:
     for i, p in enumerate(prompt_ids):
       if len(p) < 1:
         raise ValueError(f"request {i} is an empty prompt")
-    queue = sorted(range(n), key=lambda i: len(prompt_ids[i]), reverse=True)  # pop() gives the shortest
+    # pop() gives the shortest (or the longest) prompt
+    queue = sorted(range(n), key=lambda i: len(prompt_ids[i]), reverse=self.admit_order == "shortest")
     if not queue:
       return [], {"steps": 0.0, "slot_steps": 0.0, "tokens": 0.0, "compile_s": 0.0, "admissions": 0.0,
                   "seconds": 0.0, "utilisation": 0.0}
-    longest = len(prompt_ids[queue[0]])
+    longest = max(len(p) for p in prompt_ids)
     probe = np.ones((1, self.bucket_fn(longest)), np.int32), np.array([longest])
     if self.speculative:
       p = self._params
@@ -231,9 +241,10 @@ class ContinuousBatcher:
                        max_new_tokens=self.max_new_tokens)
     results: list[list[int] | None] = [None] * n
     stats = {"steps": 0.0, "slot_steps": 0.0, "tokens": 0.0, "step_tokens": 0.0, "compile_s": 0.0,
-             "admissions": 0.0, "grows": 0.0} | ({"rounds": 0.0, "accepted": 0.0} if self.speculative else {})
+             "admissions": 0.0, "grows": 0.0, "shrinks": 0.0} | ({"rounds": 0.0, "accepted": 0.0} if self.speculative else {})
     t_start = time.perf_counter()
-    S = self._pool_len(self.bucket_fn(len(prompt_ids[queue[-1]])))
+    need = [self._pool_len(self.bucket_fn(len(p))) for p in prompt_ids]  # cache slots each request runs in
+    S = need[queue[-1]]
     state = self._init(S)
     owner: list[int | None] = [None] * self.slots  # request index held by each slot
     n_steps, steps = jnp.asarray(self.sync_every, jnp.int32), 0
@@ -243,10 +254,9 @@ class ContinuousBatcher:
         group, free = free[:self.admit_group], free[self.admit_group:]
         take = [queue.pop() for _ in group]
         T = self.bucket_fn(max(len(prompt_ids[i]) for i in take))
-        need = self._pool_len(T)
-        if need > S:  # sorted admissions only ever grow the cache
-          state = self._call("grow", S, need, stats, state, cache_len=need)
-          S, stats["grows"] = need, stats["grows"] + 1
+        if self._pool_len(T) > S:
+          state = self._call("resize", S, self._pool_len(T), stats, state, cache_len=self._pool_len(T))
+          S, stats["grows"] = self._pool_len(T), stats["grows"] + 1
         K = 1 << (len(take) - 1).bit_length()
         tokens = np.full((K, T), self.cfg.pad_id, np.int32)
         lengths = np.ones((K,), np.int32)
@@ -258,6 +268,12 @@ class ContinuousBatcher:
             jnp.asarray([*take, *take[:1] * (K - len(take))], jnp.uint32))
         state = self._call("admit", S, (T, K), stats, state, slots, tokens, lengths, keys)
         stats["admissions"] += len(take)
+      # Cut the cache to what the running requests and the next queued one need (never below, so no row loses a
+      # slot it will write and no admission grows it straight back).
+      keep = max([need[i] for i in owner if i is not None] + ([need[queue[-1]]] if queue else []))
+      if keep < S:
+        state = self._call("resize", S, keep, stats, state, cache_len=keep)
+        S, stats["shrinks"] = keep, stats["shrinks"] + 1
       state = self._call("steps", S, None, stats, state, n_steps)
       done, counts, now = jax.device_get((state.done, state.counts, state.steps))
       stats["steps"] += int(now) - steps

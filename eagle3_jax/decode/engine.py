@@ -201,15 +201,16 @@ def load_draft(path: str, target: protocol.Target | LlamaConfig) -> tuple[protoc
 
 def make_generator(params: Any, target: protocol.Target | LlamaConfig, *, draft_ckpt: Any = None,
                    tree_cfg: TreeConfig | None = None, dtype: Any = None, slots: int | None = None,
-                   **common: Any) -> Any:
+                   admit_order: str = "shortest", **common: Any) -> Any:
   """Vanilla decoding, or speculative decoding with a DraftCheckpoint (cast to the target's dtype) and a tree; with
-  `slots`, a continuous batcher of that many decode slots (decode/batching.py) instead of static batches. The target
-  is any protocol Target, or a LlamaConfig for the bundled family (as `load_draft` returns them)."""
+  `slots`, a continuous batcher of that many decode slots (decode/batching.py, admitting in `admit_order`) instead
+  of static batches. The target is any protocol Target, or a LlamaConfig for the bundled family (as `load_draft`
+  returns them)."""
   from eagle3_jax.decode import batching  # deferred: batching imports this module's bucket_length
 
   if draft_ckpt is None:
     return (VanillaGenerator(params, target, **common) if slots is None else
-            batching.ContinuousBatcher(params, target, slots=slots, **common))
+            batching.ContinuousBatcher(params, target, slots=slots, admit_order=admit_order, **common))
   if tree_cfg is None:
     raise ValueError("speculative decoding needs a tree_cfg")
   dtype = dtype or jax.tree.leaves(params)[0].dtype
@@ -218,7 +219,7 @@ def make_generator(params: Any, target: protocol.Target | LlamaConfig, *, draft_
                embed=None if draft_ckpt.embed is None else cast(draft_ckpt.embed))
   if slots is not None:
     return batching.ContinuousBatcher(params, target, slots=slots, draft_params=jax.tree.map(cast, draft_ckpt.params),
-                                      **draft, **common)
+                                      admit_order=admit_order, **draft, **common)
   return SpeculativeGenerator(params, target, jax.tree.map(cast, draft_ckpt.params), **draft, **common)
 
 

@@ -2,8 +2,8 @@
 
 The host loop is batching.py's. What differs is the state (speculative.SpecState with one PRNG key per slot), the
 admission (speculative.prefill of K requests into caches of the pool's size, written into their slots together with
-their pending draft rows), the loop (draft-verify rounds instead of decode steps) and growth (the target's and the
-draft's caches are both padded). Ragged acceptance needs nothing new: speculative.py already keeps each row's cache
+their pending draft rows), the loop (draft-verify rounds instead of decode steps) and resizing (the target's and the
+draft's caches are both padded or cut). Ragged acceptance needs nothing new: speculative.py already keeps each row's cache
 lengths, pending rows, counts and stop state apart, and a finished or free row's writes land where nothing reads
 them. A slot's `rounds` and `accepted` restart at admission, so tau is counted per request.
 
@@ -26,7 +26,7 @@ from eagle3_jax.draft.vocab import DraftVocab
 from eagle3_jax.nn import kv_cache
 from eagle3_jax.target.protocol import Target
 
-TRACE_COUNT = {"admit": 0, "rounds": 0, "grow": 0}
+TRACE_COUNT = {"admit": 0, "rounds": 0, "resize": 0}
 
 
 @flax.struct.dataclass
@@ -84,16 +84,16 @@ def run_rounds(params: SpecParams, state: speculative.SpecState, n: jax.Array, *
   return jax.lax.while_loop(lambda c: (c[0] < n) & ~jnp.all(c[1].done), body, (jnp.zeros((), jnp.int32), state))[1]
 
 
-def grow(params: SpecParams, state: speculative.SpecState, *, target: Target, cfg: SpecSlotConfig,
-         cache_len: int) -> speculative.SpecState:
-  """The same slots over caches of cache_len slots (both padded with empty slots at the end)."""
+def resize(params: SpecParams, state: speculative.SpecState, *, target: Target, cfg: SpecSlotConfig,
+           cache_len: int) -> speculative.SpecState:
+  """The same slots over caches of cache_len slots (both padded with empty slots at the end, or cut)."""
   del params, cfg
-  TRACE_COUNT["grow"] += 1
+  TRACE_COUNT["resize"] += 1
 
-  return state.replace(cache=kv_cache.pad_slots(state.cache, cache_len, target.slot_axis),
-                       draft_cache=kv_cache.pad_slots(state.draft_cache, cache_len, kv_cache.SLOT_AXIS))
+  return state.replace(cache=kv_cache.resize_slots(state.cache, cache_len, target.slot_axis),
+                       draft_cache=kv_cache.resize_slots(state.draft_cache, cache_len, kv_cache.SLOT_AXIS))
 
 
 admit_jit = jax.jit(admit, static_argnames=("target", "cfg"), donate_argnames=("state",))
-grow_jit = jax.jit(grow, static_argnames=("target", "cfg", "cache_len"))
+resize_jit = jax.jit(resize, static_argnames=("target", "cfg", "cache_len"))
 run_rounds_jit = jax.jit(run_rounds, static_argnames=("target", "cfg"), donate_argnames=("state",))

@@ -56,19 +56,24 @@ def slots(cache: Any, slot_axis: int = 1) -> int:
   return next(x.shape[slot_axis] for x in jax.tree.leaves(cache) if x.ndim >= 2)
 
 
-def pad_slots(cache: Any, cache_len: int, slot_axis: int = 1) -> Any:
-  """The same cache over cache_len slots: every rank >= 2 leaf padded with empty slots at the end of `slot_axis`.
+def resize_slots(cache: Any, cache_len: int, slot_axis: int = 1) -> Any:
+  """The same cache over cache_len slots: every rank >= 2 leaf padded with empty slots at the end of `slot_axis`, or
+  cut to its first cache_len slots.
 
-  Committed slots keep their indices (lengths are unchanged), so a running batch grows without draining.
+  Committed slots keep their indices (lengths are unchanged), so a running batch grows, or shrinks once its longest
+  requests are done, without draining. Cutting is only exact for rows whose lengths (plus what they will still
+  write) fit in cache_len: the caller's to ensure for the rows it keeps (a finished row is garbage either way).
   """
-  def pad(x):
+  def resize(x):
     if x.ndim < 2:
       return x
+    if cache_len <= x.shape[slot_axis]:
+      return jax.lax.slice_in_dim(x, 0, cache_len, axis=slot_axis)
     widths = [(0, 0)] * x.ndim
     widths[slot_axis] = (0, cache_len - x.shape[slot_axis])
     return jnp.pad(x, widths)
 
-  return jax.tree.map(pad, cache)
+  return jax.tree.map(resize, cache)
 
 
 def commit(cache: Any, starts_B: jax.Array, path_BR: jax.Array, count_B: jax.Array, num_nodes: int,

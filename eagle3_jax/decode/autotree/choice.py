@@ -67,19 +67,21 @@ def engine_batches(prompt_lengths: Sequence[int], batch: int) -> list[int]:
 
 def continuous_seconds(costs: Costs, buckets: Sequence[int], rounds: float | Sequence[float], *, slots: int,
                        pool_len: Callable[[int], int], per_round: Callable[[int], float],
-                       sync_every: int = 16) -> float:
+                       sync_every: int = 16, admit_order: str = "shortest") -> float:
   """Seconds of a continuous batcher (decode/batching.py) serving requests of these prompt buckets, each needing
-  `rounds` steps or rounds after its prefill (one number for all, or one per request in admission order, i.e.
-  shortest prompt first): admissions shortest first, each prefilled alone (one row,
-  costs.admit_s), the slot loop in chunks of `sync_every` rounds over all slots (a chunk ends early only when every
-  slot is done), finished slots refilled between chunks, the cache grown to pool_len of the longest admitted
-  bucket. No first-run cost: the batcher compiles each executable ahead of its first call (outside the timed
+  `rounds` steps or rounds after its prefill (one number for all, or one per request in admission order):
+  admissions in `admit_order` of prompt length, each prefilled alone (one row, costs.admit_s), the slot loop in
+  chunks of `sync_every` rounds over all slots (a chunk ends early only when every slot is done), finished slots
+  refilled between chunks, the cache grown to pool_len of the longest admitted bucket and cut to what the running
+  requests and the next queued one need. No first-run cost: the batcher compiles each executable ahead of its first call (outside the timed
   region), and its first run of 8 requests measured no slower than warm repeats of the same run (BENCHMARKS.md
   "Batch 4 with continuous batching modelled"), unlike the static generator's (costs.first_call)."""
   per_request = [float(rounds)] * len(buckets) if isinstance(rounds, (int, float)) else [float(r) for r in rounds]
-  queue = list(zip(sorted(buckets), per_request))[::-1]  # pop() gives the shortest, as the batcher admits
+  order = sorted(buckets, reverse=admit_order == "longest")
+  queue = list(zip(order, per_request))[::-1]  # pop() gives the next to admit, as the batcher admits
   S = pool_len(queue[-1][0])
   left: list[float | None] = [None] * slots
+  held: list[int] = [0] * slots  # bucket of each slot's request
   seconds = 0.0
   while queue or any(r is not None for r in left):
     for slot in range(slots):
@@ -87,7 +89,9 @@ def continuous_seconds(costs: Costs, buckets: Sequence[int], rounds: float | Seq
         T, r = queue.pop()
         S = max(S, pool_len(T))
         seconds += costs.admit_s(T)
-        left[slot] = r
+        left[slot], held[slot] = r, T
+    running = [pool_len(T) for T, r in zip(held, left) if r is not None]
+    S = min(S, max(running + ([pool_len(queue[-1][0])] if queue else [])))
     n = min(sync_every, max(r for r in left if r is not None))
     seconds += math.ceil(n) * per_round(S)
     left = [None if r is None or r <= n else r - n for r in left]
@@ -96,14 +100,14 @@ def continuous_seconds(costs: Costs, buckets: Sequence[int], rounds: float | Seq
 
 def predict(costs: Costs, acc: Acceptance, *, batch: int, prompt_lengths: Sequence[int] | None = None,
             max_new_tokens: int = 128, shapes: Sequence[TreeConfig] | None = None,
-            batching: str = "static", sync_every: int = 16) -> list[Prediction]:
+            batching: str = "static", sync_every: int = 16, admit_order: str = "shortest") -> list[Prediction]:
   """Predicted tokens/s of plain decoding and of every shape, best first.
 
   With prompt_lengths, the engine's work is modelled as `batching` runs it. static: its batches (length-sorted,
   bucketed), each prefilled at its bucket and decoded with a cache of bucket + max_new_tokens slots until its
   slowest row has max_new_tokens (EOS is not predicted; acceptance.batch_rounds), plus the first-call cost of each
-  new executable (one per distinct bucket). continuous: `continuous_seconds` with `batch` slots. Without
-  prompt_lengths, decoding alone at CACHE_LENS[0].
+  new executable (one per distinct bucket). continuous: `continuous_seconds` with `batch` slots, admitting in
+  `admit_order`. Without prompt_lengths, decoding alone at CACHE_LENS[0].
   """
   if batching not in ("static", "continuous"):
     raise ValueError(f"batching must be 'static' or 'continuous', got {batching!r}")
@@ -122,7 +126,7 @@ def predict(costs: Costs, acc: Acceptance, *, batch: int, prompt_lengths: Sequen
     if batching == "continuous":
       draws = row_rounds if isinstance(row_rounds, list) else [row_rounds]
       seconds = np.mean([continuous_seconds(costs, own, r, slots=batch, pool_len=pool_len, per_round=per_step,
-                                            sync_every=sync_every) for r in draws])
+                                            sync_every=sync_every, admit_order=admit_order) for r in draws])
       return n_rows * M / float(seconds)
     seconds = sum(prefill_s(T) + rounds * per_step(T + M) for T in buckets)
     return n_rows * M / (seconds + once * len(set(buckets)))
@@ -155,12 +159,12 @@ def predict(costs: Costs, acc: Acceptance, *, batch: int, prompt_lengths: Sequen
 
 def choose(costs: Costs, acc: Acceptance, *, batch: int, prompt_lengths: Sequence[int] | None = None,
            max_new_tokens: int = 128, shapes: Sequence[TreeConfig] | None = None, batching: str = "static",
-           sync_every: int = 16, margin: float = MARGIN) -> Prediction:
+           sync_every: int = 16, margin: float = MARGIN, admit_order: str = "shortest") -> Prediction:
   """The shape predicted fastest, if it beats plain decoding by more than `margin` (a fraction); else plain
   decoding (tree None)."""
   if margin < 0:
     raise ValueError(f"margin must be >= 0, got {margin}")
   preds = predict(costs, acc, batch=batch, prompt_lengths=prompt_lengths, max_new_tokens=max_new_tokens,
-                  shapes=shapes, batching=batching, sync_every=sync_every)
+                  shapes=shapes, batching=batching, sync_every=sync_every, admit_order=admit_order)
   plain = next(p for p in preds if p.tree is None)
   return preds[0] if preds[0].tokens_per_s > plain.tokens_per_s * (1 + margin) else plain
