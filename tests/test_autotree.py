@@ -255,7 +255,8 @@ def test_calibration_keeps_each_anchors_median_ratio(tiny_cfg, monkeypatch):
     assert len(got["ratios"]) == autotree_costs.ANCHOR_REPEATS
     typical = [r for i, r in enumerate(got["ratios"]) if i != slow]
     assert got["round"] == pytest.approx(float(np.median(got["ratios"])) * costs.step)
-    assert min(typical) <= got["round"] / costs.step <= max(typical)  # the slow timing is not what counts
+    ratio = got["round"] / costs.step  # the slow timing is not what counts (a mean would be pulled towards it)
+    assert min(typical) * (1 - 1e-9) <= ratio <= max(typical) * (1 + 1e-9)
 
 
 def test_batch_rounds_wait_for_the_slowest_row():
