@@ -7,9 +7,9 @@ collects the rows that finished and admits waiting requests into their slots. Ad
 prompt bucket with the slot as data, so nothing recompiles per admission.
 
 Attention reads every cache slot whatever the mask (static shapes), so the cache length S is what each step
-costs beyond the weights. S is the power of two that the longest running request needs. When the next request needs more, the running state
-grows (its cache is padded with empty slots) rather than draining; when the longest running ones are done and
-nothing queued needs as much, it shrinks (cut to the first S slots). Either way slots stay busy across the change,
+costs beyond the weights. S is the power of two that the longest running request needs. When the next request
+needs more, the running state grows (its cache is padded with empty slots) rather than draining; when the longest
+running ones are done and nothing queued needs as much, it shrinks (cut to its first S slots). Either way slots stay busy across the change,
 and there is one resize executable per pair of sizes. Requests are admitted in prompt-length order
 (`admit_order`): shortest first only ever grows S; longest first starts big, prefills the long prompts while every
 slot is busy, and shrinks S as the long requests finish, so the tail of a run steps over a small cache.
