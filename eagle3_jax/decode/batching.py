@@ -6,11 +6,11 @@ into that slot's rows of the running state), the jitted loop runs `sync_every` s
 collects the rows that finished and admits waiting requests into their slots. Admission is one executable per
 prompt bucket with the slot as data, so nothing recompiles per admission.
 
-Attention reads every cache slot whatever the mask (static shapes), so the cache length S is what each step
-costs beyond the weights. S is the power of two that the longest running request needs. When the next request
-needs more, the running state grows (its cache is padded with empty slots) rather than draining; when the longest
-running ones are done and nothing queued needs as much, it shrinks (cut to its first S slots). Either way slots stay busy across the change,
-and there is one resize executable per pair of sizes. Requests are admitted in prompt-length order
+Attention reads every cache slot whatever the mask (static shapes), so the cache length S is what each step costs
+beyond the weights. S is the power of two that the longest running request needs. When the next request needs more,
+the running state grows (its cache is padded with empty slots) rather than draining; when the longest running ones
+are done and nothing queued needs as much, it shrinks (cut to its first S slots). Either way slots stay busy across
+the change, and there is one resize executable per pair of sizes. Requests are admitted in prompt-length order
 (`admit_order`): shortest first only ever grows S; longest first starts big, prefills the long prompts while every
 slot is busy, and shrinks S as the long requests finish, so the tail of a run steps over a small cache.
 
@@ -241,7 +241,8 @@ class ContinuousBatcher:
                        max_new_tokens=self.max_new_tokens)
     results: list[list[int] | None] = [None] * n
     stats = {"steps": 0.0, "slot_steps": 0.0, "tokens": 0.0, "step_tokens": 0.0, "compile_s": 0.0,
-             "admissions": 0.0, "grows": 0.0, "shrinks": 0.0} | ({"rounds": 0.0, "accepted": 0.0} if self.speculative else {})
+             "admissions": 0.0, "grows": 0.0, "shrinks": 0.0} | (
+                 {"rounds": 0.0, "accepted": 0.0} if self.speculative else {})
     t_start = time.perf_counter()
     need = [self._pool_len(self.bucket_fn(len(p))) for p in prompt_ids]  # cache slots each request runs in
     S = need[queue[-1]]

@@ -3,9 +3,9 @@
 The host loop is batching.py's. What differs is the state (speculative.SpecState with one PRNG key per slot), the
 admission (speculative.prefill of K requests into caches of the pool's size, written into their slots together with
 their pending draft rows), the loop (draft-verify rounds instead of decode steps) and resizing (the target's and the
-draft's caches are both padded or cut). Ragged acceptance needs nothing new: speculative.py already keeps each row's cache
-lengths, pending rows, counts and stop state apart, and a finished or free row's writes land where nothing reads
-them. A slot's `rounds` and `accepted` restart at admission, so tau is counted per request.
+draft's caches are both padded or cut). Ragged acceptance needs nothing new: speculative.py already keeps each row's
+cache lengths, pending rows, counts and stop state apart, and a finished or free row's writes land where nothing
+reads them. A slot's `rounds` and `accepted` restart at admission, so tau is counted per request.
 
 Each request samples with its own key (fold_in(seed, request index)): the first token at admission, then every
 round's acceptance splits the slot's key, so a request's tokens do not depend on its slot or its neighbours.

@@ -73,9 +73,10 @@ def continuous_seconds(costs: Costs, buckets: Sequence[int], rounds: float | Seq
   admissions in `admit_order` of prompt length, each prefilled alone (one row, costs.admit_s), the slot loop in
   chunks of `sync_every` rounds over all slots (a chunk ends early only when every slot is done), finished slots
   refilled between chunks, the cache grown to pool_len of the longest admitted bucket and cut to what the running
-  requests and the next queued one need. No first-run cost: the batcher compiles each executable ahead of its first call (outside the timed
-  region), and its first run of 8 requests measured no slower than warm repeats of the same run (BENCHMARKS.md
-  "Batch 4 with continuous batching modelled"), unlike the static generator's (costs.first_call)."""
+  requests and the next queued one need. No first-run cost: the batcher compiles each executable ahead of its
+  first call (outside the timed region), and its first run of 8 requests measured no slower than warm repeats of
+  the same run (BENCHMARKS.md "Batch 4 with continuous batching modelled"), unlike the static generator's
+  (costs.first_call)."""
   per_request = [float(rounds)] * len(buckets) if isinstance(rounds, (int, float)) else [float(r) for r in rounds]
   order = sorted(buckets, reverse=admit_order == "longest")
   queue = list(zip(order, per_request))[::-1]  # pop() gives the next to admit, as the batcher admits
