@@ -3,30 +3,33 @@ shapes, at each batch size, on held-out prompts, in one run (same process, same 
 
     python benchmarks/prompt_sets.py --out runs/bench          # held-out ShareGPT + HumanEval question files
     python benchmarks/bench_autotree.py --prompts runs/bench/sharegpt_heldout.jsonl --questions 8 \\
-        --max-new-tokens 64 --batch-sizes 1,4
+        --max-new-tokens 64 --batch-sizes 1,4 --repeats 3
 
 The calibration is made fresh (--cache-dir, emptied first) so it is measured under the same conditions as the
 shapes. Predictions come from autotree exactly as infer.py makes them (the draft's acceptance.safetensors, the
-calibration at this batch size, the engine's batches of these prompts); measurements from infer.py with the shape
-given by hand (tokens/s without compilation, prefill included, EOS respected). Prints a markdown table and,
-last, one JSON line.
+calibration at this batch size, the engine's batches of these prompts); measurements run infer.py's own path
+(`engine.make_generator` with the shape given by hand, a new generator each run as a new infer.py process has, its
+executables from the compilation cache; `infer.serve`; tokens/s without compilation, prefill and first runs
+included, EOS respected). Prints a markdown table and, last, one JSON line.
 
-This machine's speed drifts by 10-40% within an hour (BENCHMARKS.md "Tree choice"), so the engine's plain decode
-step is also timed just before and just after each shape's run (a few seconds, the calibration's own method):
-"rescaled" predictions are the calibrated ones times calibrated step / that step, i.e. the same model at the
-machine's speed of the moment. Both are printed; the rescaling uses no timing of the shape itself.
+This machine's speed drifts by 10-40% within an hour (BENCHMARKS.md "Tree choice"), while the shapes' predicted
+tokens/s differ by 5-15%. So every shape is run --repeats times, the passes interleaved (shapes in order, then in
+reverse order, ...), and its median tokens/s is what is compared; and the engine's plain decode step is timed just
+before and just after each run (a few seconds, the calibration's own method): "rescaled" predictions are the
+calibrated ones times calibrated step / the median of those step timings, i.e. the same model at the machine's
+speed while that shape ran. Both are printed; the rescaling uses no timing of the shape itself.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import pathlib
 import shutil
 import sys
 import tempfile
+
+import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -45,18 +48,21 @@ def main(argv=None) -> dict:
   ap.add_argument("--batch-sizes", default="1,4")
   ap.add_argument("--shapes", default=SHAPES, help="comma list of KxDxP or 'none'")
   ap.add_argument("--cache-dir", default="runs/bench/autotree_cache")
+  ap.add_argument("--repeats", type=int, default=3, help="runs of every shape, interleaved; the median counts")
   ap.add_argument("--batching", default="auto", choices=("auto", "static", "continuous"),
                   help="as infer.py's (auto: continuous at batch > 1); predictions model the same")
   args = ap.parse_args(argv)
+  if args.repeats < 1:
+    ap.error(f"--repeats must be >= 1, got {args.repeats}")
   import jax
   import jax.numpy as jnp
 
   import infer
   from eagle3_jax import drafts
-  from eagle3_jax.decode import autotree, engine
+  from eagle3_jax.decode import autotree, engine, sampling
   from eagle3_jax.decode.autotree import costs as autotree_costs
   from eagle3_jax.decode.tree import TreeConfig
-  from eagle3_jax.target import load
+  from eagle3_jax.target import hf, load
 
   draft_dir = args.draft or str(drafts.default_draft_path())
   lines = pathlib.Path(args.prompts).read_text().splitlines()[:args.questions]
@@ -71,6 +77,12 @@ def main(argv=None) -> dict:
   dparams = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), ckpt.params)
   first = [{"messages": [{"role": "user", "content": r["turns"][0]}]} if "turns" in r else r for r in requests]
   prompt_ids = engine.Engine(None, tokenizer).encode(first)
+  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+  common = dict(sampling_cfg=sampling.SamplingConfig(temperature=0.0), max_new_tokens=args.max_new_tokens,
+                stop_ids=engine.stop_ids(tokenizer, None), pad_id=pad_id, seed=0)
+  # As infer.py: executables come from the compilation cache after the first pass, as for a repeated infer.py run.
+  jax.config.update("jax_compilation_cache_dir", str(hf.cache_root() / "xla"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   acc = autotree.Acceptance.load(pathlib.Path(draft_dir) / autotree.ACCEPTANCE_FILE)
   shutil.rmtree(args.cache_dir, ignore_errors=True)
   parse = lambda s: None if s == "none" else TreeConfig(**dict(zip(("top_k", "depth", "total_tokens"),  # noqa: E731
@@ -87,29 +99,37 @@ def main(argv=None) -> dict:
                                batching=mode)
       best = autotree.choose(costs, acc, batch=B, prompt_lengths=lens, max_new_tokens=args.max_new_tokens,
                              batching=mode)  # infer.py's choice: the margin over plain decoding included
-      step_now = []  # the engine's decode step, compiled once, timed again around every shape
+      step_now = []  # the engine's decode step, compiled once, timed again around every run
       autotree_costs.decode_step_cost(params, cfg, batch=B, cache_len=autotree.CACHE_LENS[0], n=8, first=[],
                                        keep=step_now)
       by_shape = {autotree.shape_str(p.tree): p for p in preds}
       todo = list(shapes) + ([best.tree] if best.tree not in shapes else [])
+      runs = {autotree.shape_str(t): [] for t in todo}  # per shape: (summary, step before, step after) per pass
+      for r in range(args.repeats):
+        for tcfg in (todo if r % 2 == 0 else todo[::-1]):
+          gen = engine.make_generator(params, cfg, draft_ckpt=None if tcfg is None else ckpt, tree_cfg=tcfg,
+                                      slots=B if mode == "continuous" else None, **common)
+          before = step_now[0]()
+          _, s = infer.serve(engine.Engine(gen, tokenizer, batch_size=B, pad_id=pad_id), requests,
+                             multi_turn=False, progress=False)
+          runs[autotree.shape_str(tcfg)].append((s, before, step_now[0]()))
+          print(f"pass {r} B {B} {autotree.shape_str(tcfg)}: {s['tokens_per_s']:.2f} tokens/s, tau {s['tau']}",
+                file=sys.stderr, flush=True)
       for tcfg in todo:
         name = autotree.shape_str(tcfg)
-        flags = (["--draft", "none"] if tcfg is None else
-                 ["--draft", draft_dir, "--draft-top-k", str(tcfg.top_k), "--draft-depth", str(tcfg.depth),
-                  "--draft-tokens", str(tcfg.total_tokens)])
-        before = step_now[0]()
-        with contextlib.redirect_stdout(io.StringIO()):
-          s = infer.main(["--prompts", str(qfile), *flags, "--batch-size", str(B), "--temperature", "0",
-                          "--max-new-tokens", str(args.max_new_tokens), "--no-progress", "--batching", mode])
-        scale = costs.step / (0.5 * (before + step_now[0]()))
+        done = runs[name]
+        speeds = [x[0]["tokens_per_s"] for x in done]
+        measured = float(np.median(speeds))
+        scale = costs.step / float(np.median([t for x in done for t in x[1:]]))
         p = by_shape.get(name) or autotree.predict(costs, acc, batch=B, prompt_lengths=lens,
                                                    max_new_tokens=args.max_new_tokens, shapes=[tcfg],
                                                    batching=mode)[0]
-        row = {"batch": B, "batching": mode, "tree": name, "predicted_tau": round(p.tau, 3), "tau": s["tau"],
-               "predicted_tokens_per_s": round(p.tokens_per_s, 2), "tokens_per_s": s["tokens_per_s"],
-               "error": round(p.tokens_per_s / s["tokens_per_s"] - 1, 4), "speed_scale": round(scale, 4),
+        row = {"batch": B, "batching": mode, "tree": name, "predicted_tau": round(p.tau, 3),
+               "tau": done[0][0]["tau"], "predicted_tokens_per_s": round(p.tokens_per_s, 2),
+               "tokens_per_s": round(measured, 3), "runs_tokens_per_s": speeds,
+               "error": round(p.tokens_per_s / measured - 1, 4), "speed_scale": round(scale, 4),
                "rescaled_tokens_per_s": round(p.tokens_per_s * scale, 2),
-               "rescaled_error": round(p.tokens_per_s * scale / s["tokens_per_s"] - 1, 4),
+               "rescaled_error": round(p.tokens_per_s * scale / measured - 1, 4),
                "auto": name == autotree.shape_str(best.tree)}
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)

@@ -108,6 +108,24 @@ def _fake_costs(step=10.0):
                         extra={"chain": {1: 2.0}, "tree": {1: 2.0}})
 
 
+def test_tree_extra_is_linear_in_top_k_between_anchors_and_flat_past_them():
+  # A 4x2x6 round once cost a third more than top-2 anchors predicted: top-4 anchors have their own table, and
+  # top_k = 3 lies between them; depth is held flat past each table's anchors, as top_k is past the widest.
+  c = dataclasses.replace(_fake_costs(), extra={"chain": {1: 1.0, 4: 4.0}, "tree": {2: 2.0, 4: 3.0}, "tree4": {2: 6.0}})
+  shape = lambda k, d, p: TreeConfig(top_k=k, depth=d, total_tokens=p)  # noqa: E731
+  assert c.extra_s(TreeConfig.chain(2)) == pytest.approx(2.0) and c.extra_s(TreeConfig.chain(8)) == 4.0
+  assert c.extra_s(shape(2, 3, 6)) == pytest.approx(2.5)
+  assert c.extra_s(shape(4, 2, 6)) == pytest.approx(6.0) and c.extra_s(shape(4, 8, 16)) == pytest.approx(6.0)
+  assert c.extra_s(shape(3, 2, 6)) == pytest.approx(4.0)  # halfway between 2.0 (top-2, depth 2) and 6.0
+  assert c.extra_s(shape(3, 4, 8)) == pytest.approx(4.5)  # between 3.0 and the flat 6.0
+  bare = dataclasses.replace(c, extra={"chain": {1: 0.0}, "tree4": {1: 0.0}})
+  assert c.round_s(shape(4, 2, 6)) == pytest.approx(bare.round_s(shape(4, 2, 6)) + 6.0)
+  only_top2 = _fake_costs()  # calibrations without a top-4 anchor price every tree with the top-2 table
+  assert only_top2.extra_s(shape(4, 2, 6)) == only_top2.extra_s(shape(2, 2, 4)) == 2.0
+  assert autotree_costs.extra_key(TreeConfig.chain(3)) == "chain" and autotree_costs.extra_key(shape(2, 2, 4)) == "tree"
+  assert autotree_costs.extra_key(shape(4, 2, 6)) == "tree4"
+
+
 def test_choice_oracle_picks_the_deepest_and_random_picks_none():
   oracle = autotree.Acceptance(np.ones((50, autotree.MAX_DEPTH), np.int8))
   best = autotree.choose(_fake_costs(), oracle, batch=1)
@@ -217,7 +235,7 @@ def test_calibration_is_cached_and_invalidated(tiny_cfg, tmp_path, monkeypatch):
 def test_random_draft_measured_end_to_end_chooses_plain_decoding(tiny_cfg, tmp_path):
   target, params, cfg, dparams, vocab, dcfg = _calibrate_args(tiny_cfg)
   costs = autotree.cached_costs(target, params, cfg, dparams, vocab, dcfg, batch=1, cache_dir=tmp_path)
-  assert costs.step > 0 and costs.verify[32] > 0 and costs.prefill_s(100) > 0 and set(costs.extra) == {"chain", "tree"}
+  assert costs.step > 0 and costs.verify[32] > 0 and costs.prefill_s(100) > 0 and set(costs.extra) == {"chain", "tree", "tree4"}
   rng = np.random.default_rng(0)
   examples = [(rng.integers(0, cfg.vocab_size, 40), np.r_[np.zeros(10, bool), np.ones(30, bool)]) for _ in range(4)]
   acc = autotree.acceptance(target, params, dparams, vocab, dcfg, examples)

@@ -105,38 +105,12 @@ def test_greedy_tokens_match_transformers(ours, prompt, reference):
   np.testing.assert_array_equal(got, ref)
 
 
-def test_speculative_greedy_equals_vanilla(ours, prompt):
-  """The real target under the speculative engine: B = 2 ragged rows, a (4, 4, 16) tree, a random Vd = 16384 draft
-  (as configs/smollm2_135m.py shapes it). Nearly every proposal is rejected, so almost every round takes the
-  correction path through verify + commit on real SmolLM2 KV; accepting paths are covered on tiny targets."""
-  from eagle3_jax.draft import head as draft
-  from eagle3_jax.draft.vocab import DraftVocab
-  from eagle3_jax.decode import speculative as sp
-  from eagle3_jax.decode.tree import TreeConfig
-
-  cfg, params = ours
-  n_new, T = 32, prompt.shape[1]
-  short = prompt[:, : T - 9]  # the same chat cut mid-way: a second, shorter row
-  tokens = np.zeros((2, T), np.int32)
-  tokens[0], tokens[1, : T - 9] = prompt[0], short[0]
-  lengths = np.array([T, T - 9], np.int32)
-  want = vanilla.generate_jit(params, jnp.asarray(tokens), jnp.asarray(lengths),
-                             llama.init_cache(cfg, 2, vanilla.cache_length(T, n_new)), jax.random.key(0), target=protocol.llama_target(cfg),
-                             sampling_cfg=sampling.SamplingConfig(), max_new_tokens=n_new)
-  dcfg = draft.DraftConfig.for_target(cfg, draft_vocab_size=16384)
-  vocab = DraftVocab.from_ids(np.arange(16384), cfg.vocab_size)
-  spec = sp.SpecConfig(tree=TreeConfig(top_k=4, depth=4, total_tokens=16), max_new_tokens=n_new)
-  state = sp.generate(protocol.llama_target(cfg), params, draft.init_params(dcfg, jax.random.key(1)), vocab, tokens,
-                      lengths, jax.random.key(0), dcfg=dcfg, spec=spec)
-  out = sp.outputs(state, spec)
-  np.testing.assert_array_equal(out["counts"], [n_new, n_new])
-  np.testing.assert_array_equal(out["tokens"], np.asarray(want.tokens))
-  assert (out["tau"] >= 1).all()
-
-
 def test_continuous_speculative_with_the_shipped_draft_equals_decoding_alone(ours, prompt):
-  """Three requests through two slots with the shipped draft (real, ragged acceptance on real SmolLM2 KV): each
-  request's greedy tokens equal plain decoding of it alone (one slot, no draft), and drafts were accepted."""
+  """Three requests through two slots with the shipped draft and a tree (real, ragged acceptance on real SmolLM2 KV:
+  rounds that accept a side branch, rounds that accept nothing and take the correction path): each request's
+  greedy tokens equal plain decoding of it alone (one slot, no draft), and drafts were accepted. (Static batches
+  with the shipped draft: tests/test_shipped_draft.py; a random draft's 4x4x16 tree on SmolLM2 was dropped from
+  here to keep the suite short, trees with rejecting drafts are covered on tiny targets.)"""
   from eagle3_jax import drafts
   from eagle3_jax.decode import batching, engine
   from eagle3_jax.decode.tree import TreeConfig
@@ -146,7 +120,7 @@ def test_continuous_speculative_with_the_shipped_draft_equals_decoding_alone(our
   T = prompt.shape[1]
   requests = [prompt[0].tolist(), prompt[0, : T - 9].tolist(), prompt[0, : T - 20].tolist()]
   common = dict(sampling_cfg=sampling.SamplingConfig(), max_new_tokens=24, sync_every=4)
-  spec = engine.make_generator(params, cfg, draft_ckpt=ckpt, tree_cfg=TreeConfig(top_k=1, depth=3, total_tokens=3),
+  spec = engine.make_generator(params, cfg, draft_ckpt=ckpt, tree_cfg=TreeConfig(top_k=2, depth=3, total_tokens=4),
                                slots=2, **common)
   got, stats = spec.run(requests)
   alone, _ = batching.ContinuousBatcher(params, cfg, slots=1, **common).run(requests)

@@ -39,11 +39,11 @@ EXPAND_DEPTHS = (1, 4)  # expansion is timed at two depths per top_k; other dept
 CACHE_LENS = (256, 1024)  # the step is timed at both: attention reads every slot, so cost grows with the cache
 PREFILL_LENS = (64, 512)  # prompt tokens per row of the two timed prefills; other lengths are linear
 ANCHOR_REPEATS = 3  # timings of each anchor round (interleaved with the others and with steps); the median counts
-VERSION = 7  # of the timing method; cached calibrations of another version are redone (2: output head kept;
+VERSION = 8  # of the timing method; cached calibrations of another version are redone (2: output head kept;
 # 3: one-row prefill for continuous batching's admissions; 4: anchors as ratios to steps timed beside them;
 # 5: loops compiled and laid out as the engine's decode executables, decode/xla_cpu.py; 6: the head in column
 # blocks for 8-16 rows a step, llama.decode_layout; 7: each anchor's median of ANCHOR_REPEATS interleaved ratios,
-# the one-row prefill under XLA's defaults at batch 1 too)
+# the one-row prefill under XLA's defaults at batch 1 too; 8: a top-4 tree anchor, trees' extra linear in top_k)
 
 
 
@@ -51,8 +51,9 @@ VERSION = 7  # of the timing method; cached calibrations of another version are 
 class Costs:
   """Seconds on this machine at one batch size. At cache length CACHE_LENS[0]: the target's decode step, its verify
   pass for P tree nodes (P + 1 tokens with the root), the draft's context pass for R rows and its expansion per
-  (top_k, depth); `extra`: what real chain / tree rounds cost beyond those parts (accept, commit, emit, the
-  loop, and what the parts timed alone miss), by depth, from real rounds of two chains and two trees. `slot`:
+  (top_k, depth); `extra`: what real rounds cost beyond those parts (accept, commit, emit, the loop, and what the
+  parts timed alone miss), by depth, per `extra_key` (chains, top-2 trees, top-k trees), from real anchor rounds.
+  `slot`:
   seconds a step gains per extra cache slot. `prefill`: prompt length -> seconds of the target's prefill of a
   batch. `admit`: the same for one row (a continuous batcher prefills each admission alone). `first_call`: one-time
   seconds of a new executable's first run, per kind ("plain", "chain", "tree")."""
@@ -102,10 +103,19 @@ class Costs:
   def expand_s(self, k: int, depth: int) -> float:
     return self._line(self.expand[k], depth)
 
+  def extra_s(self, tcfg: TreeConfig) -> float:
+    """What a real round costs beyond its parts: from the chain anchors for a chain; for a tree, from the tree
+    anchors of each timed top_k (`extra_key`), linear in top_k between them. Held flat past the anchors, in depth
+    and in top_k: extrapolating a noisy difference of two timings invites absurd shapes."""
+    flat = lambda table, x: self._line(table, min(max(x, min(table)), max(table)))  # noqa: E731
+    if tcfg.is_chain:
+      return flat(self.extra["chain"], tcfg.depth)
+    by_k = {2 if key == "tree" else int(key[len("tree"):]): flat(table, tcfg.depth)
+            for key, table in self.extra.items() if key.startswith("tree")}
+    return flat(by_k, tcfg.top_k)
+
   def round_s(self, tcfg: TreeConfig, cache_len: int | None = None) -> float:
-    # Held flat past the anchors: extrapolating a noisy difference of two timings invites absurd shapes.
-    table = self.extra["chain" if tcfg.is_chain else "tree"]
-    extra = self._line(table, min(max(tcfg.depth, min(table)), max(table)))
+    extra = self.extra_s(tcfg)
     # A verify pass is a target forward of more tokens than a step's, so it never costs less than the step (the two
     # are timed minutes apart, and the step is the median of several timings).
     return (self.context_s(tcfg.max_accept + 1) + self.expand_s(tcfg.top_k, tcfg.depth)
@@ -126,6 +136,11 @@ class Costs:
                context=ints(obj["context"]), expand={int(k): ints(e) for k, e in obj["expand"].items()},
                extra={k: ints(e) for k, e in obj["extra"].items()}, meta=obj.get("meta", {}),
                admit=ints(obj.get("admit", {})))
+
+
+def extra_key(tcfg: TreeConfig) -> str:
+  """Key of `Costs.extra` an anchor round of this shape sets: "chain", "tree" (top_k 2) or "tree<top_k>"."""
+  return "chain" if tcfg.is_chain else "tree" if tcfg.top_k == 2 else f"tree{tcfg.top_k}"
 
 
 def _time_loop(fn, params: Any, state: Any, n: int, repeats: int = 3, first: list | None = None,
@@ -187,10 +202,14 @@ def calibrate(target: protocol.Target, target_params: Any, draft_params: Any, vo
               dcfg: draft.DraftConfig, *, batch: int, target_cfg: Any = None, n: int = 8, verbose: bool = False,
               anchors: Sequence[TreeConfig] = (TreeConfig.chain(1), TreeConfig.chain(4),
                                                TreeConfig(top_k=2, depth=2, total_tokens=4),
-                                               TreeConfig(top_k=2, depth=4, total_tokens=8))
+                                               TreeConfig(top_k=2, depth=4, total_tokens=8),
+                                               TreeConfig(top_k=4, depth=2, total_tokens=6))
               ) -> Costs:
-  """Times every part of a round at this batch size (about a minute on 2 CPU cores, mostly compilation), then one
-  real rounds of two chains and two trees: what those cost beyond their parts is `extra`. The decode step is the
+  """Times every part of a round at this batch size (about a minute on 2 CPU cores, mostly compilation), then real
+  rounds of the anchors (two chains, two top-2 trees, a top-4 tree): what those cost beyond their parts is
+  `extra`. The top-4 anchor is there because a 4x2x6 round once cost a third more than its parts and the top-2
+  trees' extra predicted (BENCHMARKS.md "Tree choice with median anchors"): a wider expansion does more than its
+  timed parts show. The decode step is the
   engine's own (vanilla.decode_step: forward, sampling, bookkeeping) when target_cfg (a LlamaConfig) is given,
   else the bare forward."""
   B, S = batch, CACHE_LENS[0]
@@ -313,11 +332,11 @@ def calibrate(target: protocol.Target, target_params: Any, draft_params: Any, vo
     real, first_run = float(np.median(ratios[anchor])) * step, firsts[anchor]
     log(f"anchor {anchor.shape} / step ratios {[round(r, 3) for r in ratios[anchor]]}")
     first_call[kind] = max(first_call.get(kind, 0.0), first_run)
-    bare = dataclasses.replace(parts, extra={kind: {1: 0.0}}).round_s(anchor)
-    extra.setdefault(kind, {})[anchor.depth] = max(0.0, real - bare)
+    bare = dataclasses.replace(parts, extra={extra_key(anchor): {1: 0.0}}).round_s(anchor)
+    extra.setdefault(extra_key(anchor), {})[anchor.depth] = max(0.0, real - bare)
     meta["anchors"].append({"shape": anchor.shape, "round": real, "parts": bare, "ratios": ratios[anchor]})
     log(f"anchor round {anchor.shape}: {real * 1e3:.1f} ms, parts {bare * 1e3:.1f} ms")
-  if set(extra) != {"chain", "tree"}:
+  if "chain" not in extra or not any(key.startswith("tree") for key in extra):
     raise ValueError("calibrate needs a chain and a tree among its anchors")
   if target_cfg is not None:  # the engine's own executables (prefill + loop) pay more on first run than loops do
     first_call = {kind: _engine_first_call(target_params, target_cfg, draft_params, vocab, dcfg, batch=B, tcfg=t)
