@@ -205,7 +205,7 @@ def calibrate(target: protocol.Target, target_params: Any, draft_params: Any, vo
                                                TreeConfig(top_k=2, depth=4, total_tokens=8),
                                                TreeConfig(top_k=4, depth=2, total_tokens=6))
               ) -> Costs:
-  """Times every part of a round at this batch size (about a minute on 2 CPU cores, mostly compilation), then real
+  """Times every part of a round at this batch size (3-11 minutes on 2 CPU cores, much of it compilation), then real
   rounds of the anchors (two chains, two top-2 trees, a top-4 tree): what those cost beyond their parts is
   `extra`. The top-4 anchor is there because a 4x2x6 round once cost a third more than its parts and the top-2
   trees' extra predicted (BENCHMARKS.md "Tree choice with median anchors"): a wider expansion does more than its
