@@ -53,9 +53,8 @@ class Costs:
   pass for P tree nodes (P + 1 tokens with the root), the draft's context pass for R rows and its expansion per
   (top_k, depth); `extra`: what real rounds cost beyond those parts (accept, commit, emit, the loop, and what the
   parts timed alone miss), by depth, per `extra_key` (chains, top-2 trees, top-k trees), from real anchor rounds.
-  `slot`:
-  seconds a step gains per extra cache slot. `prefill`: prompt length -> seconds of the target's prefill of a
-  batch. `admit`: the same for one row (a continuous batcher prefills each admission alone). `first_call`: one-time
+  `slot`: seconds a step gains per extra cache slot. `prefill`: prompt length -> seconds of the target's prefill of
+  a batch. `admit`: the same for one row (a continuous batcher prefills each admission alone). `first_call`: one-time
   seconds of a new executable's first run, per kind ("plain", "chain", "tree")."""
 
   step: float
@@ -209,9 +208,8 @@ def calibrate(target: protocol.Target, target_params: Any, draft_params: Any, vo
   rounds of the anchors (two chains, two top-2 trees, a top-4 tree): what those cost beyond their parts is
   `extra`. The top-4 anchor is there because a 4x2x6 round once cost a third more than its parts and the top-2
   trees' extra predicted (BENCHMARKS.md "Tree choice with median anchors"): a wider expansion does more than its
-  timed parts show. The decode step is the
-  engine's own (vanilla.decode_step: forward, sampling, bookkeeping) when target_cfg (a LlamaConfig) is given,
-  else the bare forward."""
+  timed parts show. The decode step is the engine's own (vanilla.decode_step: forward, sampling, bookkeeping) when
+  target_cfg (a LlamaConfig) is given, else the bare forward."""
   B, S = batch, CACHE_LENS[0]
   embed = target.embed(target_params)
   dtype = embed.dtype
