@@ -170,6 +170,15 @@ def test_continuous_prediction_follows_the_slot_schedule():
   admits = c.admit_s(16) + c.admit_s(24) + c.admit_s(48)
   rounds = 20 * (1 + 64 / 1000) + 20 * (1 + 128 / 1000)
   assert got == pytest.approx(admits + rounds)
+  # Every chunk's call makes the decode layout again (four chunks: 16 + 4, then 16 + 4); a static batch once.
+  laid = dataclasses.replace(c, layout=0.5)
+  assert autotree.continuous_seconds(laid, [16, 24, 48], 20, slots=2, pool_len=pool,
+                                     per_round=lambda S: 1.0 + S / 1000, sync_every=16) == pytest.approx(got + 4 * 0.5)
+  lens8 = [10, 20, 30, 40, 50, 60, 70, 80]
+  never = autotree.Acceptance(np.ones((50, 8), np.int8))
+  seconds = lambda costs: 8 * 128 / autotree.predict(costs, never, batch=4, prompt_lengths=lens8,  # noqa: E731
+                                                     shapes=[])[0].tokens_per_s
+  assert seconds(laid) == pytest.approx(seconds(c) + 2 * 0.5)  # two static batches of four
   # Per-request rounds, in admission order (shortest prompt first): the chunk ends when both first requests are
   # done (6 rounds), then the third alone runs 16 + 14: its spread, not the mean, sets the tail.
   spread = autotree.continuous_seconds(c, [48, 16, 24], [5, 6, 30], slots=2, pool_len=pool,

@@ -73,10 +73,10 @@ def continuous_seconds(costs: Costs, buckets: Sequence[int], rounds: float | Seq
   admissions in `admit_order` of prompt length, each prefilled alone (one row, costs.admit_s), the slot loop in
   chunks of `sync_every` rounds over all slots (a chunk ends early only when every slot is done), finished slots
   refilled between chunks, the cache grown to pool_len of the longest admitted bucket and cut to what the running
-  requests and the next queued one need. No first-run cost: the batcher compiles each executable ahead of its
-  first call (outside the timed region), and its first run of 8 requests measured no slower than warm repeats of
-  the same run (BENCHMARKS.md "Batch 4 with continuous batching modelled"), unlike the static generator's
-  (costs.first_call)."""
+  requests and the next queued one need; each chunk's call makes the decode layout again (costs.layout). No
+  first-run cost: the batcher compiles each executable ahead of its first call (outside the timed region), and its
+  first run of 8 requests measured no slower than warm repeats of the same run (BENCHMARKS.md "Batch 4 with
+  continuous batching modelled"), unlike the static generator's (costs.first_call)."""
   per_request = [float(rounds)] * len(buckets) if isinstance(rounds, (int, float)) else [float(r) for r in rounds]
   order = sorted(buckets, reverse=admit_order == "longest")
   queue = list(zip(order, per_request))[::-1]  # pop() gives the next to admit, as the batcher admits
@@ -94,7 +94,7 @@ def continuous_seconds(costs: Costs, buckets: Sequence[int], rounds: float | Seq
     running = [pool_len(T) for T, r in zip(held, left) if r is not None]
     S = min(S, max(running + ([pool_len(queue[-1][0])] if queue else [])))
     n = min(sync_every, max(r for r in left if r is not None))
-    seconds += math.ceil(n) * per_round(S)
+    seconds += math.ceil(n) * per_round(S) + costs.layout  # every chunk's call makes the decode layout again
     left = [None if r is None or r <= n else r - n for r in left]
   return seconds
 
@@ -105,10 +105,10 @@ def predict(costs: Costs, acc: Acceptance, *, batch: int, prompt_lengths: Sequen
   """Predicted tokens/s of plain decoding and of every shape, best first.
 
   With prompt_lengths, the engine's work is modelled as `batching` runs it. static: its batches (length-sorted,
-  bucketed), each prefilled at its bucket and decoded with a cache of bucket + max_new_tokens slots until its
-  slowest row has max_new_tokens (EOS is not predicted; acceptance.batch_rounds), plus the first-call cost of each
-  new executable (one per distinct bucket). continuous: `continuous_seconds` with `batch` slots, admitting in
-  `admit_order`. Without prompt_lengths, decoding alone at CACHE_LENS[0].
+  bucketed), each prefilled at its bucket, its decode layout made (costs.layout) and decoded with a cache of bucket +
+  max_new_tokens slots until its slowest row has max_new_tokens (EOS is not predicted; acceptance.batch_rounds),
+  plus the first-call cost of each new executable (one per distinct bucket). continuous: `continuous_seconds` with
+  `batch` slots, admitting in `admit_order`. Without prompt_lengths, decoding alone at CACHE_LENS[0].
   """
   if batching not in ("static", "continuous"):
     raise ValueError(f"batching must be 'static' or 'continuous', got {batching!r}")
@@ -129,7 +129,7 @@ def predict(costs: Costs, acc: Acceptance, *, batch: int, prompt_lengths: Sequen
       seconds = np.mean([continuous_seconds(costs, own, r, slots=batch, pool_len=pool_len, per_round=per_step,
                                             sync_every=sync_every, admit_order=admit_order) for r in draws])
       return n_rows * M / float(seconds)
-    seconds = sum(prefill_s(T) + rounds * per_step(T + M) for T in buckets)
+    seconds = sum(prefill_s(T) + rounds * per_step(T + M) + costs.layout for T in buckets)  # a call per batch
     return n_rows * M / (seconds + once * len(set(buckets)))
 
   plain_pool = lambda T: slot_batching.pool_cache_len(T, M)  # noqa: E731

@@ -39,11 +39,12 @@ EXPAND_DEPTHS = (1, 4)  # expansion is timed at two depths per top_k; other dept
 CACHE_LENS = (256, 1024)  # the step is timed at both: attention reads every slot, so cost grows with the cache
 PREFILL_LENS = (64, 512)  # prompt tokens per row of the two timed prefills; other lengths are linear
 ANCHOR_REPEATS = 3  # timings of each anchor round (interleaved with the others and with steps); the median counts
-VERSION = 8  # of the timing method; cached calibrations of another version are redone (2: output head kept;
+VERSION = 9  # of the timing method; cached calibrations of another version are redone (2: output head kept;
 # 3: one-row prefill for continuous batching's admissions; 4: anchors as ratios to steps timed beside them;
 # 5: loops compiled and laid out as the engine's decode executables, decode/xla_cpu.py; 6: the head in column
 # blocks for 8-16 rows a step, llama.decode_layout; 7: each anchor's median of ANCHOR_REPEATS interleaved ratios,
-# the one-row prefill under XLA's defaults at batch 1 too; 8: a top-4 tree anchor, trees' extra linear in top_k)
+# the one-row prefill under XLA's defaults at batch 1 too; 8: a top-4 tree anchor, trees' extra linear in top_k;
+# 9: the decode layout made outside the timed loops and priced on its own, `layout`)
 
 
 
@@ -55,7 +56,11 @@ class Costs:
   parts timed alone miss), by depth, per `extra_key` (chains, top-2 trees, top-k trees), from real anchor rounds.
   `slot`: seconds a step gains per extra cache slot. `prefill`: prompt length -> seconds of the target's prefill of
   a batch. `admit`: the same for one row (a continuous batcher prefills each admission alone). `first_call`: one-time
-  seconds of a new executable's first run, per kind ("plain", "chain", "tree")."""
+  seconds of a new executable's first run, per kind ("plain", "chain", "tree"). `layout`: seconds of the target's
+  decode layout (decode/xla_cpu.py: a [D, V] copy of a tied head, 113 MB for SmolLM2), which every call of a decode
+  executable makes once before its loop: a static batch pays it once, a slot batcher at every chunk. Timed inside
+  loops of 8 steps it once added 1/8 of its ~52 ms to every step, verify pass and round (plain steps priced 20% over
+  the engine's: BENCHMARKS.md "Tree choice with the layout priced apart")."""
 
   step: float
   slot: float
@@ -68,6 +73,7 @@ class Costs:
       default_factory=lambda: {"chain": {1: 0.0}, "tree": {1: 0.0}})  # kind -> depth -> seconds
   meta: dict = dataclasses.field(default_factory=dict)
   admit: dict[int, float] = dataclasses.field(default_factory=dict)  # prompt length -> seconds, one row
+  layout: float = 0.0  # seconds per decode-executable call, before its loop
 
   @staticmethod
   def _line(table: dict[int, float], x: float) -> float:
@@ -125,7 +131,8 @@ class Costs:
     return {"step": self.step, "slot": self.slot, "first_call": dict(self.first_call),
             "prefill": ints(self.prefill), "verify": ints(self.verify),
             "context": ints(self.context), "expand": {str(k): ints(e) for k, e in self.expand.items()},
-            "extra": {k: ints(e) for k, e in self.extra.items()}, "meta": self.meta, "admit": ints(self.admit)}
+            "extra": {k: ints(e) for k, e in self.extra.items()}, "meta": self.meta, "admit": ints(self.admit),
+            "layout": self.layout}
 
   @classmethod
   def from_json(cls, obj: dict) -> "Costs":
@@ -134,7 +141,7 @@ class Costs:
                prefill=ints(obj["prefill"]), verify=ints(obj["verify"]),
                context=ints(obj["context"]), expand={int(k): ints(e) for k, e in obj["expand"].items()},
                extra={k: ints(e) for k, e in obj["extra"].items()}, meta=obj.get("meta", {}),
-               admit=ints(obj.get("admit", {})))
+               admit=ints(obj.get("admit", {})), layout=float(obj.get("layout", 0.0)))
 
 
 def extra_key(tcfg: TreeConfig) -> str:
@@ -150,12 +157,13 @@ def _time_loop(fn, params: Any, state: Any, n: int, repeats: int = 3, first: lis
   one-time work there (0.75 s for a SmolLM2 decode executable on 2 cores), which an engine pays once per shape.
   `keep`, if given, receives a function that times the compiled loop again (same method, no recompilation).
   Loops are compiled and laid out as the engine's decode executables are (decode/xla_cpu.py): `prepare` maps the
-  params to their decode layout once, before the loop; `rows` (batch x tokens a step) picks the compiler options;
-  decode=False keeps XLA's defaults (an admission's prefill)."""
-  prepare = prepare or (lambda p: p)
+  params to their decode layout, here once outside the timed loop (its cost per executable call is `layout_cost`'s);
+  `rows` (batch x tokens a step) picks the compiler options; decode=False keeps XLA's defaults (an admission's
+  prefill)."""
+  if prepare is not None:
+    params = jax.block_until_ready(jax.jit(prepare)(params))
 
   def body(p, s):
-    p = prepare(p)
     return jax.lax.fori_loop(0, n, lambda i, c: fn(p, c), s)
 
   loop = jax.jit(body).lower(params, state).compile(xla_cpu.compiler_options(rows) if decode else None)
@@ -177,6 +185,23 @@ def _time_loop(fn, params: Any, state: Any, n: int, repeats: int = 3, first: lis
   if keep is not None:
     keep.append(best_of)
   return seconds
+
+
+def layout_cost(target: protocol.Target, params: Any, *, rows: int, repeats: int = 5) -> float:
+  """Seconds of the target's decode layout for `rows` rows a step (xla_cpu.decode_params), made as a decode
+  executable makes it at every call; 0 where there is none (other backends, targets without a layout)."""
+  def made(p):  # only what the layout makes: the parameters it passes through cost a call nothing
+    out = xla_cpu.decode_params(target, p, rows=rows)
+    return {k: v for k, v in out.items() if k not in p} if isinstance(out, dict) and isinstance(p, dict) else out
+
+  fn = jax.jit(made)
+  jax.block_until_ready(fn(params))
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(params))
+    best = min(best, time.perf_counter() - t0)
+  return best if xla_cpu.decode_params(target, params, rows=rows) is not params else 0.0
 
 
 def machine_key() -> dict:
@@ -292,10 +317,12 @@ def calibrate(target: protocol.Target, target_params: Any, draft_params: Any, vo
     return _time_loop(fn, (draft_params, embed, vocab), (dcache, hidden), n)
 
   expand = {k: {d: expand_pass(k, d) for d in EXPAND_DEPTHS} for k in range(1, MAX_TOP_K + 1)}
+  layout = layout_cost(target, target_params, rows=B)
   log("context", {R: round(v * 1e3, 2) for R, v in context.items()}, "expand",
-      {k: {d: round(v * 1e3, 2) for d, v in e.items()} for k, e in expand.items()})
+      {k: {d: round(v * 1e3, 2) for d, v in e.items()} for k, e in expand.items()}, "layout",
+      round(layout * 1e3, 1))
   parts = Costs(step=step, slot=slot, first_call=first_call, prefill=prefill, verify=verify, context=context,
-                expand=expand, admit=admit)
+                expand=expand, admit=admit, layout=layout)
   extra: dict[str, dict[int, float]] = {}
   meta: dict[str, Any] = {"anchors": []}
   # This shared machine's speed drifts 10-30% within minutes (BENCHMARKS.md "Batch 4 with continuous batching
