@@ -144,6 +144,19 @@ def test_choice_oracle_picks_the_deepest_and_random_picks_none():
   assert plain.tokens_per_s == pytest.approx(5 * 64 / seconds)
 
 
+def test_choice_prefers_the_shallowest_shape_within_the_tie():
+  P = autotree.Prediction
+  chain = TreeConfig.chain
+  tree = TreeConfig(top_k=2, depth=2, total_tokens=4)
+  preds = [P(chain(5), 2.6, 0.04, 33.8), P(chain(4), 2.5, 0.04, 33.6), P(chain(3), 2.3, 0.04, 33.4),
+           P(tree, 2.2, 0.04, 31.4), P(None, 1.0, 0.03, 28.4)]
+  assert autotree.prefer_shallow(preds).tree == chain(3)  # 33.4 is within 3% of 33.8; 2x2x4 (-7%) is not
+  assert autotree.prefer_shallow(preds, tie=0.0).tree == chain(5)
+  two = [P(chain(2), 2.0, 0.04, 30.0), P(tree, 2.1, 0.04, 30.5)]
+  assert autotree.prefer_shallow(two).tree == chain(2)  # same depth: fewer nodes
+  assert autotree.prefer_shallow([P(None, 1.0, 0.03, 30.0), P(chain(1), 1.5, 0.04, 29.8)]).tree is None
+
+
 def test_choice_needs_a_gain_beyond_the_margin():
   # acc_0 = 0.3 on fixed costs (a 20 s step): the 1x1x1 chain is predicted 6% faster than plain decoding.
   ranks = np.zeros((100, autotree.MAX_DEPTH), np.int8)

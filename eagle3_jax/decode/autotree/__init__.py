@@ -17,18 +17,21 @@ from eagle3_jax.decode.autotree.acceptance import (
 )
 from eagle3_jax.decode.autotree.choice import (
     MARGIN,
+    SHALLOW_TIE,
     Prediction,
     candidates,
     choose,
     continuous_seconds,
     engine_batches,
     predict,
+    prefer_shallow,
     shape_str,
 )
 from eagle3_jax.decode.autotree.costs import CACHE_LENS, PREFILL_LENS, VERIFY_POINTS, Costs, cached_costs, calibrate
 from eagle3_jax.decode.tree import TreeConfig
 
-__all__ = ["ACCEPTANCE_FILE", "CACHE_LENS", "MARGIN", "MAX_DEPTH", "MAX_TOP_K", "PREFILL_LENS", "VERIFY_POINTS", "Acceptance",
+__all__ = ["ACCEPTANCE_FILE", "CACHE_LENS", "MARGIN", "MAX_DEPTH", "MAX_TOP_K", "PREFILL_LENS", "SHALLOW_TIE",
+           "VERIFY_POINTS", "Acceptance",
            "Costs", "Prediction", "TreeConfig", "acceptance", "cached_costs", "calibrate", "candidates", "choose",
            "continuous_seconds", "engine_batches", "examples_from_outputs", "examples_from_rows", "predict",
-           "shape_str", "static_tree", "walk_tau"]
+           "prefer_shallow", "shape_str", "static_tree", "walk_tau"]

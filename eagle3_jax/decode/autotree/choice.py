@@ -27,6 +27,13 @@ TRIALS = 8  # draws of per-request rounds averaged by a continuous-batching pred
 # calibration and run); below such a gain the choice is a coin toss that plain decoding, which has no draft to
 # misjudge, should win.
 MARGIN = 0.10
+# Among draft shapes predicted within SHALLOW_TIE of the fastest, the one with the fewest draft levels (then nodes)
+# is used. A deeper shape's predicted edge comes from acceptance at deeper levels, compounded, which is what moves
+# most when the text is harder than the acceptance file's: on 8 held-out benchmark prompts the walk over-predicted
+# chains by 8% at depth 3, 12% at 4 and 13-14% at 5-6, while it predicted the calibration answers themselves within
+# 1% (BENCHMARKS.md "Tree choice with the layout priced apart"). Within a few percent, the shallow shape costs the
+# least when the acceptance is wrong.
+SHALLOW_TIE = 0.03
 
 
 def candidates(max_depth: int = MAX_DEPTH, max_top_k: int = MAX_TOP_K,
@@ -161,11 +168,22 @@ def predict(costs: Costs, acc: Acceptance, *, batch: int, prompt_lengths: Sequen
 def choose(costs: Costs, acc: Acceptance, *, batch: int, prompt_lengths: Sequence[int] | None = None,
            max_new_tokens: int = 128, shapes: Sequence[TreeConfig] | None = None, batching: str = "static",
            sync_every: int = 16, margin: float = MARGIN, admit_order: str = "shortest") -> Prediction:
-  """The shape predicted fastest, if it beats plain decoding by more than `margin` (a fraction); else plain
-  decoding (tree None)."""
+  """The shape predicted fastest (the shallowest within SHALLOW_TIE of it: `prefer_shallow`), if it beats plain
+  decoding by more than `margin` (a fraction); else plain decoding (tree None)."""
   if margin < 0:
     raise ValueError(f"margin must be >= 0, got {margin}")
   preds = predict(costs, acc, batch=batch, prompt_lengths=prompt_lengths, max_new_tokens=max_new_tokens,
                   shapes=shapes, batching=batching, sync_every=sync_every, admit_order=admit_order)
   plain = next(p for p in preds if p.tree is None)
-  return preds[0] if preds[0].tokens_per_s > plain.tokens_per_s * (1 + margin) else plain
+  best = prefer_shallow(preds)
+  return best if best.tokens_per_s > plain.tokens_per_s * (1 + margin) else plain
+
+
+def prefer_shallow(preds: Sequence[Prediction], tie: float = SHALLOW_TIE) -> Prediction:
+  """Of draft predictions within `tie` (a fraction) of the fastest, the one with the fewest draft levels, then the
+  fewest verified nodes, then the fastest; the fastest when it is plain decoding."""
+  top = max(preds, key=lambda p: p.tokens_per_s)
+  if top.tree is None:
+    return top
+  near = [p for p in preds if p.tree is not None and p.tokens_per_s >= top.tokens_per_s * (1 - tie)]
+  return min(near, key=lambda p: (p.tree.depth, p.tree.total_tokens, -p.tokens_per_s))
