@@ -180,9 +180,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                   help="continuous: --batch-size decode slots refilled as requests finish (plain or speculative); "
                        "static: length-sorted batches. auto (default): continuous at --batch-size > 1 without "
                        "--compare, else static")
-  ap.add_argument("--admit-order", default="shortest", choices=("shortest", "longest"),
-                  help="continuous batching: admit the shortest prompts first (the cache only grows) or the longest "
-                       "(their prefills run while every slot is busy; the cache shrinks as they finish)")
+  ap.add_argument("--admit-order", default="longest", choices=("longest", "shortest"),
+                  help="continuous batching: admit the longest prompts first (default: their prefills run while every "
+                       "slot is busy and the cache shrinks as they finish) or the shortest (the cache only grows)")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   ap.add_argument("--output", default=None, help="write one JSON per request here instead of texts to stdout")

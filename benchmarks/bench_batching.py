@@ -30,7 +30,7 @@ def main(argv=None) -> list[dict]:
   ap.add_argument("--max-new-tokens", type=int, default=256)
   ap.add_argument("--configs", default="static:16,continuous:16",
                   help="MODE:BATCH,...; MODE static, continuous, spec-static or spec-continuous, continuous ones "
-                       "optionally @longest (admit the longest prompts first)")
+                       "optionally @shortest or @longest (admission order; infer.py's default: longest)")
   ap.add_argument("--temperature", default="0")
   ap.add_argument("--draft", default="auto", help="draft of the spec-* configs (auto: the shipped one)")
   ap.add_argument("--tree", default="1,3,3", help="TOP_K,DEPTH,TOKENS of the spec-* configs")
@@ -45,13 +45,13 @@ def main(argv=None) -> list[dict]:
     prompts.write_text("\n".join(lines) + "\n")
     for item in args.configs.split(","):
       mode, batch = item.split(":")
-      mode, _, order = mode.partition("@")  # continuous@longest: admit the longest prompts first
+      mode, _, order = mode.partition("@")  # continuous@shortest: admit the shortest prompts first
       out = pathlib.Path(tmp) / f"{mode}{order}{batch}.jsonl"
       draft = ["--draft", "none"] if not mode.startswith("spec-") else [
           "--draft", args.draft, "--draft-top-k", top_k, "--draft-depth", depth, "--draft-tokens", tokens]
       with contextlib.redirect_stdout(io.StringIO()):
         s = infer.main(["--prompts", str(prompts), *draft, "--batching", mode.removeprefix("spec-"),
-                        "--batch-size", batch, "--admit-order", order or "shortest",
+                        "--batch-size", batch, "--admit-order", order or "longest",
                         "--temperature", args.temperature, "--max-new-tokens", str(args.max_new_tokens),
                         "--no-progress", "--output", str(out)])
       outputs[item] = [json.loads(x)["token_ids"] for x in out.read_text().splitlines()]

@@ -174,19 +174,20 @@ def test_choice_needs_a_gain_beyond_the_margin():
 
 
 def test_continuous_prediction_follows_the_slot_schedule():
-  # Two slots, three requests of 20 rounds each, chunks of 16: admit two (buckets 16, 24), run 16 + 4 (the chunk
-  # ends when both are done), admit the third (bucket 48, the cache grows), run 16 + 4 with one slot idle.
+  # Two slots, three requests of 20 rounds each, chunks of 16, shortest first: admit two (buckets 16, 24), run
+  # 16 + 4 (the chunk ends when both are done), admit the third (bucket 48, the cache grows), run 16 + 4 with one
+  # slot idle.
   c = dataclasses.replace(_fake_costs(), admit={64: 2.0, 512: 9.0})
   pool = lambda T: 1 << (T + 21 - 1).bit_length()  # noqa: E731
   got = autotree.continuous_seconds(c, [16, 24, 48], 20, slots=2, pool_len=pool,
-                                    per_round=lambda S: 1.0 + S / 1000, sync_every=16)
+                                    per_round=lambda S: 1.0 + S / 1000, sync_every=16, admit_order="shortest")
   admits = c.admit_s(16) + c.admit_s(24) + c.admit_s(48)
   rounds = 20 * (1 + 64 / 1000) + 20 * (1 + 128 / 1000)
   assert got == pytest.approx(admits + rounds)
-  # Every chunk's call makes the decode layout again (four chunks: 16 + 4, then 16 + 4); a static batch once.
+  # The slot batcher makes the decode layout once, when built, so no chunk pays it; a static batch pays it once.
   laid = dataclasses.replace(c, layout=0.5)
-  assert autotree.continuous_seconds(laid, [16, 24, 48], 20, slots=2, pool_len=pool,
-                                     per_round=lambda S: 1.0 + S / 1000, sync_every=16) == pytest.approx(got + 4 * 0.5)
+  assert autotree.continuous_seconds(laid, [16, 24, 48], 20, slots=2, pool_len=pool, per_round=lambda S: 1.0 + S / 1000,
+                                     sync_every=16, admit_order="shortest") == pytest.approx(got)
   lens8 = [10, 20, 30, 40, 50, 60, 70, 80]
   never = autotree.Acceptance(np.ones((50, 8), np.int8))
   seconds = lambda costs: 8 * 128 / autotree.predict(costs, never, batch=4, prompt_lengths=lens8,  # noqa: E731
@@ -195,12 +196,13 @@ def test_continuous_prediction_follows_the_slot_schedule():
   # Per-request rounds, in admission order (shortest prompt first): the chunk ends when both first requests are
   # done (6 rounds), then the third alone runs 16 + 14: its spread, not the mean, sets the tail.
   spread = autotree.continuous_seconds(c, [48, 16, 24], [5, 6, 30], slots=2, pool_len=pool,
-                                       per_round=lambda S: 1.0, sync_every=16)
+                                       per_round=lambda S: 1.0, sync_every=16, admit_order="shortest")
   assert spread == pytest.approx(admits + 6 + 16 + 14)
 
-  # Longest first: admit 48 and 24 (cache 128), run 16 + 4, admit 16 with the cache cut to 64: 20 more rounds.
+  # Longest first (the default): admit 48 and 24 (cache 128), run 16 + 4, admit 16 with the cache cut to 64: 20
+  # more rounds.
   longest = autotree.continuous_seconds(c, [16, 24, 48], 20, slots=2, pool_len=pool,
-                                        per_round=lambda S: 1.0 + S / 1000, sync_every=16, admit_order="longest")
+                                        per_round=lambda S: 1.0 + S / 1000, sync_every=16)
   assert longest == pytest.approx(admits + 20 * (1 + 128 / 1000) + 20 * (1 + 64 / 1000))
 
   # Through predict: plain decoding with one slot per request serves them side by side, so with no prefill cost

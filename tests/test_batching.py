@@ -53,7 +53,7 @@ def test_sampled_requests_keep_their_own_key(params, cfg):
 
 def test_cache_grows_with_the_prompts_and_nothing_recompiles_over_hundreds_of_admissions(params, cfg):
   prompts = _prompts(240, seed=2, high=30)  # buckets 16, 24, 32 -> caches of 32 then 64 slots
-  b = _batcher(params, cfg, slots=4, max_new_tokens=3, sync_every=2, admit_group=4)
+  b = _batcher(params, cfg, slots=4, max_new_tokens=3, sync_every=2, admit_group=4, admit_order="shortest")
   out, stats = b.run(prompts)
   assert stats["admissions"] == 240 and stats["grows"] == 1 and all(len(o) == 3 for o in out)
   sizes = {batching.pool_cache_len(b.bucket_fn(len(p)), 3) for p in prompts}
@@ -69,13 +69,13 @@ def test_cache_grows_with_the_prompts_and_nothing_recompiles_over_hundreds_of_ad
 def test_growing_mid_answer_keeps_running_rows_exact(params, cfg):
   """Short prompts are mid-answer when a long one needs a bigger cache: their tokens are still those alone."""
   prompts = _prompts(5, seed=4, low=2, high=6) + _prompts(2, seed=5, low=17, high=22)  # caches 32, 64
-  out, stats = _batcher(params, cfg, slots=4, sync_every=2).run(prompts)
+  out, stats = _batcher(params, cfg, slots=4, sync_every=2, admit_order="shortest").run(prompts)
   assert stats["grows"] == 1
   assert out == [_reference(params, cfg, p, M) for p in prompts]
 
 
 def test_longest_first_shrinks_the_cache_under_running_rows(params, cfg):
-  """Longest prompt first: the cache starts at 64 slots and is cut to 32 once the long request is done, while
+  """Longest prompt first (the default): the cache starts at 64 slots and is cut to 32 once the long request is done, while
   shorter requests are mid-answer; every request still decodes as alone, and the short/long order is unchanged."""
   long = _prompts(1, seed=5, low=17, high=22)  # cache 64
   short = _prompts(6, seed=4, low=2, high=6)  # cache 32
@@ -84,11 +84,12 @@ def test_longest_first_shrinks_the_cache_under_running_rows(params, cfg):
   stop = alone[3][1]  # the long request stops after two tokens ...
   first_stop = [next((j for j, t in enumerate(a) if t == stop), M) for a in alone]
   assert all(first_stop[i] > 4 for i in (0, 1, 2, 4, 5, 6)), first_stop  # ... while the short ones run on
-  b = _batcher(params, cfg, slots=3, sync_every=2, admit_order="longest", stop_ids=(stop,))
+  b = _batcher(params, cfg, slots=3, sync_every=2, stop_ids=(stop,))
+  assert b.admit_order == batching.DEFAULT_ADMIT_ORDER == "longest"
   out, stats = b.run(prompts)
   assert stats["shrinks"] == 1 and stats["grows"] == 0
   assert out == [_cut(a, {stop}) for a in alone]
-  again, _ = _batcher(params, cfg, slots=3, sync_every=2, stop_ids=(stop,)).run(prompts)  # shortest first
+  again, _ = _batcher(params, cfg, slots=3, sync_every=2, stop_ids=(stop,), admit_order="shortest").run(prompts)
   assert again == out
 
 

@@ -28,6 +28,7 @@ def test_decode_layout_adds_a_transposed_head_with_the_same_logits(tied):
                              rtol=1e-5, atol=1e-5)
   untied = dict(params, lm_head=params["embed"].T)
   assert llama.decode_layout(untied, cfg=cfg) is untied  # an untied head is already [D, V]
+  assert llama.decode_layout(laid, cfg=cfg) is laid  # laid-out params come back as they are (slot batchers)
 
 
 @pytest.mark.parametrize("untie", [False, True])
@@ -44,6 +45,7 @@ def test_decode_layout_for_8_to_16_rows_puts_the_head_in_column_blocks(tied, unt
   got = llama.lm_head(laid, hidden, cfg=cfg)
   assert got.shape == (4, 2, V)
   np.testing.assert_allclose(got, llama.lm_head(params, hidden, cfg=cfg), rtol=1e-5, atol=1e-4)
+  assert llama.decode_layout(laid, cfg=cfg, rows=8) is laid
   for rows in (1, 4, 17):  # outside 8..16 the whole [D, V] copy (or an untied head as it is)
     assert "lm_head_chunks" not in jax.eval_shape(lambda p, r=rows: llama.decode_layout(p, cfg=cfg, rows=r), params)
 
@@ -69,6 +71,26 @@ def test_both_settings_decode_the_same_tokens(tied, monkeypatch, slots, rows):
   few_rows, _ = _run(cfg, params, monkeypatch, "xla", slots=slots, rows=rows)
   default, _ = _run(cfg, params, monkeypatch, "ynn", slots=slots, rows=rows)
   assert few_rows == default
+
+
+@pytest.mark.parametrize("slots", [2, 8])
+def test_slot_batchers_lay_the_head_out_once_not_per_chunk(tied, monkeypatch, slots):
+  """The batcher keeps its params in the decode layout, so its step loop's executable takes the laid-out head as an
+  input and makes no copy of the embedding (it did at every 16-step chunk); admissions read the params as given."""
+  cfg, params = tied
+  monkeypatch.setenv(xla_cpu.ENV, "xla")
+  jax.clear_caches()  # traces are cached without the setting: an earlier "ynn" test's trace has no layout in it
+  b = engine.make_generator(params, cfg, sampling_cfg=sampling.SamplingConfig(), max_new_tokens=8, slots=slots)
+  assert ("lm_head_chunks" if slots >= 8 else "lm_head") in b._step_params and b._params is params
+  assert b._step_params["embed"] is params["embed"]  # only the layout's own arrays are new
+  prompts = [[1, 2, 3], [4, 5]]
+  b.run(prompts)
+  temp = lambda: next(e for k, e in b._compiled.items() if k[0] == "steps").memory_analysis().temp_size_in_bytes
+  kept = temp()
+  b._step_params, b._compiled = params, {}  # as before: the step loop lays out the head at every call
+  b.run(prompts)
+  # The copy ([D, V] or its column blocks) is scratch of the loop's executable only when the loop makes it.
+  assert temp() - kept >= cfg.hidden_size * cfg.vocab_size * 4, (temp(), kept)
 
 
 def test_the_setting_reaches_the_compiled_executable(tied, monkeypatch):

@@ -11,8 +11,13 @@ beyond the weights. S is the power of two that the longest running request needs
 the running state grows (its cache is padded with empty slots) rather than draining; when the longest running ones
 are done and nothing queued needs as much, it shrinks (cut to its first S slots). Either way slots stay busy across
 the change, and there is one resize executable per pair of sizes. Requests are admitted in prompt-length order
-(`admit_order`): shortest first only ever grows S; longest first starts big, prefills the long prompts while every
-slot is busy, and shrinks S as the long requests finish, so the tail of a run steps over a small cache.
+(`admit_order`): longest first (the default) starts big, prefills the long prompts while every slot is busy, and
+shrinks S as the long requests finish, so the tail of a run steps over a small cache; shortest first only ever grows
+S, and its last wave, with slots emptying, steps over the largest cache (1.17x slower on a short/long mix, equal on
+chat prompts: BENCHMARKS.md "Admission order on 256 x 256").
+
+The target's decode layout (decode/xla_cpu.py: a 113 MB [D, V] head copy for SmolLM2 on XLA:CPU) is made once per
+batcher and kept: made inside the step loop's executable, it was paid at every chunk (~6% of a batch-4 chunk).
 
 Each request carries its own PRNG key (fold_in(seed, request index)), split once per step, so its tokens do not
 depend on the slot it lands in or on what runs beside it: greedy or sampled, a request decodes as it would alone.
@@ -36,7 +41,8 @@ from eagle3_jax.target.protocol import Target
 
 # Incremented on every trace: tests prove that admissions and step chunks compile once per shape.
 TRACE_COUNT = {"admit": 0, "steps": 0, "resize": 0}
-ADMIT_ORDERS = ("shortest", "longest")  # prompt-length order of admissions
+ADMIT_ORDERS = ("longest", "shortest")  # prompt-length order of admissions
+DEFAULT_ADMIT_ORDER = "longest"
 
 
 @flax.struct.dataclass
@@ -100,7 +106,8 @@ def step(params: Any, state: SlotState, *, target: Target, cfg: SlotConfig) -> S
 
 
 def run_steps(params: Any, state: SlotState, n: jax.Array, *, target: Target, cfg: SlotConfig) -> SlotState:
-  """Up to n steps, fewer if every slot is done first; no host round trip inside."""
+  """Up to n steps, fewer if every slot is done first; no host round trip inside. params are best already in the
+  decode layout (the batcher keeps them so); otherwise it is made here, at every call."""
   TRACE_COUNT["steps"] += 1
   params = xla_cpu.decode_params(target, params, rows=state.done.shape[0])
   body = lambda c: (c[0] + 1, step(params, c[1], target=target, cfg=cfg))  # noqa: E731
@@ -132,8 +139,8 @@ class ContinuousBatcher:
   `sync_every` steps run between host visits: fewer visits cost less dispatch, more let finished slots idle.
   `admit_group` requests at most are prefilled together (padded to a power of two): one weight read for several
   short prompts, but more executables, and on XLA:CPU each pays a one-time cost on its first run (~0.5 s for
-  SmolLM2); 1 measured fastest on 2 CPU cores (BENCHMARKS.md "Continuous batching"). `admit_order` "shortest" or
-  "longest" prompts first (module docstring).
+  SmolLM2); 1 measured fastest on 2 CPU cores (BENCHMARKS.md "Continuous batching"). `admit_order` "longest" (the
+  default) or "shortest" prompts first (module docstring).
   engine.Engine drives it like a Generator (`continuous` tells it to hand over every prompt at once).
 
   With `draft_params` (and vocab, dcfg, tree_cfg, optionally the draft's own embedding) the slots run EAGLE-3
@@ -147,7 +154,7 @@ class ContinuousBatcher:
   def __init__(self, params: Any, target: Any, *, slots: int, sampling_cfg: sampling.SamplingConfig,
                max_new_tokens: int, stop_ids: Sequence[int] = (), pad_id: int = 0, seed: int = 0,
                sync_every: int = 16, admit_group: int = 1, bucket_fn: Callable[[int], int] | None = None,
-               admit_order: str = "shortest",
+               admit_order: str = DEFAULT_ADMIT_ORDER,
                draft_params: Any = None, vocab: Any = None, dcfg: Any = None, tree_cfg: Any = None,
                embed: Any = None):
     if min(slots, sync_every, max_new_tokens, admit_group) < 1:
@@ -170,6 +177,8 @@ class ContinuousBatcher:
       self.cfg: Any = SlotConfig(sampling=sampling_cfg, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
                                  pad_id=int(pad_id))
       self._params, self._fns = params, {"admit": admit_jit, "steps": run_steps_jit, "resize": resize_jit}
+      # made once, eagerly: only the layout's new arrays are new, the rest are the caller's buffers
+      self._step_params = xla_cpu.decode_params(self.target, params, rows=slots)
       self._pool_len = lambda T: pool_cache_len(T, max_new_tokens)  # noqa: E731
       self._init = lambda S: init_state(self.target, slots, S, self.cfg, self._dtype)  # noqa: E731
     else:
@@ -181,6 +190,8 @@ class ContinuousBatcher:
                                               embed=self.target.embed(params) if embed is None else embed)
       self._fns = {"admit": spec_batching.admit_jit, "steps": spec_batching.run_rounds_jit,
                    "resize": spec_batching.resize_jit}
+      self._step_params = self._params.replace(target=xla_cpu.decode_params(
+          self.target, params, rows=slots * (tree_cfg.total_tokens + 1)))
       self._pool_len = lambda T: spec_batching.pool_cache_len(T, self.cfg)  # noqa: E731
       self._init = lambda S: spec_batching.init_state(  # noqa: E731
           self.target, slots, S, self.cfg, self._params, self._dtype)
@@ -204,14 +215,16 @@ class ContinuousBatcher:
   def _call(self, kind: str, S: int, T: int | None, stats: dict, *args, **static) -> SlotState:
     """Runs the executable of (kind, S, T), compiling it on first use (its seconds go to stats['compile_s'])."""
     key = (kind, S, T)
+    # Admissions are prefills and read the params as given; the loops read the kept decode layout.
+    params = self._step_params if kind == "steps" else self._params
     if key not in self._compiled:
       t0 = time.perf_counter()
       # Admissions are prefills: only the decode loops take the few-row settings (decode/xla_cpu.py).
       options = xla_cpu.compiler_options(rows=self.slots * (2 if self.speculative else 1)) if kind == "steps" else None
-      self._compiled[key] = self._fns[kind].lower(self._params, *args, target=self.target, cfg=self.cfg,
+      self._compiled[key] = self._fns[kind].lower(params, *args, target=self.target, cfg=self.cfg,
                                                   **static).compile(options)
       stats["compile_s"] += time.perf_counter() - t0
-    return self._compiled[key](self._params, *args)
+    return self._compiled[key](params, *args)
 
   def run(self, prompt_ids: Sequence[Sequence[int]],
           on_result: Callable[[int, list[int], dict[str, float]], None] | None = None

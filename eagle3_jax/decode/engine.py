@@ -201,12 +201,14 @@ def load_draft(path: str, target: protocol.Target | LlamaConfig) -> tuple[protoc
 
 def make_generator(params: Any, target: protocol.Target | LlamaConfig, *, draft_ckpt: Any = None,
                    tree_cfg: TreeConfig | None = None, dtype: Any = None, slots: int | None = None,
-                   admit_order: str = "shortest", **common: Any) -> Any:
+                   admit_order: str | None = None, **common: Any) -> Any:
   """Vanilla decoding, or speculative decoding with a DraftCheckpoint (cast to the target's dtype) and a tree; with
-  `slots`, a continuous batcher of that many decode slots (decode/batching.py, admitting in `admit_order`) instead
-  of static batches. The target is any protocol Target, or a LlamaConfig for the bundled family (as `load_draft`
+  `slots`, a continuous batcher of that many decode slots (decode/batching.py, admitting in `admit_order`, by
+  default batching.DEFAULT_ADMIT_ORDER) instead of static batches. The target is any protocol Target, or a LlamaConfig for the bundled family (as `load_draft`
   returns them)."""
   from eagle3_jax.decode import batching  # deferred: batching imports this module's bucket_length
+
+  admit_order = admit_order or batching.DEFAULT_ADMIT_ORDER
 
   if draft_ckpt is None:
     return (VanillaGenerator(params, target, **common) if slots is None else

@@ -49,6 +49,7 @@ def compiler_options(rows: int = 2) -> dict[str, str] | None:
 
 def decode_params(target: Any, params: Any, *, rows: int) -> Any:
   """The target's parameters in its decode layout for `rows` rows a step (`Target.decode_layout`), when active;
-  traced inside the executable, once, before its loop."""
+  traced inside the executable, once, before its loop, or made once eagerly by a caller that keeps them (the slot
+  batchers, whose executables then find them laid out: a layout returns laid-out params as they are)."""
   layout = getattr(target, "decode_layout", None)
   return layout(params, rows=rows) if layout is not None and active() else params

@@ -168,9 +168,12 @@ def decode_layout(params: Any, *, cfg: LlamaConfig, rows: int = 1) -> Any:
   """params with the head laid out for decode executables on XLA:CPU that multiply `rows` rows a step, whose
   few-row products stream weights only over their major axis (decode/xla_cpu.py): a [D, V] copy of a tied head
   (113 MB for SmolLM2 in fp32), or for CHUNKED_ROWS rows the head in [C, D, HEAD_CHUNK] column blocks (the last
-  zero-padded, then cut off the logits). Called once per executable call, before its loop; the barrier keeps XLA
-  from folding the copy back into the head's product."""
+  zero-padded, then cut off the logits). Made once per executable call, before its loop, or once by a caller that
+  keeps the laid-out params (the slot batchers); params already laid out come back as they are. The barrier keeps
+  XLA from folding the copy back into the head's product."""
   if rows in CHUNKED_ROWS:
+    if "lm_head_chunks" in params:
+      return params
     w_DV = params["lm_head"] if "lm_head" in params else params["embed"].T
     D, V = w_DV.shape
     C = -(-V // HEAD_CHUNK)

@@ -13,7 +13,8 @@
     (logits of a column range / of chosen ids) are optional too: they let the teacher skip the full [.., V] logits.
   decode_layout(params) -> params is optional: the same weights in the layout decode executables read best (the
     Llama target adds a [D, V] copy of a tied head); decoding calls it once per executable call, before its loop,
-    where decode/xla_cpu.py says so (XLA:CPU).
+    where decode/xla_cpu.py says so (XLA:CPU). It must return params already in that layout unchanged: the slot
+    batchers lay out once and their loops call it again.
 """
 
 from __future__ import annotations

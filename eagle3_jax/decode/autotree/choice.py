@@ -74,14 +74,14 @@ def engine_batches(prompt_lengths: Sequence[int], batch: int) -> list[int]:
 
 def continuous_seconds(costs: Costs, buckets: Sequence[int], rounds: float | Sequence[float], *, slots: int,
                        pool_len: Callable[[int], int], per_round: Callable[[int], float],
-                       sync_every: int = 16, admit_order: str = "shortest") -> float:
+                       sync_every: int = 16, admit_order: str = "longest") -> float:
   """Seconds of a continuous batcher (decode/batching.py) serving requests of these prompt buckets, each needing
   `rounds` steps or rounds after its prefill (one number for all, or one per request in admission order):
   admissions in `admit_order` of prompt length, each prefilled alone (one row, costs.admit_s), the slot loop in
   chunks of `sync_every` rounds over all slots (a chunk ends early only when every slot is done), finished slots
   refilled between chunks, the cache grown to pool_len of the longest admitted bucket and cut to what the running
-  requests and the next queued one need; each chunk's call makes the decode layout again (costs.layout). No
-  first-run cost: the batcher compiles each executable ahead of its first call (outside the timed region), and its
+  requests and the next queued one need. The decode layout (costs.layout) is not charged: the batcher makes it once,
+  when it is built, and keeps it. No first-run cost: the batcher compiles each executable ahead of its first call (outside the timed region), and its
   first run of 8 requests measured no slower than warm repeats of the same run (BENCHMARKS.md "Batch 4 with
   continuous batching modelled"), unlike the static generator's (costs.first_call)."""
   per_request = [float(rounds)] * len(buckets) if isinstance(rounds, (int, float)) else [float(r) for r in rounds]
@@ -101,14 +101,14 @@ def continuous_seconds(costs: Costs, buckets: Sequence[int], rounds: float | Seq
     running = [pool_len(T) for T, r in zip(held, left) if r is not None]
     S = min(S, max(running + ([pool_len(queue[-1][0])] if queue else [])))
     n = min(sync_every, max(r for r in left if r is not None))
-    seconds += math.ceil(n) * per_round(S) + costs.layout  # every chunk's call makes the decode layout again
+    seconds += math.ceil(n) * per_round(S)
     left = [None if r is None or r <= n else r - n for r in left]
   return seconds
 
 
 def predict(costs: Costs, acc: Acceptance, *, batch: int, prompt_lengths: Sequence[int] | None = None,
             max_new_tokens: int = 128, shapes: Sequence[TreeConfig] | None = None,
-            batching: str = "static", sync_every: int = 16, admit_order: str = "shortest") -> list[Prediction]:
+            batching: str = "static", sync_every: int = 16, admit_order: str = "longest") -> list[Prediction]:
   """Predicted tokens/s of plain decoding and of every shape, best first.
 
   With prompt_lengths, the engine's work is modelled as `batching` runs it. static: its batches (length-sorted,
@@ -167,7 +167,7 @@ def predict(costs: Costs, acc: Acceptance, *, batch: int, prompt_lengths: Sequen
 
 def choose(costs: Costs, acc: Acceptance, *, batch: int, prompt_lengths: Sequence[int] | None = None,
            max_new_tokens: int = 128, shapes: Sequence[TreeConfig] | None = None, batching: str = "static",
-           sync_every: int = 16, margin: float = MARGIN, admit_order: str = "shortest") -> Prediction:
+           sync_every: int = 16, margin: float = MARGIN, admit_order: str = "longest") -> Prediction:
   """The shape predicted fastest (the shallowest within SHALLOW_TIE of it: `prefer_shallow`), if it beats plain
   decoding by more than `margin` (a fraction); else plain decoding (tree None)."""
   if margin < 0:
