@@ -81,15 +81,35 @@ def test_slot_batchers_lay_the_head_out_once_not_per_chunk(tied, monkeypatch, sl
   monkeypatch.setenv(xla_cpu.ENV, "xla")
   jax.clear_caches()  # traces are cached without the setting: an earlier "ynn" test's trace has no layout in it
   b = engine.make_generator(params, cfg, sampling_cfg=sampling.SamplingConfig(), max_new_tokens=8, slots=slots)
-  assert ("lm_head_chunks" if slots >= 8 else "lm_head") in b._step_params and b._params is params
-  assert b._step_params["embed"] is params["embed"]  # only the layout's own arrays are new
   prompts = [[1, 2, 3], [4, 5]]
   b.run(prompts)
+  assert ("lm_head_chunks" if slots >= 8 else "lm_head") in b._step_params and b._params is params
+  assert b._step_params["embed"] is params["embed"]  # only the layout's own arrays are new
   temp = lambda: next(e for k, e in b._compiled.items() if k[0] == "steps").memory_analysis().temp_size_in_bytes
   kept = temp()
   b._step_params, b._compiled = params, {}  # as before: the step loop lays out the head at every call
   b.run(prompts)
   # The copy ([D, V] or its column blocks) is scratch of the loop's executable only when the loop makes it.
+  assert temp() - kept >= cfg.hidden_size * cfg.vocab_size * 4, (temp(), kept)
+
+
+@pytest.mark.parametrize("rows", [2, 8])
+def test_static_generators_lay_the_head_out_once_per_batch_size(tied, monkeypatch, rows):
+  """A static generator keeps one decode layout per batch size: its batches' executables take the laid-out head as
+  an input (no copy inside, as there was at every batch), and a second batch makes no second layout."""
+  cfg, params = tied
+  monkeypatch.setenv(xla_cpu.ENV, "xla")
+  jax.clear_caches()
+  _, gen = _run(cfg, params, monkeypatch, "xla", rows=rows)
+  laid = gen._laid(rows)
+  assert ("lm_head_chunks" if rows >= 8 else "lm_head") in laid and laid["embed"] is params["embed"]
+  tokens = np.ones((rows, 16), np.int32)
+  gen.generate(engine.Batch(tokens=tokens, lengths=np.full((rows,), 3, np.int32), n_real=rows))
+  assert gen._laid(rows) is laid  # the same arrays: made once
+  temp = lambda: next(iter(gen._compiled.values())).memory_analysis().temp_size_in_bytes  # noqa: E731
+  kept = temp()
+  gen._laid, gen._compiled, gen._caches = (lambda r: params), {}, {}  # as before: laid out inside each call
+  gen.generate(engine.Batch(tokens=tokens, lengths=np.full((rows,), 3, np.int32), n_real=rows))
   assert temp() - kept >= cfg.hidden_size * cfg.vocab_size * 4, (temp(), kept)
 
 

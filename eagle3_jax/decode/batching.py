@@ -17,7 +17,8 @@ S, and its last wave, with slots emptying, steps over the largest cache (1.17x s
 chat prompts: BENCHMARKS.md "Admission order on 256 x 256").
 
 The target's decode layout (decode/xla_cpu.py: a 113 MB [D, V] head copy for SmolLM2 on XLA:CPU) is made once per
-batcher and kept: made inside the step loop's executable, it was paid at every chunk (~6% of a batch-4 chunk).
+batcher, at its first chunk, and kept: made inside the step loop's executable, it was paid at every chunk (~6% of
+a batch-4 chunk).
 
 Each request carries its own PRNG key (fold_in(seed, request index)), split once per step, so its tokens do not
 depend on the slot it lands in or on what runs beside it: greedy or sampled, a request decodes as it would alone.
@@ -177,8 +178,7 @@ class ContinuousBatcher:
       self.cfg: Any = SlotConfig(sampling=sampling_cfg, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
                                  pad_id=int(pad_id))
       self._params, self._fns = params, {"admit": admit_jit, "steps": run_steps_jit, "resize": resize_jit}
-      # made once, eagerly: only the layout's new arrays are new, the rest are the caller's buffers
-      self._step_params = xla_cpu.decode_params(self.target, params, rows=slots)
+      self._lay_out = lambda: xla_cpu.decode_params(self.target, params, rows=slots)  # noqa: E731
       self._pool_len = lambda T: pool_cache_len(T, max_new_tokens)  # noqa: E731
       self._init = lambda S: init_state(self.target, slots, S, self.cfg, self._dtype)  # noqa: E731
     else:
@@ -190,11 +190,12 @@ class ContinuousBatcher:
                                               embed=self.target.embed(params) if embed is None else embed)
       self._fns = {"admit": spec_batching.admit_jit, "steps": spec_batching.run_rounds_jit,
                    "resize": spec_batching.resize_jit}
-      self._step_params = self._params.replace(target=xla_cpu.decode_params(
+      self._lay_out = lambda: self._params.replace(target=xla_cpu.decode_params(  # noqa: E731
           self.target, params, rows=slots * (tree_cfg.total_tokens + 1)))
       self._pool_len = lambda T: spec_batching.pool_cache_len(T, self.cfg)  # noqa: E731
       self._init = lambda S: spec_batching.init_state(  # noqa: E731
           self.target, slots, S, self.cfg, self._params, self._dtype)
+    self._step_params: Any = None  # the step loops' params in the decode layout: made at the first chunk, kept
     self._traces_at_start = self._traces()
 
   def _traces(self) -> int:
@@ -215,7 +216,10 @@ class ContinuousBatcher:
   def _call(self, kind: str, S: int, T: int | None, stats: dict, *args, **static) -> SlotState:
     """Runs the executable of (kind, S, T), compiling it on first use (its seconds go to stats['compile_s'])."""
     key = (kind, S, T)
-    # Admissions are prefills and read the params as given; the loops read the kept decode layout.
+    # Admissions are prefills and read the params as given; the loops read the kept decode layout, made once, at
+    # the first chunk (as a static generator makes it in its first batch).
+    if kind == "steps" and self._step_params is None:
+      self._step_params = self._lay_out()
     params = self._step_params if kind == "steps" else self._params
     if key not in self._compiled:
       t0 = time.perf_counter()

@@ -73,6 +73,7 @@ class VanillaGenerator:
     self._caches: dict[tuple[int, int], Any] = {}  # donated each call, handed back by the next state
     self._traces_at_start = vanilla.TRACE_COUNT["generate"]
     self._dtype = jax.tree.leaves(params)[0].dtype
+    self._laid = xla_cpu.KeptLayouts(self.target, params)  # one decode layout per batch size, not one per batch
 
   @property
   def compile_count(self) -> int:
@@ -92,14 +93,15 @@ class VanillaGenerator:
     S = vanilla.cache_length(T, self.max_new_tokens)
     vanilla.validate(batch.tokens, batch.lengths, target=self.target, cache_len=S, max_new_tokens=self.max_new_tokens)
     stats = {"compile_s": 0.0}
+    params = self._laid(B)
     if (B, T) not in self._compiled:
       t0 = time.perf_counter()
       self._caches[B, T] = self.target.init_cache(B, S, self._dtype)
       self._compiled[B, T] = vanilla.generate_jit.lower(
-          self.params, batch.tokens, batch.lengths, self._caches[B, T], self._key,
+          params, batch.tokens, batch.lengths, self._caches[B, T], self._key,
           **self._static).compile(xla_cpu.compiler_options(rows=B))
       stats["compile_s"] = time.perf_counter() - t0
-    state = self._compiled[B, T](self.params, batch.tokens, batch.lengths, self._caches[B, T], self._key)
+    state = self._compiled[B, T](params, batch.tokens, batch.lengths, self._caches[B, T], self._key)
     self._caches[B, T], self._key = state.cache, state.key
     tokens, counts, steps = jax.device_get((state.tokens, state.counts, state.steps))
     return GenerateOutput(tokens=tokens, counts=counts, stats=stats | {"target_steps": float(steps) + 1})
@@ -124,6 +126,7 @@ class SpeculativeGenerator:
     self._key = jax.random.key(seed)
     self._compiled: dict[tuple[int, int], Any] = {}
     self._traces_at_start = speculative.TRACE_COUNT["generate"]
+    self._laid = xla_cpu.KeptLayouts(self.target, params)  # one decode layout per batch size, not one per batch
 
   @property
   def compile_count(self) -> int:
@@ -140,7 +143,8 @@ class SpeculativeGenerator:
     B, T = batch.tokens.shape
     speculative.validate(self.target, self.params, self.draft_params, self.vocab, batch.tokens, batch.lengths,
                          self.embed, dcfg=self.dcfg, spec=self.spec)
-    args = (self.params, self.draft_params, self.vocab, batch.tokens, batch.lengths)
+    args = (self._laid(B * (self.spec.tree.total_tokens + 1)), self.draft_params, self.vocab, batch.tokens,
+            batch.lengths)
     stats = {"compile_s": 0.0}
     if (B, T) not in self._compiled:
       t0 = time.perf_counter()
@@ -204,8 +208,8 @@ def make_generator(params: Any, target: protocol.Target | LlamaConfig, *, draft_
                    admit_order: str | None = None, **common: Any) -> Any:
   """Vanilla decoding, or speculative decoding with a DraftCheckpoint (cast to the target's dtype) and a tree; with
   `slots`, a continuous batcher of that many decode slots (decode/batching.py, admitting in `admit_order`, by
-  default batching.DEFAULT_ADMIT_ORDER) instead of static batches. The target is any protocol Target, or a LlamaConfig for the bundled family (as `load_draft`
-  returns them)."""
+  default batching.DEFAULT_ADMIT_ORDER) instead of static batches. The target is any protocol Target, or a
+  LlamaConfig for the bundled family (as `load_draft` returns them)."""
   from eagle3_jax.decode import batching  # deferred: batching imports this module's bucket_length
 
   admit_order = admit_order or batching.DEFAULT_ADMIT_ORDER

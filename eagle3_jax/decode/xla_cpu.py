@@ -47,9 +47,23 @@ def compiler_options(rows: int = 2) -> dict[str, str] | None:
   return dict(_FEW_ROW_OPTIONS) if active() and rows > 1 else None
 
 
+class KeptLayouts:
+  """The target's params in their decode layout, made once per `rows` and kept (a generator's executables then find
+  them laid out and make no copy): a generator that runs many calls pays the layout once, not once per call."""
+
+  def __init__(self, target: Any, params: Any):
+    self.target, self.params, self._by_rows = target, params, {}
+
+  def __call__(self, rows: int) -> Any:
+    if rows not in self._by_rows:
+      self._by_rows[rows] = decode_params(self.target, self.params, rows=rows)
+    return self._by_rows[rows]
+
+
 def decode_params(target: Any, params: Any, *, rows: int) -> Any:
   """The target's parameters in its decode layout for `rows` rows a step (`Target.decode_layout`), when active;
-  traced inside the executable, once, before its loop, or made once eagerly by a caller that keeps them (the slot
-  batchers, whose executables then find them laid out: a layout returns laid-out params as they are)."""
+  traced inside the executable, once, before its loop, or made once eagerly by a caller that keeps them (the
+  generators and slot batchers, whose executables then find them laid out: a layout returns laid-out params as they
+  are). Eagerly, only the layout's new arrays are new; the rest are the caller's buffers."""
   layout = getattr(target, "decode_layout", None)
   return layout(params, rows=rows) if layout is not None and active() else params

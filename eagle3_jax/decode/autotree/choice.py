@@ -80,8 +80,8 @@ def continuous_seconds(costs: Costs, buckets: Sequence[int], rounds: float | Seq
   admissions in `admit_order` of prompt length, each prefilled alone (one row, costs.admit_s), the slot loop in
   chunks of `sync_every` rounds over all slots (a chunk ends early only when every slot is done), finished slots
   refilled between chunks, the cache grown to pool_len of the longest admitted bucket and cut to what the running
-  requests and the next queued one need. The decode layout (costs.layout) is not charged: the batcher makes it once,
-  when it is built, and keeps it. No first-run cost: the batcher compiles each executable ahead of its first call (outside the timed region), and its
+  requests and the next queued one need. The decode layout (costs.layout), made once per batcher, is for the
+  caller to add (`predict` does). No first-run cost: the batcher compiles each executable ahead of its first call (outside the timed region), and its
   first run of 8 requests measured no slower than warm repeats of the same run (BENCHMARKS.md "Batch 4 with
   continuous batching modelled"), unlike the static generator's (costs.first_call)."""
   per_request = [float(rounds)] * len(buckets) if isinstance(rounds, (int, float)) else [float(r) for r in rounds]
@@ -112,10 +112,11 @@ def predict(costs: Costs, acc: Acceptance, *, batch: int, prompt_lengths: Sequen
   """Predicted tokens/s of plain decoding and of every shape, best first.
 
   With prompt_lengths, the engine's work is modelled as `batching` runs it. static: its batches (length-sorted,
-  bucketed), each prefilled at its bucket, its decode layout made (costs.layout) and decoded with a cache of bucket +
-  max_new_tokens slots until its slowest row has max_new_tokens (EOS is not predicted; acceptance.batch_rounds),
-  plus the first-call cost of each new executable (one per distinct bucket). continuous: `continuous_seconds` with
-  `batch` slots, admitting in `admit_order`. Without prompt_lengths, decoding alone at CACHE_LENS[0].
+  bucketed), each prefilled at its bucket and decoded with a cache of bucket + max_new_tokens slots until its
+  slowest row has max_new_tokens (EOS is not predicted; acceptance.batch_rounds), plus the first-call cost of each
+  new executable (one per distinct bucket). continuous: `continuous_seconds` with `batch` slots, admitting in
+  `admit_order`. Either way the decode layout (costs.layout) is made once per run: generators and slot batchers keep
+  it (decode/xla_cpu.KeptLayouts). Without prompt_lengths, decoding alone at CACHE_LENS[0].
   """
   if batching not in ("static", "continuous"):
     raise ValueError(f"batching must be 'static' or 'continuous', got {batching!r}")
@@ -135,8 +136,8 @@ def predict(costs: Costs, acc: Acceptance, *, batch: int, prompt_lengths: Sequen
       draws = row_rounds if isinstance(row_rounds, list) else [row_rounds]
       seconds = np.mean([continuous_seconds(costs, own, r, slots=batch, pool_len=pool_len, per_round=per_step,
                                             sync_every=sync_every, admit_order=admit_order) for r in draws])
-      return n_rows * M / float(seconds)
-    seconds = sum(prefill_s(T) + rounds * per_step(T + M) + costs.layout for T in buckets)  # a call per batch
+      return n_rows * M / (float(seconds) + costs.layout)
+    seconds = sum(prefill_s(T) + rounds * per_step(T + M) for T in buckets) + costs.layout
     return n_rows * M / (seconds + once * len(set(buckets)))
 
   plain_pool = lambda T: slot_batching.pool_cache_len(T, M)  # noqa: E731

@@ -57,8 +57,8 @@ class Costs:
   `slot`: seconds a step gains per extra cache slot. `prefill`: prompt length -> seconds of the target's prefill of
   a batch. `admit`: the same for one row (a continuous batcher prefills each admission alone). `first_call`: one-time
   seconds of a new executable's first run, per kind ("plain", "chain", "tree"). `layout`: seconds of the target's
-  decode layout (decode/xla_cpu.py: a [D, V] copy of a tied head, 113 MB for SmolLM2), which every call of a decode
-  executable makes once before its loop: a static batch pays it once, a slot batcher at every chunk. Timed inside
+  decode layout (decode/xla_cpu.py: a [D, V] copy of a tied head, 113 MB for SmolLM2), which a generator or slot
+  batcher makes once and keeps (xla_cpu.KeptLayouts), so a run pays it once. Timed inside
   loops of 8 steps it once added 1/8 of its ~52 ms to every step, verify pass and round (plain steps priced 20% over
   the engine's: BENCHMARKS.md "Tree choice with the layout priced apart")."""
 
@@ -188,8 +188,12 @@ def _time_loop(fn, params: Any, state: Any, n: int, repeats: int = 3, first: lis
 
 
 def layout_cost(target: protocol.Target, params: Any, *, rows: int, repeats: int = 5) -> float:
-  """Seconds of the target's decode layout for `rows` rows a step (xla_cpu.decode_params), made as a decode
-  executable makes it at every call; 0 where there is none (other backends, targets without a layout)."""
+  """Seconds of the target's decode layout for `rows` rows a step (xla_cpu.decode_params); 0 where there is none
+  (other backends, targets without a layout)."""
+  if jax.tree.structure(jax.eval_shape(lambda p: xla_cpu.decode_params(target, p, rows=rows), params)) == \
+     jax.tree.structure(params):
+    return 0.0  # nothing laid out (the check traces only: no copy made)
+
   def made(p):  # only what the layout makes: the parameters it passes through cost a call nothing
     out = xla_cpu.decode_params(target, p, rows=rows)
     return {k: v for k, v in out.items() if k not in p} if isinstance(out, dict) and isinstance(p, dict) else out
@@ -201,7 +205,7 @@ def layout_cost(target: protocol.Target, params: Any, *, rows: int, repeats: int
     t0 = time.perf_counter()
     jax.block_until_ready(fn(params))
     best = min(best, time.perf_counter() - t0)
-  return best if xla_cpu.decode_params(target, params, rows=rows) is not params else 0.0
+  return best
 
 
 def machine_key() -> dict:
