@@ -174,20 +174,21 @@ def test_choice_needs_a_gain_beyond_the_margin():
 
 
 def test_continuous_prediction_follows_the_slot_schedule():
-  # Two slots, three requests of 20 rounds each, chunks of 16, shortest first: admit two (buckets 16, 24), run
-  # 16 + 4 (the chunk ends when both are done), admit the third (bucket 48, the cache grows), run 16 + 4 with one
-  # slot idle.
+  # Two slots, three requests of 20 rounds (21 tokens) each, chunks of 16, shortest first: admit two (buckets 16,
+  # 24), run 16 + 4 (the chunk ends when both are done), admit the third (bucket 48), run 16 + 4 with one slot idle.
+  # The cache holds what the running requests need through the next chunk (bucket + tokens so far + 16) and the next
+  # queued one at admission (48 + 1 + 16 = 65 -> 96 slots): 96 throughout. (tests/test_batching.py checks the same
+  # model against the batcher's own chunks.)
   c = dataclasses.replace(_fake_costs(), admit={64: 2.0, 512: 9.0})
-  pool = lambda T: 1 << (T + 21 - 1).bit_length()  # noqa: E731
-  got = autotree.continuous_seconds(c, [16, 24, 48], 20, slots=2, pool_len=pool,
-                                    per_round=lambda S: 1.0 + S / 1000, sync_every=16, admit_order="shortest")
+  slots_kw = dict(slots=2, final_len=lambda T: T + 21, max_new_tokens=21, growth=16, sync_every=16)
+  got = autotree.continuous_seconds(c, [16, 24, 48], 20, per_round=lambda S: 1.0 + S / 1000, admit_order="shortest",
+                                    **slots_kw)
   admits = c.admit_s(16) + c.admit_s(24) + c.admit_s(48)
-  rounds = 20 * (1 + 64 / 1000) + 20 * (1 + 128 / 1000)
-  assert got == pytest.approx(admits + rounds)
+  assert got == pytest.approx(admits + 40 * (1 + 96 / 1000))
   # The decode layout is made once per run, not per chunk or per static batch (generators keep it).
   laid = dataclasses.replace(c, layout=0.5)
-  assert autotree.continuous_seconds(laid, [16, 24, 48], 20, slots=2, pool_len=pool, per_round=lambda S: 1.0 + S / 1000,
-                                     sync_every=16, admit_order="shortest") == pytest.approx(got)
+  assert autotree.continuous_seconds(laid, [16, 24, 48], 20, per_round=lambda S: 1.0 + S / 1000,
+                                     admit_order="shortest", **slots_kw) == pytest.approx(got)
   lens8 = [10, 20, 30, 40, 50, 60, 70, 80]
   never = autotree.Acceptance(np.ones((50, 8), np.int8))
   seconds = lambda costs: 8 * 128 / autotree.predict(costs, never, batch=4, prompt_lengths=lens8,  # noqa: E731
@@ -195,15 +196,14 @@ def test_continuous_prediction_follows_the_slot_schedule():
   assert seconds(laid) == pytest.approx(seconds(c) + 0.5)  # two static batches of four, one layout
   # Per-request rounds, in admission order (shortest prompt first): the chunk ends when both first requests are
   # done (6 rounds), then the third alone runs 16 + 14: its spread, not the mean, sets the tail.
-  spread = autotree.continuous_seconds(c, [48, 16, 24], [5, 6, 30], slots=2, pool_len=pool,
-                                       per_round=lambda S: 1.0, sync_every=16, admit_order="shortest")
+  spread = autotree.continuous_seconds(c, [48, 16, 24], [5, 6, 30], per_round=lambda S: 1.0, admit_order="shortest",
+                                       **slots_kw)
   assert spread == pytest.approx(admits + 6 + 16 + 14)
 
-  # Longest first (the default): admit 48 and 24 (cache 128), run 16 + 4, admit 16 with the cache cut to 64: 20
-  # more rounds.
-  longest = autotree.continuous_seconds(c, [16, 24, 48], 20, slots=2, pool_len=pool,
-                                        per_round=lambda S: 1.0 + S / 1000, sync_every=16)
-  assert longest == pytest.approx(admits + 20 * (1 + 128 / 1000) + 20 * (1 + 64 / 1000))
+  # Longest first (the default): admit 48 and 24 (cache 96), run 16 + 4, admit 16 with the cache cut to 48
+  # (16 + 1 + 16 = 33 slots, then 37 by its last chunk): 20 more rounds.
+  longest = autotree.continuous_seconds(c, [16, 24, 48], 20, per_round=lambda S: 1.0 + S / 1000, **slots_kw)
+  assert longest == pytest.approx(admits + 20 * (1 + 96 / 1000) + 20 * (1 + 48 / 1000))
 
   # Through predict: plain decoding with one slot per request serves them side by side, so with no prefill cost
   # to share, continuous batching at batch 4 beats static batches of mixed lengths (one long prompt pads its batch).

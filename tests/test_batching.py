@@ -52,25 +52,73 @@ def test_sampled_requests_keep_their_own_key(params, cfg):
 
 
 def test_cache_grows_with_the_prompts_and_nothing_recompiles_over_hundreds_of_admissions(params, cfg):
-  prompts = _prompts(240, seed=2, high=30)  # buckets 16, 24, 32 -> caches of 32 then 64 slots
+  prompts = _prompts(240, seed=2, high=30)  # buckets 16, 24, 32: caches of 24, 32 and 48 slots
   b = _batcher(params, cfg, slots=4, max_new_tokens=3, sync_every=2, admit_group=4, admit_order="shortest")
   out, stats = b.run(prompts)
-  assert stats["admissions"] == 240 and stats["grows"] == 1 and all(len(o) == 3 for o in out)
-  sizes = {batching.pool_cache_len(b.bucket_fn(len(p)), 3) for p in prompts}
-  assert sizes == {32, 64}
-  # Executables: an admission per (cache size, bucket, group size K in 1, 2, 4), a step loop per size, one grow.
-  assert b.compile_count == len(b._compiled) <= 3 * 3 + len(sizes) + 1
-  again, _ = b.run(prompts[:50])
-  assert again == out[:50] and b.compile_count == len(b._compiled)  # warm shapes: no trace at all
+  assert stats["admissions"] == 240 and stats["grows"] >= 1 and all(len(o) == 3 for o in out)
+  sizes = {S for kind, S, _ in b._compiled if kind == "steps"}
+  assert sizes <= {24, 32, 48} and max(sizes) == 48
+  # Executables: an admission per (cache size, bucket, group size K in 1, 2, 4), a step loop per size, resizes
+  # between sizes: all made in the first run, none after.
+  first = b.compile_count
+  assert first == len(b._compiled) <= len(sizes) * 3 * 3 + len(sizes) + len(sizes) ** 2
   b.run(prompts)
-  assert b.compile_count == len(b._compiled) <= 3 * 3 + len(sizes) + 1
+  assert b.compile_count == first  # the same requests again: every executable warm, no trace at all
+  again, _ = b.run(prompts[:50])  # another schedule may meet a new pair of sizes, and compiles it once
+  assert again == out[:50] and b.compile_count == len(b._compiled)
+
+
+def test_the_cache_follows_the_rows_lengths(params, cfg):
+  """A short prompt with a long answer: the cache starts near the prompt and grows as tokens are emitted (each
+  chunk's need: prompt bucket + tokens so far + a chunk), then is cut once the long answers are done; tokens exact."""
+  prompts = _prompts(2, seed=6, low=2, high=5) + _prompts(3, seed=7, low=2, high=5)
+  b = _batcher(params, cfg, slots=2, sync_every=2, max_new_tokens=26, admit_order="shortest")
+  out, stats = b.run(prompts)
+  assert out == [_reference(params, cfg, p, 26) for p in prompts]
+  sizes = sorted({S for kind, S, _ in b._compiled if kind == "steps"})
+  assert sizes == [batching.cache_size(16 + 1 + 2), 32, batching.cache_size(16 + 26)] == [24, 32, 48]
+  assert stats["grows"] >= 2 and stats["shrinks"] >= 1, stats
+
+
+def test_the_slot_model_replays_the_batchers_cache_sizes(params, cfg, monkeypatch):
+  """autotree.continuous_seconds follows the batcher's schedule: with each step priced at its cache size and
+  admissions free, its seconds equal the sum over the batcher's own chunks of steps x cache slots (no stop token:
+  every request runs M - 1 steps after its prefill)."""
+  import types
+
+  from eagle3_jax.decode import autotree
+
+  chunks, call = [], batching.ContinuousBatcher._call
+
+  def logged(self, kind, S, T, stats, *args, **kw):
+    out = call(self, kind, S, T, stats, *args, **kw)
+    if kind == "steps":
+      chunks.append((S, int(out.steps)))
+    return out
+
+  monkeypatch.setattr(batching.ContinuousBatcher, "_call", logged)
+  for order in batching.ADMIT_ORDERS:
+    prompts = _prompts(7, seed=9, low=2, high=30)
+    chunks.clear()
+    b = _batcher(params, cfg, slots=3, sync_every=4, admit_order=order)
+    out, _ = b.run(prompts)
+    assert all(len(o) == M for o in out)
+    work, before = 0, 0
+    for S, steps in chunks:
+      work, before = work + (steps - before) * S, steps
+    assert len({S for S, _ in chunks}) >= 2  # the sizes move, so the comparison means something
+    model = autotree.continuous_seconds(
+        types.SimpleNamespace(admit_s=lambda T: 0.0), [b.bucket_fn(len(p)) for p in prompts], M - 1,
+        slots=3, final_len=lambda T: batching.final_len(T, M), max_new_tokens=M, growth=4, per_round=float,
+        sync_every=4, admit_order=order)
+    assert model == work, (order, chunks)
 
 
 def test_growing_mid_answer_keeps_running_rows_exact(params, cfg):
   """Short prompts are mid-answer when a long one needs a bigger cache: their tokens are still those alone."""
   prompts = _prompts(5, seed=4, low=2, high=6) + _prompts(2, seed=5, low=17, high=22)  # caches 32, 64
   out, stats = _batcher(params, cfg, slots=4, sync_every=2, admit_order="shortest").run(prompts)
-  assert stats["grows"] == 1
+  assert stats["grows"] >= 1
   assert out == [_reference(params, cfg, p, M) for p in prompts]
 
 
@@ -87,7 +135,7 @@ def test_longest_first_shrinks_the_cache_under_running_rows(params, cfg):
   b = _batcher(params, cfg, slots=3, sync_every=2, stop_ids=(stop,))
   assert b.admit_order == batching.DEFAULT_ADMIT_ORDER == "longest"
   out, stats = b.run(prompts)
-  assert stats["shrinks"] == 1 and stats["grows"] == 0
+  assert stats["shrinks"] >= 1
   assert out == [_cut(a, {stop}) for a in alone]
   again, _ = _batcher(params, cfg, slots=3, sync_every=2, stop_ids=(stop,), admit_order="shortest").run(prompts)
   assert again == out

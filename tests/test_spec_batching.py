@@ -55,7 +55,7 @@ def test_cache_grows_mid_answer_and_nothing_recompiles_over_hundreds_of_admissio
   prompts = _prompts(5, seed=4, low=2, high=6, V=V) + _prompts(2, seed=5, low=17, high=22, V=V)
   b = _batcher(tparams, bcfg, pair, tree, slots=4, admit_order="shortest")
   out, stats = b.run(prompts)
-  assert stats["grows"] == 1 and out == [_reference(tparams, bcfg, p, M) for p in prompts]
+  assert stats["grows"] >= 1 and out == [_reference(tparams, bcfg, p, M) for p in prompts]
   many = _prompts(200, seed=2, high=30, V=V)
   b = _batcher(tparams, bcfg, pair, tree, slots=4, max_new_tokens=3, admit_group=4)
   out, stats = b.run(many)

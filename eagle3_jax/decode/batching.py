@@ -7,10 +7,16 @@ collects the rows that finished and admits waiting requests into their slots. Ad
 prompt bucket with the slot as data, so nothing recompiles per admission.
 
 Attention reads every cache slot whatever the mask (static shapes), so the cache length S is what each step costs
-beyond the weights. S is the power of two that the longest running request needs. When the next request needs more,
-the running state grows (its cache is padded with empty slots) rather than draining; when the longest running ones
-are done and nothing queued needs as much, it shrinks (cut to its first S slots). Either way slots stay busy across
-the change, and there is one resize executable per pair of sizes. Requests are admitted in prompt-length order
+beyond the weights (on 2 CPU cores at batch 16, ~0.13 ms a slot on a ~110 ms step). S follows what the running
+requests need through the next chunk: each one's prompt bucket, the tokens it has emitted so far and what a chunk can
+add (`slot_need`), never more than it needs at its end, on a ladder of sizes (`cache_size`: 2^k and 3 * 2^(k-1),
+so few executables). Sized instead by every request's final need (bucket + max_new_tokens, to a power of two), S
+sat at 512-1024 slots for 256-token answers while static batches step over bucket + 256 (~300-400): continuous
+batching's 23% fewer steps at batch 16 were eaten by 22% dearer ones (BENCHMARKS.md "Continuous batching: 256
+prompts x 256 tokens, the whole table"). When a row or an admission needs more, the running state grows (its cache
+is padded with empty slots) rather than draining; when less is needed, it shrinks (cut to its first S slots,
+exact for every running row). Either way slots stay busy across the change, and there is one resize executable per
+pair of sizes. Requests are admitted in prompt-length order
 (`admit_order`): longest first (the default) starts big, prefills the long prompts while every slot is busy, and
 shrinks S as the long requests finish, so the tail of a run steps over a small cache; shortest first only ever grows
 S, and its last wave, with slots emptying, steps over the largest cache (1.17x slower on a short/long mix, equal on
@@ -26,6 +32,7 @@ depend on the slot it lands in or on what runs beside it: greedy or sampled, a r
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Callable, Sequence
 
@@ -129,9 +136,26 @@ resize_jit = jax.jit(resize, static_argnames=("target", "cfg", "cache_len"))  # 
 run_steps_jit = jax.jit(run_steps, static_argnames=("target", "cfg"), donate_argnames=("state",))
 
 
-def pool_cache_len(bucket: int, max_new_tokens: int) -> int:
-  """Cache slots while a prompt bucket runs: the next power of two >= bucket + max_new_tokens."""
-  return 1 << (bucket + max_new_tokens - 1).bit_length()
+MIN_CACHE = 16  # the smallest slot cache (as the smallest prompt bucket)
+
+
+def cache_size(n: float) -> int:
+  """Slots of a running cache that must hold n: the smallest 2^k or 3 * 2^(k-1) >= n (at least MIN_CACHE), so at
+  most a third of it is unused and sizes stay few (one step loop and a few resizes each)."""
+  from eagle3_jax.decode.engine import bucket_length  # deferred: engine imports this module lazily too
+
+  return bucket_length(math.ceil(n), minimum=MIN_CACHE)
+
+
+def final_len(bucket: int, max_new_tokens: int) -> int:
+  """Cache slots a request of this prompt bucket needs by its last step (what a lone static batch allocates)."""
+  return vanilla.cache_length(bucket, max_new_tokens)
+
+
+def slot_need(final: int, max_new_tokens: int, emitted: float, growth: int) -> float:
+  """Slots a running request needs through the next chunk: its final need less the tokens it has not yet emitted,
+  plus what one chunk can add (`growth`), and never more than the final need."""
+  return min(final, final - max_new_tokens + emitted + growth)
 
 
 class ContinuousBatcher:
@@ -179,7 +203,8 @@ class ContinuousBatcher:
                                  pad_id=int(pad_id))
       self._params, self._fns = params, {"admit": admit_jit, "steps": run_steps_jit, "resize": resize_jit}
       self._lay_out = lambda: xla_cpu.decode_params(self.target, params, rows=slots)  # noqa: E731
-      self._pool_len = lambda T: pool_cache_len(T, max_new_tokens)  # noqa: E731
+      self._final = lambda T: final_len(T, max_new_tokens)  # noqa: E731
+      self._growth = sync_every  # a step emits one token
       self._init = lambda S: init_state(self.target, slots, S, self.cfg, self._dtype)  # noqa: E731
     else:
       if vocab is None or dcfg is None or tree_cfg is None:
@@ -192,7 +217,8 @@ class ContinuousBatcher:
                    "resize": spec_batching.resize_jit}
       self._lay_out = lambda: self._params.replace(target=xla_cpu.decode_params(  # noqa: E731
           self.target, params, rows=slots * (tree_cfg.total_tokens + 1)))
-      self._pool_len = lambda T: spec_batching.pool_cache_len(T, self.cfg)  # noqa: E731
+      self._final = lambda T: spec_batching.final_len(T, self.cfg)  # noqa: E731
+      self._growth = sync_every * (tree_cfg.depth + 1)  # a round emits at most depth + 1 tokens
       self._init = lambda S: spec_batching.init_state(  # noqa: E731
           self.target, slots, S, self.cfg, self._params, self._dtype)
     self._step_params: Any = None  # the step loops' params in the decode layout: made at the first chunk, kept
@@ -222,6 +248,9 @@ class ContinuousBatcher:
       self._step_params = self._lay_out()
     params = self._step_params if kind == "steps" else self._params
     if key not in self._compiled:
+      # Calls are dispatched without waiting: wait for the work already queued, or its run time would overlap the
+      # compilation and be subtracted with it (a first run with fresh compiles read 8 s where warm runs read 11).
+      jax.block_until_ready(args)
       t0 = time.perf_counter()
       # Admissions are prefills: only the decode loops take the few-row settings (decode/xla_cpu.py).
       options = xla_cpu.compiler_options(rows=self.slots * (2 if self.speculative else 1)) if kind == "steps" else None
@@ -254,17 +283,19 @@ class ContinuousBatcher:
       speculative.validate(self.target, p.target, p.draft, p.vocab, *probe, p.embed, dcfg=self.cfg.dcfg,
                            spec=self.cfg.spec)
     else:
-      vanilla.validate(*probe, target=self.target, cache_len=self._pool_len(self.bucket_fn(longest)),
+      vanilla.validate(*probe, target=self.target, cache_len=cache_size(self._final(self.bucket_fn(longest))),
                        max_new_tokens=self.max_new_tokens)
     results: list[list[int] | None] = [None] * n
     stats = {"steps": 0.0, "slot_steps": 0.0, "tokens": 0.0, "step_tokens": 0.0, "compile_s": 0.0,
              "admissions": 0.0, "grows": 0.0, "shrinks": 0.0} | (
                  {"rounds": 0.0, "accepted": 0.0} if self.speculative else {})
     t_start = time.perf_counter()
-    need = [self._pool_len(self.bucket_fn(len(p))) for p in prompt_ids]  # cache slots each request runs in
-    S = need[queue[-1]]
+    final = [self._final(self.bucket_fn(len(p))) for p in prompt_ids]  # cache slots each request ends with
+    need = lambda i, e: slot_need(final[i], self.max_new_tokens, e, self._growth)  # noqa: E731  (e tokens emitted)
+    S = cache_size(need(queue[-1], 1))
     state = self._init(S)
     owner: list[int | None] = [None] * self.slots  # request index held by each slot
+    emitted = [0] * self.slots  # tokens its request had emitted at the last host visit
     n_steps, steps = jnp.asarray(self.sync_every, jnp.int32), 0
     while queue or any(o is not None for o in owner):
       free = [slot for slot in range(self.slots) if owner[slot] is None][:len(queue)]
@@ -272,28 +303,33 @@ class ContinuousBatcher:
         group, free = free[:self.admit_group], free[self.admit_group:]
         take = [queue.pop() for _ in group]
         T = self.bucket_fn(max(len(prompt_ids[i]) for i in take))
-        if self._pool_len(T) > S:
-          state = self._call("resize", S, self._pool_len(T), stats, state, cache_len=self._pool_len(T))
-          S, stats["grows"] = self._pool_len(T), stats["grows"] + 1
+        size = cache_size(max(need(i, 1) for i in take))  # >= T: the prefill writes T slots
+        if size > S:
+          state = self._call("resize", S, size, stats, state, cache_len=size)
+          S, stats["grows"] = size, stats["grows"] + 1
         K = 1 << (len(take) - 1).bit_length()
         tokens = np.full((K, T), self.cfg.pad_id, np.int32)
         lengths = np.ones((K,), np.int32)
         slots = np.full((K,), self.slots, np.int32)  # out of range: padding rows, dropped
         for r, (slot, i) in enumerate(zip(group, take)):
           tokens[r, :len(prompt_ids[i])] = prompt_ids[i]
-          lengths[r], slots[r], owner[slot] = len(prompt_ids[i]), slot, i
+          lengths[r], slots[r], owner[slot], emitted[slot] = len(prompt_ids[i]), slot, i, 1
         keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(self.seed), i))(
             jnp.asarray([*take, *take[:1] * (K - len(take))], jnp.uint32))
         state = self._call("admit", S, (T, K), stats, state, slots, tokens, lengths, keys)
         stats["admissions"] += len(take)
-      # Cut the cache to what the running requests and the next queued one need (never below, so no row loses a
-      # slot it will write and no admission grows it straight back).
-      keep = max([need[i] for i in owner if i is not None] + ([need[queue[-1]]] if queue else []))
-      if keep < S:
-        state = self._call("resize", S, keep, stats, state, cache_len=keep)
-        S, stats["shrinks"] = keep, stats["shrinks"] + 1
+      # The cache the running requests need through the next chunk, and the next queued one at its admission:
+      # grown as rows get longer, cut as long ones finish (never below a running row's need, so no row loses a slot
+      # it will write, nor below the next admission's, so it is not grown straight back).
+      want = cache_size(max([need(i, emitted[s]) for s, i in enumerate(owner) if i is not None]
+                            + ([need(queue[-1], 1)] if queue else [])))
+      if want != S:
+        state = self._call("resize", S, want, stats, state, cache_len=want)
+        stats["grows" if want > S else "shrinks"] += 1
+        S = want
       state = self._call("steps", S, None, stats, state, n_steps)
       done, counts, now = jax.device_get((state.done, state.counts, state.steps))
+      emitted = [int(c) for c in counts]
       stats["steps"] += int(now) - steps
       stats["slot_steps"] += (int(now) - steps) * self.slots
       steps = int(now)

@@ -39,9 +39,9 @@ class SpecParams:
   vocab: DraftVocab
 
 
-def pool_cache_len(bucket: int, cfg: SpecSlotConfig) -> int:
-  """Slots of both caches while a prompt bucket runs: a power of two >= what a lone batch of that bucket needs."""
-  return 1 << (max(cfg.spec.cache_lengths(bucket)) - 1).bit_length()
+def final_len(bucket: int, cfg: SpecSlotConfig) -> int:
+  """Slots of both caches a request of this prompt bucket needs by its last round (what a lone batch allocates)."""
+  return max(cfg.spec.cache_lengths(bucket))
 
 
 def init_state(target: Target, slots: int, cache_len: int, cfg: SpecSlotConfig, params: SpecParams,

@@ -73,33 +73,40 @@ def engine_batches(prompt_lengths: Sequence[int], batch: int) -> list[int]:
 
 
 def continuous_seconds(costs: Costs, buckets: Sequence[int], rounds: float | Sequence[float], *, slots: int,
-                       pool_len: Callable[[int], int], per_round: Callable[[int], float],
-                       sync_every: int = 16, admit_order: str = "longest") -> float:
+                       final_len: Callable[[int], int], max_new_tokens: int, growth: int,
+                       per_round: Callable[[int], float], sync_every: int = 16,
+                       admit_order: str = "longest") -> float:
   """Seconds of a continuous batcher (decode/batching.py) serving requests of these prompt buckets, each needing
   `rounds` steps or rounds after its prefill (one number for all, or one per request in admission order):
   admissions in `admit_order` of prompt length, each prefilled alone (one row, costs.admit_s), the slot loop in
   chunks of `sync_every` rounds over all slots (a chunk ends early only when every slot is done), finished slots
-  refilled between chunks, the cache grown to pool_len of the longest admitted bucket and cut to what the running
-  requests and the next queued one need. The decode layout (costs.layout), made once per batcher, is for the
-  caller to add (`predict` does). No first-run cost: the batcher compiles each executable ahead of its first call (outside the timed region), and its
-  first run of 8 requests measured no slower than warm repeats of the same run (BENCHMARKS.md "Batch 4 with
-  continuous batching modelled"), unlike the static generator's (costs.first_call)."""
+  refilled between chunks, and the cache sized before each chunk as the batcher sizes it: batching.cache_size of
+  the largest batching.slot_need of the running requests (final_len of their bucket, tokens emitted so far, taken
+  as spread evenly over their rounds, and `growth` a chunk) and of the next queued one. The decode layout
+  (costs.layout), made once per batcher, is for the caller to add (`predict` does). No first-run cost: the batcher
+  compiles each executable ahead of its first call (outside the timed region), and its first run of 8 requests
+  measured no slower than warm repeats of the same run (BENCHMARKS.md "Batch 4 with continuous batching
+  modelled"), unlike the static generator's (costs.first_call)."""
+  from eagle3_jax.decode.batching import cache_size, slot_need  # deferred, as in predict
+
+  M = max_new_tokens
   per_request = [float(rounds)] * len(buckets) if isinstance(rounds, (int, float)) else [float(r) for r in rounds]
   order = sorted(buckets, reverse=admit_order == "longest")
   queue = list(zip(order, per_request))[::-1]  # pop() gives the next to admit, as the batcher admits
-  S = pool_len(queue[-1][0])
+  need = lambda T, r, left: slot_need(final_len(T), M, 1 + (M - 1) * (1 - left / max(r, 1e-9)), growth)  # noqa: E731
+  S = cache_size(need(*queue[-1], queue[-1][1]))
   left: list[float | None] = [None] * slots
-  held: list[int] = [0] * slots  # bucket of each slot's request
+  held: list[tuple[int, float]] = [(0, 0.0)] * slots  # (bucket, rounds) of each slot's request
   seconds = 0.0
   while queue or any(r is not None for r in left):
     for slot in range(slots):
       if left[slot] is None and queue:
         T, r = queue.pop()
-        S = max(S, pool_len(T))
+        S = max(S, cache_size(need(T, r, r)))
         seconds += costs.admit_s(T)
-        left[slot], held[slot] = r, T
-    running = [pool_len(T) for T, r in zip(held, left) if r is not None]
-    S = min(S, max(running + ([pool_len(queue[-1][0])] if queue else [])))
+        left[slot], held[slot] = r, (T, r)
+    S = cache_size(max([need(*h, x) for h, x in zip(held, left) if x is not None]
+                       + ([need(*queue[-1], queue[-1][1])] if queue else [])))
     n = min(sync_every, max(r for r in left if r is not None))
     seconds += math.ceil(n) * per_round(S)
     left = [None if r is None or r <= n else r - n for r in left]
@@ -129,22 +136,23 @@ def predict(costs: Costs, acc: Acceptance, *, batch: int, prompt_lengths: Sequen
   n_rows = len(prompt_lengths) if prompt_lengths is not None else batch
   own = [bucket_length(int(n)) for n in prompt_lengths] if prompt_lengths is not None else None
 
-  def rate(tau, rounds, per_step, once, pool_len, row_rounds, prefill_s=costs.prefill_s):  # per_step(L) -> seconds
+  def rate(tau, rounds, per_step, once, final_len, row_rounds, prefill_s=costs.prefill_s, tokens_a_round=1):
     if buckets is None:
       return batch * tau / per_step(None)
     if batching == "continuous":
       draws = row_rounds if isinstance(row_rounds, list) else [row_rounds]
-      seconds = np.mean([continuous_seconds(costs, own, r, slots=batch, pool_len=pool_len, per_round=per_step,
+      seconds = np.mean([continuous_seconds(costs, own, r, slots=batch, final_len=final_len, max_new_tokens=M,
+                                            growth=sync_every * tokens_a_round, per_round=per_step,
                                             sync_every=sync_every, admit_order=admit_order) for r in draws])
       return n_rows * M / (float(seconds) + costs.layout)
     seconds = sum(prefill_s(T) + rounds * per_step(T + M) for T in buckets) + costs.layout
     return n_rows * M / (seconds + once * len(set(buckets)))
 
-  plain_pool = lambda T: slot_batching.pool_cache_len(T, M)  # noqa: E731
+  plain_final = lambda T: slot_batching.final_len(T, M)  # noqa: E731
   # Plain decoding at batch 1 compiles with XLA's defaults (xla_cpu.compiler_options), its prefill too: priced as
   # the one-row admission is.
   plain_prefill = costs.admit_s if batch == 1 and costs.admit else costs.prefill_s
-  out = [Prediction(None, 1.0, costs.step, rate(1.0, M - 1, costs.step_s, costs.first_call["plain"], plain_pool,
+  out = [Prediction(None, 1.0, costs.step, rate(1.0, M - 1, costs.step_s, costs.first_call["plain"], plain_final,
                                                 M - 1, plain_prefill))]
   for tcfg in shapes:
     accepted = acc.accepted(tcfg)
@@ -156,13 +164,13 @@ def predict(costs: Costs, acc: Acceptance, *, batch: int, prompt_lengths: Sequen
     once = max(costs.first_call["chain" if tcfg.is_chain else "tree"], costs.first_call["plain"])
     per_round = lambda L, tcfg=tcfg: max(costs.round_s(tcfg, L), costs.step_s(L))  # noqa: E731
     spec = SpecConfig(tree=tcfg, max_new_tokens=M)
-    spec_pool = lambda T, spec=spec: 1 << (max(spec.cache_lengths(T)) - 1).bit_length()  # noqa: E731
+    spec_final = lambda T, spec=spec: max(spec.cache_lengths(T))  # noqa: E731  (spec_batching.final_len)
     # Continuous slots finish when their own request does, so what matters is the spread of rounds across
     # requests, drawn TRIALS times (fixed seeds) and averaged below.
     row_rounds = [request_rounds(accepted, requests=n_rows, tokens=M - 1, seed=t) for t in range(TRIALS)] \
         if buckets is not None and batching == "continuous" else rounds
-    out.append(Prediction(tcfg, tau, per_round(None), rate(tau, rounds, per_round, once, spec_pool,
-                                                           row_rounds)))
+    out.append(Prediction(tcfg, tau, per_round(None), rate(tau, rounds, per_round, once, spec_final,
+                                                           row_rounds, tokens_a_round=tcfg.depth + 1)))
   return sorted(out, key=lambda p: -p.tokens_per_s)
 
 
