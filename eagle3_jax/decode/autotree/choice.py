@@ -84,9 +84,9 @@ def continuous_seconds(costs: Costs, buckets: Sequence[int], rounds: float | Seq
   the largest batching.slot_need of the running requests (final_len of their bucket, tokens emitted so far, taken
   as spread evenly over their rounds, and `growth` a chunk) and of the next queued one. The decode layout
   (costs.layout), made once per batcher, is for the caller to add (`predict` does). No first-run cost: the batcher
-  compiles each executable ahead of its first call (outside the timed region), and its first run of 8 requests
-  measured no slower than warm repeats of the same run (BENCHMARKS.md "Batch 4 with continuous batching
-  modelled"), unlike the static generator's (costs.first_call)."""
+  compiles each executable ahead of its first call (outside the timed region), and a new batcher whose executables
+  came from the compilation cache ran 8 requests within 5% of warm repeats of the same batcher (BENCHMARKS.md "Tree
+  choice with the tie rule, layouts kept, longest first"), unlike the static generator's (costs.first_call)."""
   from eagle3_jax.decode.batching import cache_size, slot_need  # deferred, as in predict
 
   M = max_new_tokens
