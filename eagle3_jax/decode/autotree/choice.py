@@ -21,12 +21,13 @@ from eagle3_jax.decode.autotree.costs import Costs
 from eagle3_jax.decode.tree import TreeConfig
 
 TRIALS = 8  # draws of per-request rounds averaged by a continuous-batching prediction
-# A draft is used only when its predicted gain over plain decoding is larger than the model's own error. Measured on
-# 2 CPU cores (BENCHMARKS.md "Tree choice"): at batch 4 the 1x1x1 chain was predicted 7-10% faster than plain decoding
-# in three runs and measured 3-11% slower (its tau is over-predicted by 3-11%, this machine's speed drifts between
-# calibration and run); below such a gain the choice is a coin toss that plain decoding, which has no draft to
-# misjudge, should win.
-MARGIN = 0.10
+# A draft is used only when its predicted gain over plain decoding is larger than the model's own error in that
+# gain. Measured on 2 CPU cores in three five-repeat runs (BENCHMARKS.md "Tree choice"), the best draft shape beat
+# plain decoding by 13-20% at batch 1 and 10-15% at batch 4 (the 1x1x1 chain each time), and the predicted gain of
+# the shapes was off by up to ~0.2 either way before the batch-4 terms were priced (admissions, rounds over long
+# caches). 10% (the first margin) chose plain decoding where a draft shape was 20% faster; 5% keeps a coin toss
+# (a gain of a few percent, where a misjudged draft costs as much) for plain decoding, which has nothing to misjudge.
+MARGIN = 0.05
 # Among draft shapes predicted within SHALLOW_TIE of the fastest, the one with the fewest draft levels (then nodes)
 # is used. A deeper shape's predicted edge comes from acceptance at deeper levels, compounded, which is what moves
 # most when the text is harder than the acceptance file's: on 8 held-out benchmark prompts the walk over-predicted
@@ -75,10 +76,11 @@ def engine_batches(prompt_lengths: Sequence[int], batch: int) -> list[int]:
 def continuous_seconds(costs: Costs, buckets: Sequence[int], rounds: float | Sequence[float], *, slots: int,
                        final_len: Callable[[int], int], max_new_tokens: int, growth: int,
                        per_round: Callable[[int], float], sync_every: int = 16,
-                       admit_order: str = "longest") -> float:
+                       admit_order: str = "longest", speculative: bool = False) -> float:
   """Seconds of a continuous batcher (decode/batching.py) serving requests of these prompt buckets, each needing
   `rounds` steps or rounds after its prefill (one number for all, or one per request in admission order):
-  admissions in `admit_order` of prompt length, each prefilled alone (one row, costs.admit_s), the slot loop in
+  admissions in `admit_order` of prompt length, each prefilled alone (one row, costs.admit_s; `speculative`: with
+  the draft's pass over the prompt), the slot loop in
   chunks of `sync_every` rounds over all slots (a chunk ends early only when every slot is done), finished slots
   refilled between chunks, and the cache sized before each chunk as the batcher sizes it: batching.cache_size of
   the largest batching.slot_need of the running requests (final_len of their bucket, tokens emitted so far, taken
@@ -103,7 +105,7 @@ def continuous_seconds(costs: Costs, buckets: Sequence[int], rounds: float | Seq
       if left[slot] is None and queue:
         T, r = queue.pop()
         S = max(S, cache_size(need(T, r, r)))
-        seconds += costs.admit_s(T)
+        seconds += costs.admit_s(T, speculative)
         left[slot], held[slot] = r, (T, r)
     S = cache_size(max([need(*h, x) for h, x in zip(held, left) if x is not None]
                        + ([need(*queue[-1], queue[-1][1])] if queue else [])))
@@ -136,14 +138,16 @@ def predict(costs: Costs, acc: Acceptance, *, batch: int, prompt_lengths: Sequen
   n_rows = len(prompt_lengths) if prompt_lengths is not None else batch
   own = [bucket_length(int(n)) for n in prompt_lengths] if prompt_lengths is not None else None
 
-  def rate(tau, rounds, per_step, once, final_len, row_rounds, prefill_s=costs.prefill_s, tokens_a_round=1):
+  def rate(tau, rounds, per_step, once, final_len, row_rounds, prefill_s=costs.prefill_s, tokens_a_round=1,
+           spec=False):
     if buckets is None:
       return batch * tau / per_step(None)
     if batching == "continuous":
       draws = row_rounds if isinstance(row_rounds, list) else [row_rounds]
       seconds = np.mean([continuous_seconds(costs, own, r, slots=batch, final_len=final_len, max_new_tokens=M,
                                             growth=sync_every * tokens_a_round, per_round=per_step,
-                                            sync_every=sync_every, admit_order=admit_order) for r in draws])
+                                            sync_every=sync_every, admit_order=admit_order, speculative=spec)
+                         for r in draws])
       return n_rows * M / (float(seconds) + costs.layout)
     seconds = sum(prefill_s(T) + rounds * per_step(T + M) for T in buckets) + costs.layout
     return n_rows * M / (seconds + once * len(set(buckets)))
@@ -152,6 +156,8 @@ def predict(costs: Costs, acc: Acceptance, *, batch: int, prompt_lengths: Sequen
   # Plain decoding at batch 1 compiles with XLA's defaults (xla_cpu.compiler_options), its prefill too: priced as
   # the one-row admission is.
   plain_prefill = costs.admit_s if batch == 1 and costs.admit else costs.prefill_s
+  # A speculative generator's prefill runs the draft over the prompt too: its share as measured on admissions.
+  spec_prefill = lambda T: costs.prefill_s(T) * costs.draft_share(T)  # noqa: E731
   out = [Prediction(None, 1.0, costs.step, rate(1.0, M - 1, costs.step_s, costs.first_call["plain"], plain_final,
                                                 M - 1, plain_prefill))]
   for tcfg in shapes:
@@ -169,8 +175,8 @@ def predict(costs: Costs, acc: Acceptance, *, batch: int, prompt_lengths: Sequen
     # requests, drawn TRIALS times (fixed seeds) and averaged below.
     row_rounds = [request_rounds(accepted, requests=n_rows, tokens=M - 1, seed=t) for t in range(TRIALS)] \
         if buckets is not None and batching == "continuous" else rounds
-    out.append(Prediction(tcfg, tau, per_round(None), rate(tau, rounds, per_round, once, spec_final,
-                                                           row_rounds, tokens_a_round=tcfg.depth + 1)))
+    out.append(Prediction(tcfg, tau, per_round(None), rate(tau, rounds, per_round, once, spec_final, row_rounds,
+                                                           spec_prefill, tokens_a_round=tcfg.depth + 1, spec=True)))
   return sorted(out, key=lambda p: -p.tokens_per_s)
 
 

@@ -35,17 +35,28 @@ from eagle3_jax.nn import masks
 from eagle3_jax.target import protocol
 
 VERIFY_POINTS = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32)  # tree nodes P timed; others interpolate linearly
+# Tree nodes whose verify pass is also timed over CACHE_LENS[1]: attention's cost per cache slot grows with the
+# tokens a row reads it with (batch 4: 33 us a slot for a step, 37-55 for 4 tokens a row, 39-65 for 9), and a
+# continuous batcher runs its rounds over up to 1,024 slots while a long prompt is served.
+VERIFY_SLOT_POINTS = (3, 8)
 EXPAND_DEPTHS = (1, 4)  # expansion is timed at two depths per top_k; other depths are linear between them
 CACHE_LENS = (256, 1024)  # the step is timed at both: attention reads every slot, so cost grows with the cache
-PREFILL_LENS = (64, 512)  # prompt tokens per row of the two timed prefills; other lengths are linear
+PREFILL_LENS = (64, 512)  # prompt tokens per row of the two timed prefills of a batch; other lengths are linear
+# Prompt tokens of the timed one-row admissions (a slot batcher's own admission executable). A prefill's cost is
+# concave at short prompts (the weights are read once whatever T) and convex at long ones (attention is T^2): from
+# 64 and 512 alone a 48-token admission came out 17% under its measured cost, a 768-token one 5%.
+ADMIT_LENS = (16, 64, 512, 1024)
+SPEC_ADMIT_LENS = (64, 512)  # the same with a draft (its pass over the prompt): priced as a ratio to the plain one
 ANCHOR_REPEATS = 3  # timings of each anchor round (interleaved with the others and with steps); the median counts
-VERSION = 9  # of the timing method; cached calibrations of another version are redone (2: output head kept;
+SLOT_REPEATS = 3  # interleaved timings of a loop over both cache lengths; the median difference counts
+VERSION = 10  # of the timing method; cached calibrations of another version are redone (2: output head kept;
 # 3: one-row prefill for continuous batching's admissions; 4: anchors as ratios to steps timed beside them;
 # 5: loops compiled and laid out as the engine's decode executables, decode/xla_cpu.py; 6: the head in column
 # blocks for 8-16 rows a step, llama.decode_layout; 7: each anchor's median of ANCHOR_REPEATS interleaved ratios,
 # the one-row prefill under XLA's defaults at batch 1 too; 8: a top-4 tree anchor, trees' extra linear in top_k;
-# 9: the decode layout made outside the timed loops and priced on its own, `layout`)
-
+# 9: the decode layout made outside the timed loops and priced on its own, `layout`; 10: admissions timed as the
+# slot batcher's own executables at four lengths, with a draft too; the slot cost per verified node count and as
+# a median of interleaved differences; chain anchors at every depth 1-4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +65,11 @@ class Costs:
   pass for P tree nodes (P + 1 tokens with the root), the draft's context pass for R rows and its expansion per
   (top_k, depth); `extra`: what real rounds cost beyond those parts (accept, commit, emit, the loop, and what the
   parts timed alone miss), by depth, per `extra_key` (chains, top-2 trees, top-k trees), from real anchor rounds.
-  `slot`: seconds a step gains per extra cache slot. `prefill`: prompt length -> seconds of the target's prefill of
-  a batch. `admit`: the same for one row (a continuous batcher prefills each admission alone). `first_call`: one-time
+  `slot`: seconds a step gains per extra cache slot; `slot_nodes`: the same for a verify pass of P tree nodes (P ->
+  seconds a slot), linear in P between them and `slot` (P = 0), flat past the last. `prefill`: prompt length ->
+  seconds of the target's prefill of a batch. `admit`: the same for one row as a slot batcher admits it (its own
+  admission executable: prefill and the write into a slot); `admit_spec`: with a draft, whose pass over the prompt
+  comes with it, priced as its ratio to `admit` at the same length. `first_call`: one-time
   seconds of a new executable's first run, per kind ("plain", "chain", "tree"). `layout`: seconds of the target's
   decode layout (decode/xla_cpu.py: a [D, V] copy of a tied head, 113 MB for SmolLM2), which a generator or slot
   batcher makes once and keeps (xla_cpu.KeptLayouts), so a run pays it once. Timed inside
@@ -74,6 +88,8 @@ class Costs:
   meta: dict = dataclasses.field(default_factory=dict)
   admit: dict[int, float] = dataclasses.field(default_factory=dict)  # prompt length -> seconds, one row
   layout: float = 0.0  # seconds per decode-executable call, before its loop
+  slot_nodes: dict[int, float] = dataclasses.field(default_factory=dict)  # tree nodes -> seconds a cache slot
+  admit_spec: dict[int, float] = dataclasses.field(default_factory=dict)  # prompt length -> seconds, with a draft
 
   @staticmethod
   def _line(table: dict[int, float], x: float) -> float:
@@ -87,8 +103,16 @@ class Costs:
       return ys[i] + (x - xs[i]) * (ys[i + 1] - ys[i]) / (xs[i + 1] - xs[i])
     return float(np.interp(x, xs, ys))
 
-  def _at(self, cache_len: int | None) -> float:
-    return 0.0 if cache_len is None else (cache_len - CACHE_LENS[0]) * self.slot
+  def slot_s(self, nodes: int = 0) -> float:
+    """Seconds a pass over `nodes` tree nodes (0: a decode step) gains per extra cache slot; never less than a
+    step's (more tokens read the same slots)."""
+    if not self.slot_nodes:
+      return self.slot
+    table = {0: self.slot, **self.slot_nodes}
+    return max(self.slot, self._line(table, min(nodes, max(table))))
+
+  def _at(self, cache_len: int | None, nodes: int = 0) -> float:
+    return 0.0 if cache_len is None else (cache_len - CACHE_LENS[0]) * self.slot_s(nodes)
 
   def step_s(self, cache_len: int | None = None) -> float:
     return self.step + self._at(cache_len)
@@ -96,8 +120,18 @@ class Costs:
   def prefill_s(self, prompt_len: int) -> float:
     return max(self._line(self.prefill, prompt_len), 0.0)
 
-  def admit_s(self, prompt_len: int) -> float:
-    return max(self._line(self.admit or self.prefill, prompt_len), 0.0)
+  def admit_s(self, prompt_len: int, speculative: bool = False) -> float:
+    """One row's admission into a slot batcher; `speculative`: with the draft's pass over the prompt."""
+    return max(self._line(self.admit or self.prefill, prompt_len), 0.0) * (
+        self.draft_share(prompt_len) if speculative else 1.0)
+
+  def draft_share(self, prompt_len: int) -> float:
+    """A speculative admission's cost as a multiple of a plain one's (>= 1): linear between the timed lengths,
+    flat past them (a ratio of two timings, extrapolated, would drift)."""
+    if not self.admit_spec or not self.admit:
+      return 1.0
+    ratio = {T: s / max(self._line(self.admit, T), 1e-12) for T, s in self.admit_spec.items()}
+    return max(1.0, self._line(ratio, min(max(prompt_len, min(ratio)), max(ratio))))
 
   def verify_s(self, P: int) -> float:
     return self._line(self.verify, P)
@@ -124,7 +158,7 @@ class Costs:
     # A verify pass is a target forward of more tokens than a step's, so it never costs less than the step (the two
     # are timed minutes apart, and the step is the median of several timings).
     return (self.context_s(tcfg.max_accept + 1) + self.expand_s(tcfg.top_k, tcfg.depth)
-            + max(self.verify_s(tcfg.total_tokens), self.step) + extra + self._at(cache_len))
+            + max(self.verify_s(tcfg.total_tokens), self.step) + extra + self._at(cache_len, tcfg.total_tokens))
 
   def to_json(self) -> dict:
     ints = lambda d: {str(k): v for k, v in d.items()}  # noqa: E731
@@ -132,7 +166,7 @@ class Costs:
             "prefill": ints(self.prefill), "verify": ints(self.verify),
             "context": ints(self.context), "expand": {str(k): ints(e) for k, e in self.expand.items()},
             "extra": {k: ints(e) for k, e in self.extra.items()}, "meta": self.meta, "admit": ints(self.admit),
-            "layout": self.layout}
+            "layout": self.layout, "slot_nodes": ints(self.slot_nodes), "admit_spec": ints(self.admit_spec)}
 
   @classmethod
   def from_json(cls, obj: dict) -> "Costs":
@@ -141,7 +175,8 @@ class Costs:
                prefill=ints(obj["prefill"]), verify=ints(obj["verify"]),
                context=ints(obj["context"]), expand={int(k): ints(e) for k, e in obj["expand"].items()},
                extra={k: ints(e) for k, e in obj["extra"].items()}, meta=obj.get("meta", {}),
-               admit=ints(obj.get("admit", {})), layout=float(obj.get("layout", 0.0)))
+               admit=ints(obj.get("admit", {})), layout=float(obj.get("layout", 0.0)),
+               slot_nodes=ints(obj.get("slot_nodes", {})), admit_spec=ints(obj.get("admit_spec", {})))
 
 
 def extra_key(tcfg: TreeConfig) -> str:
@@ -187,6 +222,41 @@ def _time_loop(fn, params: Any, state: Any, n: int, repeats: int = 3, first: lis
   return seconds
 
 
+def _slot_cost(near, far, repeats: int = SLOT_REPEATS) -> float:
+  """Seconds per extra cache slot from the same loop compiled over CACHE_LENS[0] and CACHE_LENS[1] slots (`near`,
+  `far`: functions that time them again), as the median of `repeats` differences timed in turn: one difference of
+  two single timings minutes apart once came out twice the others' (63.5 us a slot at batch 4 against 32-36)."""
+  diffs = [far() - near() for _ in range(repeats)]
+  return max(float(np.median(diffs)), 0.0) / (CACHE_LENS[1] - CACHE_LENS[0])
+
+
+def _admit_cost(target: protocol.Target, target_params: Any, draft_params: Any, vocab: DraftVocab,
+                dcfg: draft.DraftConfig, *, batch: int, prompt_len: int, repeats: int = 2) -> float:
+  """Seconds of one request's admission into a slot batcher of `batch` slots, as it admits: its own admission
+  executable (decode/batching.py, or with draft_params spec_batching.py: the draft's pass over the prompt too)
+  under XLA's defaults, into caches of at least CACHE_LENS[1] slots (where a batcher serving a long prompt admits)."""
+  from eagle3_jax.config import SlotConfig
+  from eagle3_jax.decode import batching, sampling, spec_batching  # deferred: they import autotree lazily
+
+  T, M = prompt_len, 64
+  S = max(CACHE_LENS[1], batching.cache_size(T + M))
+  dtype = target.embed(target_params).dtype
+  args = (jnp.zeros((1,), jnp.int32), jnp.ones((1, T), jnp.int32), jnp.full((1,), T, jnp.int32),
+          jax.random.split(jax.random.key(0), 1))
+  if draft_params is None:
+    cfg: Any = SlotConfig(sampling=sampling.SamplingConfig(), max_new_tokens=M)
+    params, state = target_params, batching.init_state(target, batch, S, cfg, dtype)
+    fn = lambda p, s: batching.admit(p, s, *args, target=target, cfg=cfg)  # noqa: E731
+  else:
+    cfg = spec_batching.SpecSlotConfig(dcfg=dcfg, spec=speculative.SpecConfig(tree=TreeConfig.chain(1),
+                                                                              max_new_tokens=M))
+    params = spec_batching.SpecParams(target=target_params, draft=draft_params, vocab=vocab,
+                                      embed=target.embed(target_params))
+    state = spec_batching.init_state(target, batch, S, cfg, params, dtype)
+    fn = lambda p, s: spec_batching.admit(p, s, *args, target=target, cfg=cfg)  # noqa: E731
+  return _time_loop(fn, params, state, 1, repeats, decode=False)
+
+
 def layout_cost(target: protocol.Target, params: Any, *, rows: int, repeats: int = 5) -> float:
   """Seconds of the target's decode layout for `rows` rows a step (xla_cpu.decode_params); 0 where there is none
   (other backends, targets without a layout)."""
@@ -228,16 +298,19 @@ def cost_key(target_cfg: Any, dcfg: draft.DraftConfig, *, batch: int, dtype: Any
 
 def calibrate(target: protocol.Target, target_params: Any, draft_params: Any, vocab: DraftVocab,
               dcfg: draft.DraftConfig, *, batch: int, target_cfg: Any = None, n: int = 8, verbose: bool = False,
-              anchors: Sequence[TreeConfig] = (TreeConfig.chain(1), TreeConfig.chain(4),
+              anchors: Sequence[TreeConfig] = (TreeConfig.chain(1), TreeConfig.chain(2), TreeConfig.chain(3),
+                                               TreeConfig.chain(4),
                                                TreeConfig(top_k=2, depth=2, total_tokens=4),
                                                TreeConfig(top_k=2, depth=4, total_tokens=8),
                                                TreeConfig(top_k=4, depth=2, total_tokens=6))
               ) -> Costs:
   """Times every part of a round at this batch size (3-11 minutes on 2 CPU cores, much of it compilation), then real
-  rounds of the anchors (two chains, two top-2 trees, a top-4 tree): what those cost beyond their parts is
-  `extra`. The top-4 anchor is there because a 4x2x6 round once cost a third more than its parts and the top-2
-  trees' extra predicted (BENCHMARKS.md "Tree choice with median anchors"): a wider expansion does more than its
-  timed parts show. The decode step is the engine's own (vanilla.decode_step: forward, sampling, bookkeeping) when
+  rounds of the anchors (chains of depth 1-4, two top-2 trees, a top-4 tree): what those cost beyond their parts is
+  `extra`. Every chain depth up to 4 is anchored because a round's cost is not linear in depth: at batch 4 real
+  chain rounds cost 1.17, 1.30, 1.58 and 2.0 steps at depths 1-4, and parts plus an extra interpolated between
+  depths 1 and 4 priced the depth-3 chain 10% under its real round. The top-4 anchor is there because a 4x2x6
+  round once cost a third more than its parts and the top-2 trees' extra predicted (BENCHMARKS.md "Tree choice with
+  median anchors"): a wider expansion does more than its timed parts show. The decode step is the engine's own (vanilla.decode_step: forward, sampling, bookkeeping) when
   target_cfg (a LlamaConfig) is given, else the bare forward."""
   B, S = batch, CACHE_LENS[0]
   embed = target.embed(target_params)
@@ -271,9 +344,13 @@ def calibrate(target: protocol.Target, target_params: Any, draft_params: Any, vo
 
   first_call: dict[str, float] = {}
   retime: list = []  # the step loop, kept compiled to be timed again beside every anchor
-  step = target_pass(1, keep=retime if target_cfg is None else None)
-  slot = (target_pass(1, S=CACHE_LENS[1]) - step) / (CACHE_LENS[1] - CACHE_LENS[0])
-  if target_cfg is not None:
+  near, far = [], []  # the bare step over both cache lengths, timed again in turn for the slot cost
+  step = target_pass(1, keep=near)
+  target_pass(1, S=CACHE_LENS[1], keep=far)
+  slot = _slot_cost(near[0], far[0])
+  if target_cfg is None:
+    retime.append(near[0])
+  else:
     plain = []
     step = decode_step_cost(target_params, target_cfg, batch=B, cache_len=S, n=n, first=plain, keep=retime)
     first_call["plain"] = plain[0]
@@ -282,14 +359,24 @@ def calibrate(target: protocol.Target, target_params: Any, draft_params: Any, vo
              for T in PREFILL_LENS}
   # One row under XLA's defaults: how the slot batchers admit, and how plain decoding at batch 1 prefills (its
   # executable keeps the defaults, xla_cpu.compiler_options), ~15% faster at 512 tokens than the few-row options.
-  admit = {T: target_pass(T, S=max(CACHE_LENS[1], T), start=zeros[:1], n=1, repeats=2, last_only=True, B=1,
-                          decode=False) for T in PREFILL_LENS}
-  verify, floor = {}, step
+  admit = {T: _admit_cost(target, target_params, None, vocab, dcfg, batch=B, prompt_len=T) for T in ADMIT_LENS}
+  admit_spec = {T: _admit_cost(target, target_params, draft_params, vocab, dcfg, batch=B, prompt_len=T)
+                for T in SPEC_ADMIT_LENS}
+  verify, floor, kept = {}, step, {}
   for P in VERIFY_POINTS:  # more tokens through the same weights never cost less: a running max smooths noise
-    verify[P] = floor = max(floor, target_pass(P + 1))
+    keep = [] if P in VERIFY_SLOT_POINTS else None
+    verify[P] = floor = max(floor, target_pass(P + 1, keep=keep))
+    kept.update({P: keep[0]} if keep else {})
+  slot_nodes = {}
+  for P in VERIFY_SLOT_POINTS:
+    far = []
+    target_pass(P + 1, S=CACHE_LENS[1], keep=far)
+    slot_nodes[P] = _slot_cost(kept[P], far[0])
   log(f"target step {step * 1e3:.1f} ms (+{slot * 1e6:.2f} us a cache slot), prefill",
       {T: round(v * 1e3, 1) for T, v in prefill.items()}, "one row", {T: round(v * 1e3, 1) for T, v in admit.items()},
-      "verify", {P: round(v * 1e3, 1) for P, v in verify.items()})
+      "with a draft", {T: round(v * 1e3, 1) for T, v in admit_spec.items()},
+      "verify", {P: round(v * 1e3, 1) for P, v in verify.items()},
+      "us a slot", {P: round(v * 1e6, 2) for P, v in slot_nodes.items()})
 
   L = jnp.full((B,), S // 2, jnp.int32)
   dcache = draft.init_cache(dcfg, B, S, dtype).replace(lengths=L)
@@ -326,7 +413,7 @@ def calibrate(target: protocol.Target, target_params: Any, draft_params: Any, vo
       {k: {d: round(v * 1e3, 2) for d, v in e.items()} for k, e in expand.items()}, "layout",
       round(layout * 1e3, 1))
   parts = Costs(step=step, slot=slot, first_call=first_call, prefill=prefill, verify=verify, context=context,
-                expand=expand, admit=admit, layout=layout)
+                expand=expand, admit=admit, layout=layout, slot_nodes=slot_nodes, admit_spec=admit_spec)
   extra: dict[str, dict[int, float]] = {}
   meta: dict[str, Any] = {"anchors": []}
   # This shared machine's speed drifts 10-30% within minutes (BENCHMARKS.md "Batch 4 with continuous batching
