@@ -6,11 +6,14 @@ shapes, at each batch size, on held-out prompts, in one run (same process, same 
         --max-new-tokens 64 --batch-sizes 1,4 --repeats 3
 
 The calibration is made fresh (--cache-dir, emptied first) so it is measured under the same conditions as the
-shapes. Predictions come from autotree exactly as infer.py makes them (the draft's acceptance.safetensors, the
-calibration at this batch size, the engine's batches of these prompts); measurements run infer.py's own path
-(`engine.make_generator` with the shape given by hand, a new generator each run as a new infer.py process has, its
-executables from the compilation cache; `infer.serve`; tokens/s without compilation, prefill and first runs
-included, EOS respected). Prints a markdown table and, last, one JSON line.
+shapes. Predictions come from autotree as infer.py makes them (the draft's acceptance.safetensors, the calibration
+at this batch size, the engine's batches of these prompts), less the first-run cost of new executables
+(`first_runs=False`): measurements run infer.py's own path (`engine.make_generator` with the shape given by hand, a
+new generator each run; `infer.serve`; tokens/s without compilation, prefill included, EOS respected) after
+--warmup untimed runs of every shape, which compile and make those first runs (a fresh generator over executables
+this process has run costs what the same generator's repeat does: 8 prompts at batch 1, 15.0/15.7/14.5 s against
+15.0/15.2/14.3 s; the first run after compiling, 16.4 s). The auto choice is infer.py's own (first runs priced, alike
+for every draft shape). Prints a markdown table and, last, one JSON line.
 
 This machine's speed drifts by 10-40% within an hour (BENCHMARKS.md "Tree choice"), while the shapes' predicted
 tokens/s differ by 5-15%. So every shape is run --repeats times, the passes interleaved (shapes in order, then in
@@ -49,6 +52,7 @@ def main(argv=None) -> dict:
   ap.add_argument("--shapes", default=SHAPES, help="comma list of KxDxP or 'none'")
   ap.add_argument("--cache-dir", default="runs/bench/autotree_cache")
   ap.add_argument("--repeats", type=int, default=3, help="runs of every shape, interleaved; the median counts")
+  ap.add_argument("--warmup", type=int, default=1, help="untimed runs of every shape first (first-run work)")
   ap.add_argument("--batching", default="auto", choices=("auto", "static", "continuous"),
                   help="as infer.py's (auto: continuous at batch > 1); predictions model the same")
   args = ap.parse_args(argv)
@@ -95,8 +99,10 @@ def main(argv=None) -> dict:
                                     cache_dir=args.cache_dir, verbose=True)
       lens = [len(x) for x in prompt_ids]
       mode = args.batching if args.batching != "auto" else ("continuous" if B > 1 else "static")
+      # Measured runs come after a warm-up run of the same executables, so they are compared with the model
+      # without first runs (the choice below is infer.py's, which prices them alike for every draft shape).
       preds = autotree.predict(costs, acc, batch=B, prompt_lengths=lens, max_new_tokens=args.max_new_tokens,
-                               batching=mode)
+                               batching=mode, first_runs=False)
       best = autotree.choose(costs, acc, batch=B, prompt_lengths=lens, max_new_tokens=args.max_new_tokens,
                              batching=mode)  # infer.py's choice: the margin over plain decoding included
       step_now = []  # the engine's decode step, compiled once, timed again around every run
@@ -105,14 +111,15 @@ def main(argv=None) -> dict:
       by_shape = {autotree.shape_str(p.tree): p for p in preds}
       todo = list(shapes) + ([best.tree] if best.tree not in shapes else [])
       runs = {autotree.shape_str(t): [] for t in todo}  # per shape: (summary, step before, step after) per pass
-      for r in range(args.repeats):
+      for r in range(-args.warmup, args.repeats):
         for tcfg in (todo if r % 2 == 0 else todo[::-1]):
           gen = engine.make_generator(params, cfg, draft_ckpt=None if tcfg is None else ckpt, tree_cfg=tcfg,
                                       slots=B if mode == "continuous" else None, **common)
           before = step_now[0]()
           _, s = infer.serve(engine.Engine(gen, tokenizer, batch_size=B, pad_id=pad_id), requests,
                              multi_turn=False, progress=False)
-          runs[autotree.shape_str(tcfg)].append((s, before, step_now[0]()))
+          if r >= 0:  # warm-up passes (r < 0) compile and make the executables' first runs: not counted
+            runs[autotree.shape_str(tcfg)].append((s, before, step_now[0]()))
           print(f"pass {r} B {B} {autotree.shape_str(tcfg)}: {s['tokens_per_s']:.2f} tokens/s, tau {s['tau']}",
                 file=sys.stderr, flush=True)
       for tcfg in todo:
@@ -123,7 +130,7 @@ def main(argv=None) -> dict:
         scale = costs.step / float(np.median([t for x in done for t in x[1:]]))
         p = by_shape.get(name) or autotree.predict(costs, acc, batch=B, prompt_lengths=lens,
                                                    max_new_tokens=args.max_new_tokens, shapes=[tcfg],
-                                                   batching=mode)[0]
+                                                   batching=mode, first_runs=False)[0]
         row = {"batch": B, "batching": mode, "tree": name, "predicted_tau": round(p.tau, 3),
                "tau": done[0][0]["tau"], "predicted_tokens_per_s": round(p.tokens_per_s, 2),
                "tokens_per_s": round(measured, 3), "runs_tokens_per_s": speeds,

@@ -13,6 +13,7 @@ from eagle3_jax.decode import autotree
 from eagle3_jax.draft import head as draft
 from eagle3_jax.draft.vocab import DraftVocab
 from eagle3_jax.train import ttt
+from eagle3_jax.decode.autotree import choice as autotree_choice
 from eagle3_jax.decode.autotree import costs as autotree_costs
 from eagle3_jax.target import llama
 from eagle3_jax.decode.tree import TreeConfig
@@ -194,6 +195,31 @@ def test_slot_cost_grows_with_the_verified_nodes_and_admissions_price_the_draft(
   plain = autotree.continuous_seconds(a, [16, 64], 20, per_round=lambda S: 1.0, **kw)
   spec = autotree.continuous_seconds(a, [16, 64], 20, per_round=lambda S: 1.0, speculative=True, **kw)
   assert spec - plain == pytest.approx((1.1 - 1.0) + (2.2 - 2.0))
+
+
+def test_answers_stop_where_the_targets_greedy_answers_stop():
+  # 8 held-out prompts at 64 new tokens emitted 458 tokens, not 512: answers end at the target's stop token, and the
+  # acceptance file's answers say where. The file's longest answers are taken as cut off by their generation cap.
+  ranks = np.zeros((130, autotree.MAX_DEPTH), np.int8)
+  acc = autotree.Acceptance(ranks, lengths=np.array([10, 20, 100]))
+  got = acc.answer_tokens(64, 3000, seed=1)
+  assert set(got.tolist()) == {10, 20, 64} and abs(got.mean() - (10 + 20 + 64) / 3) < 2
+  assert set(acc.answer_tokens(16, 100).tolist()) == {10, 16}
+  assert (autotree.Acceptance(ranks).answer_tokens(64, 5) == 64).all()  # one text: no answer ends
+  # Plain decoding, one request at a time, nothing but steps priced: an answer of m tokens costs m - 1 steps (its
+  # first comes with the prefill), so the rate is E[m] / ((E[m] - 1) * step), not 64 / (63 * step).
+  c = dataclasses.replace(_fake_costs(), slot=0.0, prefill={64: 0.0, 512: 0.0}, admit={},
+                          first_call={"plain": 0.0, "chain": 0.0, "tree": 0.0})
+  plain = lambda a: next(p for p in autotree.predict(c, a, batch=1, prompt_lengths=[10] * 6,  # noqa: E731
+                                                     max_new_tokens=64) if p.tree is None).tokens_per_s
+  m = acc.answer_tokens(64, autotree_choice.STATIC_TRIALS).mean()
+  assert plain(acc) == pytest.approx(m / ((m - 1) * c.step))
+  assert plain(autotree.Acceptance(ranks)) == pytest.approx(64 / (63 * c.step))
+  # Continuous slots: the tokens counted are the answers' own, and short answers free their slot early.
+  kw = dict(batch=2, prompt_lengths=[10] * 6, max_new_tokens=64, batching="continuous", shapes=[])
+  short = autotree.predict(c, acc, **kw)[0].tokens_per_s
+  full = autotree.predict(c, autotree.Acceptance(ranks), **kw)[0].tokens_per_s
+  assert short < full  # more of the time is a chunk's slots idling behind the longest answer
 
 
 def test_slot_cost_is_the_median_of_interleaved_differences():

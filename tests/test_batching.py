@@ -108,7 +108,7 @@ def test_the_slot_model_replays_the_batchers_cache_sizes(params, cfg, monkeypatc
       work, before = work + (steps - before) * S, steps
     assert len({S for S, _ in chunks}) >= 2  # the sizes move, so the comparison means something
     model = autotree.continuous_seconds(
-        types.SimpleNamespace(admit_s=lambda T: 0.0), [b.bucket_fn(len(p)) for p in prompts], M - 1,
+        types.SimpleNamespace(admit_s=lambda T, speculative=False: 0.0), [b.bucket_fn(len(p)) for p in prompts], M - 1,
         slots=3, final_len=lambda T: batching.final_len(T, M), max_new_tokens=M, growth=4, per_round=float,
         sync_every=4, admit_order=order)
     assert model == work, (order, chunks)

@@ -83,11 +83,12 @@ def test_slot_batchers_lay_the_head_out_once_not_per_chunk(tied, monkeypatch, sl
   b = engine.make_generator(params, cfg, sampling_cfg=sampling.SamplingConfig(), max_new_tokens=8, slots=slots)
   prompts = [[1, 2, 3], [4, 5]]
   b.run(prompts)
-  assert ("lm_head_chunks" if slots >= 8 else "lm_head") in b._step_params and b._params is params
-  assert b._step_params["embed"] is params["embed"]  # only the layout's own arrays are new
+  laid = b._step_params()
+  assert ("lm_head_chunks" if slots >= 8 else "lm_head") in laid and b._params is params
+  assert laid["embed"] is params["embed"] and b._step_params() is laid  # made once; only its own arrays are new
   temp = lambda: next(e for k, e in b._compiled.items() if k[0] == "steps").memory_analysis().temp_size_in_bytes
   kept = temp()
-  b._step_params, b._compiled = params, {}  # as before: the step loop lays out the head at every call
+  b._laid, b._compiled = (lambda rows: params), {}  # as before: the step loop lays out the head at every call
   b.run(prompts)
   # The copy ([D, V] or its column blocks) is scratch of the loop's executable only when the loop makes it.
   assert temp() - kept >= cfg.hidden_size * cfg.vocab_size * 4, (temp(), kept)

@@ -202,7 +202,7 @@ class ContinuousBatcher:
       self.cfg: Any = SlotConfig(sampling=sampling_cfg, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
                                  pad_id=int(pad_id))
       self._params, self._fns = params, {"admit": admit_jit, "steps": run_steps_jit, "resize": resize_jit}
-      self._lay_out = lambda: xla_cpu.decode_params(self.target, params, rows=slots)  # noqa: E731
+      self._layout_rows = slots
       self._final = lambda T: final_len(T, max_new_tokens)  # noqa: E731
       self._growth = sync_every  # a step emits one token
       self._init = lambda S: init_state(self.target, slots, S, self.cfg, self._dtype)  # noqa: E731
@@ -215,13 +215,12 @@ class ContinuousBatcher:
                                               embed=self.target.embed(params) if embed is None else embed)
       self._fns = {"admit": spec_batching.admit_jit, "steps": spec_batching.run_rounds_jit,
                    "resize": spec_batching.resize_jit}
-      self._lay_out = lambda: self._params.replace(target=xla_cpu.decode_params(  # noqa: E731
-          self.target, params, rows=slots * (tree_cfg.total_tokens + 1)))
+      self._layout_rows = slots * (tree_cfg.total_tokens + 1)
       self._final = lambda T: spec_batching.final_len(T, self.cfg)  # noqa: E731
       self._growth = sync_every * (tree_cfg.depth + 1)  # a round emits at most depth + 1 tokens
       self._init = lambda S: spec_batching.init_state(  # noqa: E731
           self.target, slots, S, self.cfg, self._params, self._dtype)
-    self._step_params: Any = None  # the step loops' params in the decode layout: made at the first chunk, kept
+    self._laid = xla_cpu.KeptLayouts(self.target, params)  # the decode layout, made at the first chunk and kept
     self._traces_at_start = self._traces()
 
   def _traces(self) -> int:
@@ -239,14 +238,17 @@ class ContinuousBatcher:
     """Request i of the next run samples with fold_in(seed, i) (regeneration reseeds per chunk)."""
     self.seed = seed
 
+  def _step_params(self) -> Any:
+    """What the step loops read: the target's params in their decode layout (made once, `_laid`)."""
+    laid = self._laid(self._layout_rows)
+    return self._params.replace(target=laid) if self.speculative else laid
+
   def _call(self, kind: str, S: int, T: int | None, stats: dict, *args, **static) -> SlotState:
     """Runs the executable of (kind, S, T), compiling it on first use (its seconds go to stats['compile_s'])."""
     key = (kind, S, T)
     # Admissions are prefills and read the params as given; the loops read the kept decode layout, made once, at
     # the first chunk (as a static generator makes it in its first batch).
-    if kind == "steps" and self._step_params is None:
-      self._step_params = self._lay_out()
-    params = self._step_params if kind == "steps" else self._params
+    params = self._step_params() if kind == "steps" else self._params
     if key not in self._compiled:
       # Calls are dispatched without waiting: wait for the work already queued, or its run time would overlap the
       # compilation and be subtracted with it (a first run with fresh compiles read 8 s where warm runs read 11).

@@ -21,6 +21,7 @@ from eagle3_jax.decode.autotree.costs import Costs
 from eagle3_jax.decode.tree import TreeConfig
 
 TRIALS = 8  # draws of per-request rounds averaged by a continuous-batching prediction
+STATIC_TRIALS = 64  # draws of a static batch's rows averaged for its rounds (the slowest row sets them)
 # A draft is used only when its predicted gain over plain decoding is larger than the model's own error in that
 # gain. Measured on 2 CPU cores in three five-repeat runs (BENCHMARKS.md "Tree choice"), the best draft shape beat
 # plain decoding by 13-20% at batch 1 and 10-15% at batch 4 (the 1x1x1 chain each time), and the predicted gain of
@@ -76,9 +77,11 @@ def engine_batches(prompt_lengths: Sequence[int], batch: int) -> list[int]:
 def continuous_seconds(costs: Costs, buckets: Sequence[int], rounds: float | Sequence[float], *, slots: int,
                        final_len: Callable[[int], int], max_new_tokens: int, growth: int,
                        per_round: Callable[[int], float], sync_every: int = 16,
-                       admit_order: str = "longest", speculative: bool = False) -> float:
+                       admit_order: str = "longest", speculative: bool = False,
+                       tokens: Sequence[int] | None = None) -> float:
   """Seconds of a continuous batcher (decode/batching.py) serving requests of these prompt buckets, each needing
-  `rounds` steps or rounds after its prefill (one number for all, or one per request in admission order):
+  `rounds` steps or rounds after its prefill (one number for all, or one per request in admission order) for its
+  `tokens` (per request in admission order; default max_new_tokens each):
   admissions in `admit_order` of prompt length, each prefilled alone (one row, costs.admit_s; `speculative`: with
   the draft's pass over the prompt), the slot loop in
   chunks of `sync_every` rounds over all slots (a chunk ends early only when every slot is done), finished slots
@@ -93,20 +96,23 @@ def continuous_seconds(costs: Costs, buckets: Sequence[int], rounds: float | Seq
 
   M = max_new_tokens
   per_request = [float(rounds)] * len(buckets) if isinstance(rounds, (int, float)) else [float(r) for r in rounds]
+  emits = [M] * len(buckets) if tokens is None else [int(t) for t in tokens]
   order = sorted(buckets, reverse=admit_order == "longest")
-  queue = list(zip(order, per_request))[::-1]  # pop() gives the next to admit, as the batcher admits
-  need = lambda T, r, left: slot_need(final_len(T), M, 1 + (M - 1) * (1 - left / max(r, 1e-9)), growth)  # noqa: E731
+  queue = list(zip(order, per_request, emits))[::-1]  # pop() gives the next to admit, as the batcher admits
+  # Slots a request needs through the next chunk, from the tokens it has emitted (spread evenly over its rounds).
+  need = lambda T, r, m, left: slot_need(final_len(T), M, 1 + (m - 1) * (1 - left / max(r, 1e-9)),  # noqa: E731
+                                         growth)
   S = cache_size(need(*queue[-1], queue[-1][1]))
   left: list[float | None] = [None] * slots
-  held: list[tuple[int, float]] = [(0, 0.0)] * slots  # (bucket, rounds) of each slot's request
+  held: list[tuple[int, float, int]] = [(0, 0.0, M)] * slots  # (bucket, rounds, tokens) of each slot's request
   seconds = 0.0
   while queue or any(r is not None for r in left):
     for slot in range(slots):
       if left[slot] is None and queue:
-        T, r = queue.pop()
-        S = max(S, cache_size(need(T, r, r)))
+        T, r, m = queue.pop()
+        S = max(S, cache_size(need(T, r, m, r)))
         seconds += costs.admit_s(T, speculative)
-        left[slot], held[slot] = r, (T, r)
+        left[slot], held[slot] = r, (T, r, m)
     S = cache_size(max([need(*h, x) for h, x in zip(held, left) if x is not None]
                        + ([need(*queue[-1], queue[-1][1])] if queue else [])))
     n = min(sync_every, max(r for r in left if r is not None))
@@ -117,14 +123,17 @@ def continuous_seconds(costs: Costs, buckets: Sequence[int], rounds: float | Seq
 
 def predict(costs: Costs, acc: Acceptance, *, batch: int, prompt_lengths: Sequence[int] | None = None,
             max_new_tokens: int = 128, shapes: Sequence[TreeConfig] | None = None,
-            batching: str = "static", sync_every: int = 16, admit_order: str = "longest") -> list[Prediction]:
+            batching: str = "static", sync_every: int = 16, admit_order: str = "longest",
+            first_runs: bool = True) -> list[Prediction]:
   """Predicted tokens/s of plain decoding and of every shape, best first.
 
-  With prompt_lengths, the engine's work is modelled as `batching` runs it. static: its batches (length-sorted,
-  bucketed), each prefilled at its bucket and decoded with a cache of bucket + max_new_tokens slots until its
-  slowest row has max_new_tokens (EOS is not predicted; acceptance.batch_rounds), plus the first-call cost of each
-  new executable (one per distinct bucket). continuous: `continuous_seconds` with `batch` slots, admitting in
-  `admit_order`. Either way the decode layout (costs.layout) is made once per run: generators and slot batchers keep
+  With prompt_lengths, the engine's work is modelled as `batching` runs it. Each answer emits what the draft's
+  acceptance file says the target's greedy answers emit (Acceptance.answer_tokens: its stop token, or
+  max_new_tokens), so tokens/s counts the tokens a run gives, not n x max_new_tokens. static: its batches
+  (length-sorted, bucketed), each prefilled at its bucket and decoded with a cache of bucket + max_new_tokens slots
+  until its slowest row is done (acceptance.batch_rounds), plus the first-call cost of each new executable (one per
+  distinct bucket; first_runs=False leaves it out: a process that has run these executables once, as a benchmark's
+  repeated passes do). continuous: `continuous_seconds` with `batch` slots, admitting in `admit_order`. Either way the decode layout (costs.layout) is made once per run: generators and slot batchers keep
   it (decode/xla_cpu.KeptLayouts). Without prompt_lengths, decoding alone at CACHE_LENS[0].
   """
   if batching not in ("static", "continuous"):
@@ -138,19 +147,25 @@ def predict(costs: Costs, acc: Acceptance, *, batch: int, prompt_lengths: Sequen
   n_rows = len(prompt_lengths) if prompt_lengths is not None else batch
   own = [bucket_length(int(n)) for n in prompt_lengths] if prompt_lengths is not None else None
 
+  # Tokens each request emits: per continuous trial, one draw per request; for static batches, STATIC_TRIALS
+  # batches of rows (the slowest row of each sets its rounds).
+  continuous = buckets is not None and batching == "continuous"
+  emits = [acc.answer_tokens(M, n_rows, seed=t) for t in range(TRIALS)] if continuous else []
+  rows_emit = acc.answer_tokens(M, batch * STATIC_TRIALS)
+
   def rate(tau, rounds, per_step, once, final_len, row_rounds, prefill_s=costs.prefill_s, tokens_a_round=1,
            spec=False):
     if buckets is None:
       return batch * tau / per_step(None)
-    if batching == "continuous":
-      draws = row_rounds if isinstance(row_rounds, list) else [row_rounds]
+    if continuous:
       seconds = np.mean([continuous_seconds(costs, own, r, slots=batch, final_len=final_len, max_new_tokens=M,
                                             growth=sync_every * tokens_a_round, per_round=per_step,
-                                            sync_every=sync_every, admit_order=admit_order, speculative=spec)
-                         for r in draws])
-      return n_rows * M / (float(seconds) + costs.layout)
+                                            sync_every=sync_every, admit_order=admit_order, speculative=spec,
+                                            tokens=m)
+                         for r, m in zip(row_rounds, emits)])
+      return float(np.mean([m.sum() for m in emits])) / (float(seconds) + costs.layout)
     seconds = sum(prefill_s(T) + rounds * per_step(T + M) for T in buckets) + costs.layout
-    return n_rows * M / (seconds + once * len(set(buckets)))
+    return n_rows * float(rows_emit.mean()) / (seconds + once * len(set(buckets)) * first_runs)
 
   plain_final = lambda T: slot_batching.final_len(T, M)  # noqa: E731
   # Plain decoding at batch 1 compiles with XLA's defaults (xla_cpu.compiler_options), its prefill too: priced as
@@ -158,12 +173,14 @@ def predict(costs: Costs, acc: Acceptance, *, batch: int, prompt_lengths: Sequen
   plain_prefill = costs.admit_s if batch == 1 and costs.admit else costs.prefill_s
   # A speculative generator's prefill runs the draft over the prompt too: its share as measured on admissions.
   spec_prefill = lambda T: costs.prefill_s(T) * costs.draft_share(T)  # noqa: E731
-  out = [Prediction(None, 1.0, costs.step, rate(1.0, M - 1, costs.step_s, costs.first_call["plain"], plain_final,
-                                                M - 1, plain_prefill))]
+  # Plain decoding: one step per token after the first (which comes with the prefill).
+  plain_rounds = float((rows_emit.reshape(STATIC_TRIALS, batch).max(axis=1) - 1).mean())
+  out = [Prediction(None, 1.0, costs.step, rate(1.0, plain_rounds, costs.step_s, costs.first_call["plain"],
+                                                plain_final, [m - 1 for m in emits], plain_prefill))]
   for tcfg in shapes:
     accepted = acc.accepted(tcfg)
     tau = walk_tau(accepted, acc.lengths)
-    rounds = batch_rounds(accepted, batch=batch, tokens=M - 1)  # the first token comes with the prefill
+    rounds = batch_rounds(accepted, batch=batch, tokens=rows_emit - 1, trials=STATIC_TRIALS)
     # A round holds a target forward and more, so it never costs less than a plain step, nor its first call less
     # than plain decoding's: measured below that is calibration noise (a busy machine), and must not let a draft
     # that accepts nothing look faster than plain decoding. Ties keep plain decoding (a stable sort, plain first).
@@ -173,8 +190,7 @@ def predict(costs: Costs, acc: Acceptance, *, batch: int, prompt_lengths: Sequen
     spec_final = lambda T, spec=spec: max(spec.cache_lengths(T))  # noqa: E731  (spec_batching.final_len)
     # Continuous slots finish when their own request does, so what matters is the spread of rounds across
     # requests, drawn TRIALS times (fixed seeds) and averaged below.
-    row_rounds = [request_rounds(accepted, requests=n_rows, tokens=M - 1, seed=t) for t in range(TRIALS)] \
-        if buckets is not None and batching == "continuous" else rounds
+    row_rounds = [request_rounds(accepted, requests=n_rows, tokens=m - 1, seed=t) for t, m in enumerate(emits)]
     out.append(Prediction(tcfg, tau, per_round(None), rate(tau, rounds, per_round, once, spec_final, row_rounds,
                                                            spec_prefill, tokens_a_round=tcfg.depth + 1, spec=True)))
   return sorted(out, key=lambda p: -p.tokens_per_s)

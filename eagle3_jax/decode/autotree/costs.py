@@ -49,14 +49,14 @@ ADMIT_LENS = (16, 64, 512, 1024)
 SPEC_ADMIT_LENS = (64, 512)  # the same with a draft (its pass over the prompt): priced as a ratio to the plain one
 ANCHOR_REPEATS = 3  # timings of each anchor round (interleaved with the others and with steps); the median counts
 SLOT_REPEATS = 3  # interleaved timings of a loop over both cache lengths; the median difference counts
-VERSION = 10  # of the timing method; cached calibrations of another version are redone (2: output head kept;
+VERSION = 11  # of the timing method; cached calibrations of another version are redone (2: output head kept;
 # 3: one-row prefill for continuous batching's admissions; 4: anchors as ratios to steps timed beside them;
 # 5: loops compiled and laid out as the engine's decode executables, decode/xla_cpu.py; 6: the head in column
 # blocks for 8-16 rows a step, llama.decode_layout; 7: each anchor's median of ANCHOR_REPEATS interleaved ratios,
 # the one-row prefill under XLA's defaults at batch 1 too; 8: a top-4 tree anchor, trees' extra linear in top_k;
 # 9: the decode layout made outside the timed loops and priced on its own, `layout`; 10: admissions timed as the
 # slot batcher's own executables at four lengths, with a draft too; the slot cost per verified node count and as
-# a median of interleaved differences; chain anchors at every depth 1-4)
+# a median of interleaved differences; chain anchors at every depth 1-4; 11: admissions over max(1024, T) slots)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,12 +234,15 @@ def _admit_cost(target: protocol.Target, target_params: Any, draft_params: Any, 
                 dcfg: draft.DraftConfig, *, batch: int, prompt_len: int, repeats: int = 2) -> float:
   """Seconds of one request's admission into a slot batcher of `batch` slots, as it admits: its own admission
   executable (decode/batching.py, or with draft_params spec_batching.py: the draft's pass over the prompt too)
-  under XLA's defaults, into caches of at least CACHE_LENS[1] slots (where a batcher serving a long prompt admits)."""
+  under XLA's defaults, into caches of max(CACHE_LENS[1], prompt_len) slots: where a batcher serving a long prompt
+  admits. A prefill's attention reads every slot, so the cache matters: a 1,024-token admission timed over 1,536
+  slots (its batcher's size) cost 3.2 s, and the line from it to 512 tokens priced a 768-token admission over 1,024
+  slots at 2.16 s against 1.70-1.79 measured."""
   from eagle3_jax.config import SlotConfig
   from eagle3_jax.decode import batching, sampling, spec_batching  # deferred: they import autotree lazily
 
   T, M = prompt_len, 64
-  S = max(CACHE_LENS[1], batching.cache_size(T + M))
+  S = max(CACHE_LENS[1], T)
   dtype = target.embed(target_params).dtype
   args = (jnp.zeros((1,), jnp.int32), jnp.ones((1, T), jnp.int32), jnp.full((1,), T, jnp.int32),
           jax.random.split(jax.random.key(0), 1))
