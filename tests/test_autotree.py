@@ -222,6 +222,22 @@ def test_answers_stop_where_the_targets_greedy_answers_stop():
   assert short < full  # more of the time is a chunk's slots idling behind the longest answer
 
 
+def test_continuous_predictions_price_the_slot_batchers_own_loop():
+  # The slot batcher's loop measured 6-12% dearer a step than the calibration's decode loop at the same cache length:
+  # continuous predictions take its steps and rounds at costs.slot_loop times the calibrated ones; static ones not.
+  free = dict(admit={16: 0.0, 512: 0.0}, prefill={64: 0.0, 512: 0.0}, first_call={"plain": 0.0, "chain": 0.0,
+                                                                                   "tree": 0.0})
+  c = dataclasses.replace(_fake_costs(), **free)
+  slow = dataclasses.replace(c, slot_loop=1.25)
+  acc = autotree.Acceptance(np.ones((50, autotree.MAX_DEPTH), np.int8))
+  for batching, scale in (("continuous", 1.25), ("static", 1.0)):
+    kw = dict(batch=2, prompt_lengths=[10, 20, 30, 40], max_new_tokens=32, batching=batching,
+              shapes=[TreeConfig.chain(2)])
+    for fast, dear in zip(autotree.predict(c, acc, **kw), autotree.predict(slow, acc, **kw)):
+      assert fast.tokens_per_s == pytest.approx(dear.tokens_per_s * scale), (batching, fast, dear)
+  assert autotree.Costs.from_json(slow.to_json()).slot_loop == 1.25
+
+
 def test_slot_cost_is_the_median_of_interleaved_differences():
   # One slow phase during one timing once doubled a calibration's slot cost; the median difference discards it.
   near = iter([1.0, 1.0, 1.0])

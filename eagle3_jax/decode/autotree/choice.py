@@ -157,9 +157,10 @@ def predict(costs: Costs, acc: Acceptance, *, batch: int, prompt_lengths: Sequen
            spec=False):
     if buckets is None:
       return batch * tau / per_step(None)
-    if continuous:
+    if continuous:  # the slot batcher's loop costs costs.slot_loop times the calibration's, rounds as steps
+      in_slots = lambda S: per_step(S) * costs.slot_loop  # noqa: E731
       seconds = np.mean([continuous_seconds(costs, own, r, slots=batch, final_len=final_len, max_new_tokens=M,
-                                            growth=sync_every * tokens_a_round, per_round=per_step,
+                                            growth=sync_every * tokens_a_round, per_round=in_slots,
                                             sync_every=sync_every, admit_order=admit_order, speculative=spec,
                                             tokens=m)
                          for r, m in zip(row_rounds, emits)])

@@ -49,14 +49,15 @@ ADMIT_LENS = (16, 64, 512, 1024)
 SPEC_ADMIT_LENS = (64, 512)  # the same with a draft (its pass over the prompt): priced as a ratio to the plain one
 ANCHOR_REPEATS = 3  # timings of each anchor round (interleaved with the others and with steps); the median counts
 SLOT_REPEATS = 3  # interleaved timings of a loop over both cache lengths; the median difference counts
-VERSION = 11  # of the timing method; cached calibrations of another version are redone (2: output head kept;
+VERSION = 12  # of the timing method; cached calibrations of another version are redone (2: output head kept;
 # 3: one-row prefill for continuous batching's admissions; 4: anchors as ratios to steps timed beside them;
 # 5: loops compiled and laid out as the engine's decode executables, decode/xla_cpu.py; 6: the head in column
 # blocks for 8-16 rows a step, llama.decode_layout; 7: each anchor's median of ANCHOR_REPEATS interleaved ratios,
 # the one-row prefill under XLA's defaults at batch 1 too; 8: a top-4 tree anchor, trees' extra linear in top_k;
 # 9: the decode layout made outside the timed loops and priced on its own, `layout`; 10: admissions timed as the
 # slot batcher's own executables at four lengths, with a draft too; the slot cost per verified node count and as
-# a median of interleaved differences; chain anchors at every depth 1-4; 11: admissions over max(1024, T) slots)
+# a median of interleaved differences; chain anchors at every depth 1-4; 11: admissions over max(1024, T) slots;
+# 12: the slot batcher's own step as a ratio to the step, `slot_loop`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +91,7 @@ class Costs:
   layout: float = 0.0  # seconds per decode-executable call, before its loop
   slot_nodes: dict[int, float] = dataclasses.field(default_factory=dict)  # tree nodes -> seconds a cache slot
   admit_spec: dict[int, float] = dataclasses.field(default_factory=dict)  # prompt length -> seconds, with a draft
+  slot_loop: float = 1.0  # a slot batcher's step (its own loop, all slots busy) as a multiple of `step`
 
   @staticmethod
   def _line(table: dict[int, float], x: float) -> float:
@@ -166,7 +168,8 @@ class Costs:
             "prefill": ints(self.prefill), "verify": ints(self.verify),
             "context": ints(self.context), "expand": {str(k): ints(e) for k, e in self.expand.items()},
             "extra": {k: ints(e) for k, e in self.extra.items()}, "meta": self.meta, "admit": ints(self.admit),
-            "layout": self.layout, "slot_nodes": ints(self.slot_nodes), "admit_spec": ints(self.admit_spec)}
+            "layout": self.layout, "slot_nodes": ints(self.slot_nodes), "admit_spec": ints(self.admit_spec),
+            "slot_loop": self.slot_loop}
 
   @classmethod
   def from_json(cls, obj: dict) -> "Costs":
@@ -176,7 +179,8 @@ class Costs:
                context=ints(obj["context"]), expand={int(k): ints(e) for k, e in obj["expand"].items()},
                extra={k: ints(e) for k, e in obj["extra"].items()}, meta=obj.get("meta", {}),
                admit=ints(obj.get("admit", {})), layout=float(obj.get("layout", 0.0)),
-               slot_nodes=ints(obj.get("slot_nodes", {})), admit_spec=ints(obj.get("admit_spec", {})))
+               slot_nodes=ints(obj.get("slot_nodes", {})), admit_spec=ints(obj.get("admit_spec", {})),
+               slot_loop=float(obj.get("slot_loop", 1.0)))
 
 
 def extra_key(tcfg: TreeConfig) -> str:
@@ -228,6 +232,33 @@ def _slot_cost(near, far, repeats: int = SLOT_REPEATS) -> float:
   two single timings minutes apart once came out twice the others' (63.5 us a slot at batch 4 against 32-36)."""
   diffs = [far() - near() for _ in range(repeats)]
   return max(float(np.median(diffs)), 0.0) / (CACHE_LENS[1] - CACHE_LENS[0])
+
+
+def _slot_loop(target: protocol.Target, params: Any, *, batch: int, cache_len: int, n: int = 16):
+  """A function timing one step of a slot batcher's own loop (decode/batching.run_steps, n steps a call, every slot
+  busy, the params laid out as the batcher keeps them), compiled as the batcher compiles it."""
+  from eagle3_jax.config import SlotConfig
+  from eagle3_jax.decode import batching, sampling  # deferred: they import autotree lazily
+
+  cfg = SlotConfig(sampling=sampling.SamplingConfig(), max_new_tokens=cache_len)
+  state = batching.init_state(target, batch, cache_len, cfg, target.embed(params).dtype)
+  state = state.replace(done=jnp.zeros((batch,), bool),
+                        cache=state.cache.replace(lengths=jnp.full((batch,), cache_len // 2, jnp.int32)))
+  laid = jax.block_until_ready(xla_cpu.decode_params(target, params, rows=batch))
+  steps = jnp.asarray(n, jnp.int32)
+  fn = jax.jit(batching.run_steps, static_argnames=("target", "cfg")).lower(
+      laid, state, steps, target=target, cfg=cfg).compile(xla_cpu.compiler_options(batch))
+  jax.block_until_ready(fn(laid, state, steps))
+
+  def best_of(repeats: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn(laid, state, steps))
+      best = min(best, time.perf_counter() - t0)
+    return best / n
+
+  return best_of
 
 
 def _admit_cost(target: protocol.Target, target_params: Any, draft_params: Any, vocab: DraftVocab,
@@ -444,6 +475,15 @@ def calibrate(target: protocol.Target, target_params: Any, draft_params: Any, vo
       time_anchor(anchor, again[anchor])
   step = float(np.median(steps))
   parts = dataclasses.replace(parts, step=step)
+  if target_cfg is not None:  # the slot batcher's own step loop, timed between steps as the anchors are
+    loop = _slot_loop(target, target_params, batch=B, cache_len=S)
+    loop_ratios = []
+    for _ in range(ANCHOR_REPEATS):
+      before, real, after = retime[0](), loop(), retime[0]()
+      loop_ratios.append(real / (0.5 * (before + after)))
+    parts = dataclasses.replace(parts, slot_loop=float(np.median(loop_ratios)))
+    meta["slot_loop_ratios"] = loop_ratios
+    log(f"slot batcher's step / step ratios {[round(r, 3) for r in loop_ratios]}")
   meta["steps"] = steps
   log(f"step timed {len(steps)} times: {[round(x * 1e3, 1) for x in steps]} ms, median {step * 1e3:.1f} ms")
   for anchor in anchors:
