@@ -12,8 +12,9 @@ at this batch size, the engine's batches of these prompts), less the first-run c
 new generator each run; `infer.serve`; tokens/s without compilation, prefill included, EOS respected) after
 --warmup untimed runs of every shape, which compile and make those first runs (a fresh generator over executables
 this process has run costs what the same generator's repeat does: 8 prompts at batch 1, 15.0/15.7/14.5 s against
-15.0/15.2/14.3 s; the first run after compiling, 16.4 s). The auto choice is infer.py's own (first runs priced, alike
-for every draft shape). Prints a markdown table and, last, one JSON line.
+15.0/15.2/14.3 s; the first run after compiling, 16.4 s). The auto choice is `autotree.choose` for those warm passes
+(first_runs=False); infer.py's for one cold run (first runs priced: plain decoding's are cheaper) is printed and
+recorded beside it ("auto_cold"). Prints a markdown table and, last, one JSON line.
 
 This machine's speed drifts by 10-40% within an hour (BENCHMARKS.md "Tree choice"), while the shapes' predicted
 tokens/s differ by 5-15%. So every shape is run --repeats times, the passes interleaved (shapes in order, then in
@@ -103,8 +104,14 @@ def main(argv=None) -> dict:
       # without first runs (the choice below is infer.py's, which prices them alike for every draft shape).
       preds = autotree.predict(costs, acc, batch=B, prompt_lengths=lens, max_new_tokens=args.max_new_tokens,
                                batching=mode, first_runs=False)
+      # The choice for what is measured (warm passes: first runs not priced), the margin over plain decoding
+      # included; infer.py's own, for one cold run (first runs priced, plain decoding's cheaper), is printed too.
       best = autotree.choose(costs, acc, batch=B, prompt_lengths=lens, max_new_tokens=args.max_new_tokens,
-                             batching=mode)  # infer.py's choice: the margin over plain decoding included
+                             batching=mode, first_runs=False)
+      cold = autotree.choose(costs, acc, batch=B, prompt_lengths=lens, max_new_tokens=args.max_new_tokens,
+                             batching=mode)
+      print(f"batch {B}: auto chooses {autotree.shape_str(best.tree)} for warm passes, "
+            f"{autotree.shape_str(cold.tree)} for one cold run (infer.py)", file=sys.stderr, flush=True)
       step_now = []  # the engine's decode step, compiled once, timed again around every run
       autotree_costs.decode_step_cost(params, cfg, batch=B, cache_len=autotree.CACHE_LENS[0], n=8, first=[],
                                        keep=step_now)
@@ -144,7 +151,8 @@ def main(argv=None) -> dict:
       top = max(measured, key=lambda r: r["tokens_per_s"])
       mine = next(r for r in measured if r["auto"])
       plain = next((r for r in measured if r["tree"] == "none"), None)
-      choices[B] = {"auto": mine["tree"], "auto_tokens_per_s": mine["tokens_per_s"], "best_measured": top["tree"],
+      choices[B] = {"auto": mine["tree"], "auto_cold": autotree.shape_str(cold.tree),
+                    "auto_tokens_per_s": mine["tokens_per_s"], "best_measured": top["tree"],
                     "best_tokens_per_s": top["tokens_per_s"], "auto_vs_best": round(mine["tokens_per_s"] /
                                                                                     top["tokens_per_s"], 4),
                     "auto_vs_plain": round(mine["tokens_per_s"] / plain["tokens_per_s"], 4) if plain else None,

@@ -172,6 +172,14 @@ def test_choice_needs_a_gain_beyond_the_margin():
   assert autotree.choose(costs, acc, batch=1, margin=gain / 2).tree is not None
   with pytest.raises(ValueError, match="margin"):
     autotree.choose(costs, acc, batch=1, margin=-0.1)
+  # A cold run pays each new executable's first run: priced for the draft's executables, they can cost its gain.
+  slow_first = dataclasses.replace(_fake_costs(step=20.0), first_call={"plain": 0.0, "chain": 1e4, "tree": 1e4})
+  ranks_easy = ranks.copy()
+  ranks_easy[:, :2] = 1
+  easy = autotree.Acceptance(ranks_easy, lengths=np.full(10, 10, np.int32))
+  kw = dict(batch=1, prompt_lengths=[10, 10], max_new_tokens=64)
+  assert autotree.choose(slow_first, easy, **kw).tree is None
+  assert autotree.choose(slow_first, easy, first_runs=False, **kw).tree is not None
 
 
 def test_slot_cost_grows_with_the_verified_nodes_and_admissions_price_the_draft():
@@ -220,6 +228,33 @@ def test_answers_stop_where_the_targets_greedy_answers_stop():
   short = autotree.predict(c, acc, **kw)[0].tokens_per_s
   full = autotree.predict(c, autotree.Acceptance(ranks), **kw)[0].tokens_per_s
   assert short < full  # more of the time is a chunk's slots idling behind the longest answer
+
+
+def test_answers_are_walked_from_their_start():
+  # A run of M new tokens visits each answer's first M positions, and answers start harder than they go on: the 40
+  # calibration answers give 1x3x3 chains 2.33 a round whole and 1.91 over their first 64 tokens.
+  ranks = np.zeros((30, autotree.MAX_DEPTH), np.int8)
+  ranks[5:10, :3] = 1  # answer one (10 positions): hard for its first 5, then the chain's 3 nodes are accepted
+  ranks[10:, :3] = 1  # answer two (20 positions, the file's longest: cut off by its cap): easy throughout
+  acc = autotree.Acceptance(ranks, lengths=np.array([10, 20]))
+  chain = TreeConfig.chain(3)
+  accepted = acc.accepted(chain)
+  assert acc.emitted(5).tolist() == [5, 5] and acc.emitted(30).tolist() == [10, 30]
+  # M = 5: answer one walks positions 1-4 (nothing accepted: 4 rounds); answer two 1 and 5 (4 tokens a round).
+  assert acc.answer_rounds(accepted, 5).tolist() == [4, 1]
+  # M = 10: answer one goes on from position 5 with 4 tokens a round (5, 9); answer two: 1, 5, 9.
+  assert acc.answer_rounds(accepted, 10).tolist() == [6, 3]
+  # M = 30: answer two emits 30 tokens but holds 20 positions: its 5 rounds over 19 go on at that rate to 29.
+  assert acc.answer_rounds(accepted, 30) == pytest.approx([6, 5 * 29 / 19])
+  assert acc.tau(chain, 5) == pytest.approx((4 + 4) / 5)  # answer one: 4 rounds of 1 token; answer two: 1 of 4
+  assert acc.tau(chain, 5) < acc.tau(chain, 10) < acc.tau(chain)  # whole answers: the easy part counts fully
+  assert acc.tau(chain) == pytest.approx(autotree.walk_tau(accepted, acc.lengths))
+  # The prediction walks the same first positions: fewer new tokens, a lower tau and fewer tokens a second.
+  c = dataclasses.replace(_fake_costs(), slot=0.0, first_call={"plain": 0.0, "chain": 0.0, "tree": 0.0})
+  kw = dict(batch=1, prompt_lengths=[10] * 4, shapes=[chain])
+  short, full = (next(p for p in autotree.predict(c, acc, max_new_tokens=M, **kw) if p.tree is not None)
+                 for M in (5, 10))
+  assert short.tau == pytest.approx(acc.tau(chain, 5)) and short.tau < full.tau
 
 
 def test_continuous_predictions_price_the_slot_batchers_own_loop():

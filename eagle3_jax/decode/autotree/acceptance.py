@@ -11,7 +11,11 @@ tau is not the mean over all positions: decoding visits only the positions its r
 accepts a nodes moves a + 1 positions on, so a round starts right after each miss), and misses cluster in hard
 passages, so the positions it visits are harder than the average one. The uniform mean over-predicted real 1x3x3
 chains by 8% (2.53 against 2.34 measured on the same 40 answers); walking each answer as decoding does predicted 2.33
-(BENCHMARKS.md "Teacher-forced acceptance against real chains"). Greedy acceptance: at T > 0 the real tau differs.
+(BENCHMARKS.md "Teacher-forced acceptance against real chains"). And a run of M new tokens visits only the first M
+positions of each answer, where answers are harder than further on (the same 40 answers: 1x3x3 accepts 1.91 a round
+over their first 64 tokens, 2.33 over their whole 256), so a prediction walks each answer's first M positions
+(`Acceptance.answer_rounds`; 1.909 predicted against 1.911 measured at 64 new tokens). Greedy acceptance: at T > 0
+the real tau differs.
 """
 
 from __future__ import annotations
@@ -86,22 +90,48 @@ class Acceptance:
       accepted += alive
     return accepted
 
-  def answer_tokens(self, max_new_tokens: int, requests: int, seed: int = 0) -> np.ndarray:
-    """[requests] tokens each of `requests` answers emits, its stop token included, at most max_new_tokens: drawn
-    from this file's answers (the target's own greedy ones: where it stops is part of what it does, and 8 held-out
-    prompts at 64 new tokens emitted 458 of 512 tokens, where the file's answers give 90.6%). Answers of the file's
-    longest length are taken as cut off by the cap they were generated under, so they run to max_new_tokens; without
-    per-answer lengths every answer does."""
+  def emitted(self, max_new_tokens: int) -> np.ndarray:
+    """[E] tokens each answer of this file emits at max_new_tokens, its stop token included: the target's own greedy
+    answers stop where they stop (8 held-out prompts at 64 new tokens emitted 458 of 512 tokens, where the file's
+    answers give 90.6%), at most max_new_tokens. Answers of the file's longest length are taken as cut off by the cap
+    they were generated under, so they run to max_new_tokens. Needs per-answer lengths."""
     M = int(max_new_tokens)
-    if self.lengths is None:
-      return np.full(requests, M, np.int64)
     L = np.asarray(self.lengths, np.int64)
-    L = np.where(L >= L.max(), M, np.minimum(L, M))
-    return np.random.default_rng(seed).choice(L, size=requests)
+    return np.where(L >= L.max(), M, np.minimum(L, M))
 
-  def tau(self, tcfg: TreeConfig) -> float:
-    """Predicted tokens per round (accepted + the bonus) for this shape, walking each answer as decoding does."""
-    return walk_tau(self.accepted(tcfg), self.lengths)
+  def draws(self, requests: int, seed: int = 0) -> np.ndarray:
+    """[requests] answers of this file (indices) standing for a run's requests, drawn with a fixed seed."""
+    return np.random.default_rng(seed).integers(0, len(self.lengths), size=requests)
+
+  def answer_tokens(self, max_new_tokens: int, requests: int, seed: int = 0) -> np.ndarray:
+    """[requests] tokens each of `requests` answers emits (`emitted` of the answers `draws` gives); without
+    per-answer lengths every answer runs to max_new_tokens."""
+    if self.lengths is None:
+      return np.full(requests, int(max_new_tokens), np.int64)
+    return self.emitted(max_new_tokens)[self.draws(requests, seed)]
+
+  def answer_rounds(self, accepted: np.ndarray, max_new_tokens: int) -> np.ndarray:
+    """[E] rounds decoding needs for each answer's `emitted` tokens, walking that answer's own first positions (a
+    round at position s moves 1 + accepted[s] on, from its second position: the first is the prefill's). A run of M
+    new tokens visits only the first M positions of each answer, and answers start harder than they go on: 1x3x3
+    chains accept 2.33 a round over the 40 calibration answers whole, 1.91 over their first 64 tokens; priced on
+    whole answers, 8 held-out prompts at 64 new tokens were over-predicted at every shape (BENCHMARKS.md "Tree
+    choice, answers walked from their start"). A capped answer shorter than what it must emit goes on at its own
+    rate."""
+    M = int(max_new_tokens)
+    L = np.asarray(self.lengths, np.int64)
+    tokens = self.emitted(M)
+    rounds = np.zeros(len(L))
+    for e, start in enumerate(np.cumsum(np.r_[0, L[:-1]])):
+      walked, rounds[e] = _walk(accepted, start, start + min(int(L[e]), M))
+      if tokens[e] - 1 > walked:
+        rounds[e] *= (tokens[e] - 1) / max(walked, 1)
+    return rounds
+
+  def tau(self, tcfg: TreeConfig, max_new_tokens: int | None = None) -> float:
+    """Predicted tokens per round (accepted + the bonus) for this shape, walking each answer (its first
+    max_new_tokens positions) as decoding does."""
+    return walk_tau(self.accepted(tcfg), self.lengths, max_new_tokens)
 
   def save(self, path: str | os.PathLike) -> None:
     from safetensors.numpy import save_file
@@ -120,13 +150,25 @@ class Acceptance:
     return cls(ranks=tensors["ranks"], source=meta.get("source", ""), lengths=tensors.get("lengths"))
 
 
-def walk_tau(accepted: np.ndarray, lengths: np.ndarray | None = None) -> float:
+def _walk(accepted: np.ndarray, start: int, end: int) -> tuple[int, int]:
+  """(positions moved past start + 1, rounds) of decoding walking positions start + 1 .. end - 1 of one answer."""
+  pos, rounds = start + 1, 0
+  while pos < end:
+    pos, rounds = pos + 1 + int(accepted[pos]), rounds + 1
+  return min(pos, end) - start - 1, rounds
+
+
+def walk_tau(accepted: np.ndarray, lengths: np.ndarray | None = None, max_new_tokens: int | None = None) -> float:
   """Tokens per round of decoding that walks each answer: a round at position s emits 1 + accepted[s] tokens and
   the next round starts that many positions on. An answer's first position is the token the prefill emits (no
-  round drafts it), so each walk starts at its second; without lengths the positions are one text from the first."""
+  round drafts it), so each walk starts at its second, and with max_new_tokens ends at its first max_new_tokens
+  positions (what a run of that many new tokens visits); without lengths the positions are one text from the
+  first."""
   bounds = np.cumsum([0] + ([len(accepted)] if lengths is None else [int(n) for n in lengths]))
   tokens = rounds = 0
   for start, end in zip(bounds[:-1], bounds[1:]):
+    if max_new_tokens is not None and lengths is not None:
+      end = min(end, start + int(max_new_tokens))
     pos = start + (1 if lengths is not None and end - start > 1 else 0)
     while pos < end:
       step = 1 + int(accepted[pos])

@@ -129,7 +129,8 @@ def predict(costs: Costs, acc: Acceptance, *, batch: int, prompt_lengths: Sequen
 
   With prompt_lengths, the engine's work is modelled as `batching` runs it. Each answer emits what the draft's
   acceptance file says the target's greedy answers emit (Acceptance.answer_tokens: its stop token, or
-  max_new_tokens), so tokens/s counts the tokens a run gives, not n x max_new_tokens. static: its batches
+  max_new_tokens), so tokens/s counts the tokens a run gives, not n x max_new_tokens, and its rounds are those
+  decoding needs over that answer's first positions (Acceptance.answer_rounds). static: its batches
   (length-sorted, bucketed), each prefilled at its bucket and decoded with a cache of bucket + max_new_tokens slots
   until its slowest row is done (acceptance.batch_rounds), plus the first-call cost of each new executable (one per
   distinct bucket; first_runs=False leaves it out: a process that has run these executables once, as a benchmark's
@@ -152,6 +153,12 @@ def predict(costs: Costs, acc: Acceptance, *, batch: int, prompt_lengths: Sequen
   continuous = buckets is not None and batching == "continuous"
   emits = [acc.answer_tokens(M, n_rows, seed=t) for t in range(TRIALS)] if continuous else []
   rows_emit = acc.answer_tokens(M, batch * STATIC_TRIALS)
+  # With per-answer lengths a request is one of the file's answers (the same draws as its tokens above), decoded
+  # over that answer's own first positions (Acceptance.answer_rounds); a file of one text is walked from random
+  # starts (acceptance.request_rounds).
+  answers = acc.lengths is not None
+  draws = [acc.draws(n_rows, seed=t) for t in range(TRIALS)] if continuous and answers else []
+  rows = acc.draws(batch * STATIC_TRIALS) if answers else None
 
   def rate(tau, rounds, per_step, once, final_len, row_rounds, prefill_s=costs.prefill_s, tokens_a_round=1,
            spec=False):
@@ -180,8 +187,14 @@ def predict(costs: Costs, acc: Acceptance, *, batch: int, prompt_lengths: Sequen
                                                 plain_final, [m - 1 for m in emits], plain_prefill))]
   for tcfg in shapes:
     accepted = acc.accepted(tcfg)
-    tau = walk_tau(accepted, acc.lengths)
-    rounds = batch_rounds(accepted, batch=batch, tokens=rows_emit - 1, trials=STATIC_TRIALS)
+    tau = walk_tau(accepted, acc.lengths, M)
+    if answers:
+      per_answer = acc.answer_rounds(accepted, M)
+      rounds = float(per_answer[rows].reshape(STATIC_TRIALS, batch).max(axis=1).mean())
+      row_rounds = [per_answer[d] for d in draws]
+    else:
+      rounds = batch_rounds(accepted, batch=batch, tokens=rows_emit - 1, trials=STATIC_TRIALS)
+      row_rounds = [request_rounds(accepted, requests=n_rows, tokens=m - 1, seed=t) for t, m in enumerate(emits)]
     # A round holds a target forward and more, so it never costs less than a plain step, nor its first call less
     # than plain decoding's: measured below that is calibration noise (a busy machine), and must not let a draft
     # that accepts nothing look faster than plain decoding. Ties keep plain decoding (a stable sort, plain first).
@@ -190,8 +203,7 @@ def predict(costs: Costs, acc: Acceptance, *, batch: int, prompt_lengths: Sequen
     spec = SpecConfig(tree=tcfg, max_new_tokens=M)
     spec_final = lambda T, spec=spec: max(spec.cache_lengths(T))  # noqa: E731  (spec_batching.final_len)
     # Continuous slots finish when their own request does, so what matters is the spread of rounds across
-    # requests, drawn TRIALS times (fixed seeds) and averaged below.
-    row_rounds = [request_rounds(accepted, requests=n_rows, tokens=m - 1, seed=t) for t, m in enumerate(emits)]
+    # requests (row_rounds above), drawn TRIALS times (fixed seeds) and averaged in `rate`.
     out.append(Prediction(tcfg, tau, per_round(None), rate(tau, rounds, per_round, once, spec_final, row_rounds,
                                                            spec_prefill, tokens_a_round=tcfg.depth + 1, spec=True)))
   return sorted(out, key=lambda p: -p.tokens_per_s)
@@ -199,13 +211,17 @@ def predict(costs: Costs, acc: Acceptance, *, batch: int, prompt_lengths: Sequen
 
 def choose(costs: Costs, acc: Acceptance, *, batch: int, prompt_lengths: Sequence[int] | None = None,
            max_new_tokens: int = 128, shapes: Sequence[TreeConfig] | None = None, batching: str = "static",
-           sync_every: int = 16, margin: float = MARGIN, admit_order: str = "longest") -> Prediction:
+           sync_every: int = 16, margin: float = MARGIN, admit_order: str = "longest",
+           first_runs: bool = True) -> Prediction:
   """The shape predicted fastest (the shallowest within SHALLOW_TIE of it: `prefer_shallow`), if it beats plain
-  decoding by more than `margin` (a fraction); else plain decoding (tree None)."""
+  decoding by more than `margin` (a fraction); else plain decoding (tree None). first_runs: as `predict`'s (True
+  for a run that pays its executables' first runs, as one infer.py run does; False for a process that has run
+  them, a server or a benchmark's repeated passes)."""
   if margin < 0:
     raise ValueError(f"margin must be >= 0, got {margin}")
   preds = predict(costs, acc, batch=batch, prompt_lengths=prompt_lengths, max_new_tokens=max_new_tokens,
-                  shapes=shapes, batching=batching, sync_every=sync_every, admit_order=admit_order)
+                  shapes=shapes, batching=batching, sync_every=sync_every, admit_order=admit_order,
+                  first_runs=first_runs)
   plain = next(p for p in preds if p.tree is None)
   best = prefer_shallow(preds)
   return best if best.tokens_per_s > plain.tokens_per_s * (1 + margin) else plain
