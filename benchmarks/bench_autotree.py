@@ -27,6 +27,7 @@ speed while that shape ran. Both are printed; the rescaling uses no timing of th
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import pathlib
 import shutil
@@ -98,6 +99,8 @@ def main(argv=None) -> dict:
     for B in (int(b) for b in args.batch_sizes.split(",")):
       costs = autotree.cached_costs(target, params, cfg, dparams, ckpt.vocab, ckpt.cfg, batch=B,
                                     cache_dir=args.cache_dir, verbose=True)
+      jax.clear_caches()  # the calibration's executables (see below)
+      gc.collect()
       lens = [len(x) for x in prompt_ids]
       mode = args.batching if args.batching != "auto" else ("continuous" if B > 1 else "static")
       # Measured runs come after a warm-up run of the same executables, so they are compared with the model
@@ -147,6 +150,14 @@ def main(argv=None) -> dict:
                "auto": name == autotree.shape_str(best.tree)}
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
+      # XLA:CPU maps every loaded executable's code into the process, and executables stay loaded while jax's caches
+      # hold them: a 24-prompt run of both batch sizes crashed at its 17th batch-4 shape pass with "LLVM compilation
+      # error: Cannot allocate memory" at Linux's default vm.max_map_count (65,530 mappings). The next batch size
+      # needs none of this one's executables.
+      maps = sum(1 for _ in open("/proc/self/maps")) if pathlib.Path("/proc/self/maps").is_file() else -1
+      jax.clear_caches()
+      gc.collect()
+      print(f"batch {B}: {maps} memory mappings before clearing jax's caches", file=sys.stderr, flush=True)
       measured = [r for r in rows if r["batch"] == B]
       top = max(measured, key=lambda r: r["tokens_per_s"])
       mine = next(r for r in measured if r["auto"])
