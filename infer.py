@@ -2,12 +2,12 @@
 
 With no prompts it serves a built-in set (HumanEval problems and chat questions) on the embedded SmolLM2 default.
 By default the embedded target decodes speculatively with the draft shipped in the package (eagle3_jax/drafts) and the
-tree recorded beside it; `--draft DIR` (an EAGLE-3 draft in our export, the official EAGLE / SGLang or the
-speculators layout) names another, `--draft none` decodes plainly. The tree shape is the one recorded beside the
-draft as fastest where it was measured (`--tree recorded`, the default; else 4x4x16), or chosen for this machine
-(`--tree auto`: eagle3_jax.decode.autotree predicts tokens/s of every shape and of plain decoding from a cached
-calibration and the draft's measured acceptance, and uses the best, which may be no draft at all; not yet the
-default, see BENCHMARKS.md "Tree choice"); --draft-top-k/--draft-depth/--draft-tokens set it by hand.
+tree chosen for this machine; `--draft DIR` (an EAGLE-3 draft in our export, the official EAGLE / SGLang or the
+speculators layout) names another, `--draft none` decodes plainly. The tree shape is chosen for this machine and
+these requests (`--tree auto`, the default: eagle3_jax.decode.autotree predicts tokens/s of every shape and of plain
+decoding from a calibration of this machine, made once and cached, and the draft's measured acceptance, and uses the
+best, which may be no draft at all; BENCHMARKS.md "Tree choice"), or is the one recorded beside the draft as fastest
+where it was measured (`--tree recorded`; else 4x4x16); --draft-top-k/--draft-depth/--draft-tokens set it by hand.
 `--compare` also runs plain decoding on the
 same requests in the same run. Texts go to stdout (or --output FILE.jsonl, one JSON per request, with tau and rounds
 under a draft); the last stdout line is one JSON summary with tau, tokens_per_s and requests (plus
@@ -164,9 +164,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--draft", default="auto",
                   help="EAGLE-3 draft directory; 'none' (target only); 'auto' (default): the shipped draft when the "
                        "target is the embedded SmolLM2, else none")
-  ap.add_argument("--tree", default="recorded", choices=("auto", "recorded"),
-                  help="recorded (default): the shape in the draft's serving.json; auto: the shape predicted fastest "
-                       "here (calibrated once per machine, cached). The --draft-* flags override both")
+  ap.add_argument("--tree", default="auto", choices=("auto", "recorded"),
+                  help="auto (default): the shape predicted fastest here, or none (calibrated once per machine, "
+                       "target, draft, batch size and dtype: minutes on a CPU; cached); recorded: the shape in the "
+                       "draft's serving.json. The --draft-* flags override both")
   ap.add_argument("--draft-top-k", type=int, default=None, help="children kept per tree node and level")
   ap.add_argument("--draft-depth", type=int, default=None, help="draft levels per round (official EAGLE depth + 1)")
   ap.add_argument("--draft-tokens", type=int, default=None, help="tree nodes verified per round (root excluded)")
