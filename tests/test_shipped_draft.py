@@ -32,7 +32,8 @@ def test_shipped_draft_is_found_and_readable():
 
 
 def test_default_infer_is_speculative_lossless_and_accepts(capsys):
-  # The recorded tree (the default; --tree auto's choice depends on the machine's speed: tests/test_autotree.py).
+  # The recorded tree: --tree auto, the default, calibrates for minutes and its choice (maybe no draft at all)
+  # depends on the machine's speed (tests/test_autotree.py tests the choice; tests/test_infer_spec.py the flag).
   summary = infer.main(["--compare", "--temperature", "0", "--max-new-tokens", "48", "--no-progress",
                         "--compile-cache", "none", "--tree", "recorded"])
   last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
