@@ -123,7 +123,9 @@ class Acceptance:
     tokens = self.emitted(M)
     rounds = np.zeros(len(L))
     for e, start in enumerate(np.cumsum(np.r_[0, L[:-1]])):
-      walked, rounds[e] = _walk(accepted, start, start + min(int(L[e]), M))
+      end = start + min(int(L[e]), M)
+      walked, rounds[e] = _walk(accepted, start + 1, end)
+      walked = min(walked, end - start - 1)  # positions covered; a last round past the end emits nothing more
       if tokens[e] - 1 > walked:
         rounds[e] *= (tokens[e] - 1) / max(walked, 1)
     return rounds
@@ -150,12 +152,13 @@ class Acceptance:
     return cls(ranks=tensors["ranks"], source=meta.get("source", ""), lengths=tensors.get("lengths"))
 
 
-def _walk(accepted: np.ndarray, start: int, end: int) -> tuple[int, int]:
-  """(positions moved past start + 1, rounds) of decoding walking positions start + 1 .. end - 1 of one answer."""
-  pos, rounds = start + 1, 0
+def _walk(accepted: np.ndarray, first: int, end: int) -> tuple[int, int]:
+  """(tokens emitted, rounds) of decoding walking one answer's positions first .. end - 1: a round at position s
+  emits 1 + accepted[s] tokens (the last may run past the end) and the next starts that many positions on."""
+  pos, rounds = first, 0
   while pos < end:
     pos, rounds = pos + 1 + int(accepted[pos]), rounds + 1
-  return min(pos, end) - start - 1, rounds
+  return pos - first, rounds
 
 
 def walk_tau(accepted: np.ndarray, lengths: np.ndarray | None = None, max_new_tokens: int | None = None) -> float:
@@ -169,10 +172,8 @@ def walk_tau(accepted: np.ndarray, lengths: np.ndarray | None = None, max_new_to
   for start, end in zip(bounds[:-1], bounds[1:]):
     if max_new_tokens is not None and lengths is not None:
       end = min(end, start + int(max_new_tokens))
-    pos = start + (1 if lengths is not None and end - start > 1 else 0)
-    while pos < end:
-      step = 1 + int(accepted[pos])
-      tokens, rounds, pos = tokens + step, rounds + 1, pos + step
+    t, r = _walk(accepted, start + (1 if lengths is not None and end - start > 1 else 0), end)
+    tokens, rounds = tokens + t, rounds + r
   return tokens / rounds
 
 

@@ -132,7 +132,7 @@ def predict(costs: Costs, acc: Acceptance, *, batch: int, prompt_lengths: Sequen
   max_new_tokens), so tokens/s counts the tokens a run gives, not n x max_new_tokens, and its rounds are those
   decoding needs over that answer's first positions (Acceptance.answer_rounds). static: its batches
   (length-sorted, bucketed), each prefilled at its bucket and decoded with a cache of bucket + max_new_tokens slots
-  until its slowest row is done (acceptance.batch_rounds), plus the first-call cost of each new executable (one per
+  until its slowest row (drawn answer) is done, plus the first-call cost of each new executable (one per
   distinct bucket; first_runs=False leaves it out: a process that has run these executables once, as a benchmark's
   repeated passes do). continuous: `continuous_seconds` with `batch` slots, admitting in `admit_order`. Either way the decode layout (costs.layout) is made once per run: generators and slot batchers keep
   it (decode/xla_cpu.KeptLayouts). Without prompt_lengths, decoding alone at CACHE_LENS[0].
