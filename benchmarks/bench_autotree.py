@@ -41,6 +41,17 @@ sys.path.insert(0, str(ROOT))
 
 from eagle3_jax.target import protocol  # noqa: E402  (after the path: runs from a checkout without an install)
 
+def unload() -> int:
+  """Drops every executable jax's caches hold (XLA:CPU keeps each loaded one's code mapped into the process: see
+  main); returns the process's memory mappings before, -1 where /proc is not there."""
+  import jax
+
+  maps = sum(1 for _ in open("/proc/self/maps")) if pathlib.Path("/proc/self/maps").is_file() else -1
+  jax.clear_caches()
+  gc.collect()
+  return maps
+
+
 SHAPES = "none,1x1x1,1x2x2,1x3x3,1x4x4,2x2x4,2x3x6,3x3x8,4x4x16"
 
 
@@ -99,12 +110,11 @@ def main(argv=None) -> dict:
     for B in (int(b) for b in args.batch_sizes.split(",")):
       costs = autotree.cached_costs(target, params, cfg, dparams, ckpt.vocab, ckpt.cfg, batch=B,
                                     cache_dir=args.cache_dir, verbose=True)
-      jax.clear_caches()  # the calibration's executables (see below)
-      gc.collect()
+      unload()  # the calibration's executables
       lens = [len(x) for x in prompt_ids]
       mode = args.batching if args.batching != "auto" else ("continuous" if B > 1 else "static")
       # Measured runs come after a warm-up run of the same executables, so they are compared with the model
-      # without first runs (the choice below is infer.py's, which prices them alike for every draft shape).
+      # without first runs, and so is the choice below.
       preds = autotree.predict(costs, acc, batch=B, prompt_lengths=lens, max_new_tokens=args.max_new_tokens,
                                batching=mode, first_runs=False)
       # The choice for what is measured (warm passes: first runs not priced), the margin over plain decoding
@@ -154,10 +164,7 @@ def main(argv=None) -> dict:
       # hold them: a 24-prompt run of both batch sizes crashed at its 17th batch-4 shape pass with "LLVM compilation
       # error: Cannot allocate memory" at Linux's default vm.max_map_count (65,530 mappings). The next batch size
       # needs none of this one's executables.
-      maps = sum(1 for _ in open("/proc/self/maps")) if pathlib.Path("/proc/self/maps").is_file() else -1
-      jax.clear_caches()
-      gc.collect()
-      print(f"batch {B}: {maps} memory mappings before clearing jax's caches", file=sys.stderr, flush=True)
+      print(f"batch {B}: {unload()} memory mappings before clearing jax's caches", file=sys.stderr, flush=True)
       measured = [r for r in rows if r["batch"] == B]
       top = max(measured, key=lambda r: r["tokens_per_s"])
       mine = next(r for r in measured if r["auto"])
